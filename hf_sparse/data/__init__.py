@@ -1,0 +1,76 @@
+"""Data sources: each turns the recipe's ``data`` section into a :class:`DataBundle`.
+
+A source is a function ``(DataConfig) -> DataBundle`` registered under a name with
+``@register_data``; ``data.name`` in a recipe picks it. Splits are ``datasets.Dataset`` objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+#: Repository folder with the bundled datasets (present in a clone / editable install).
+BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
+
+
+@dataclass
+class DataBundle:
+    """Everything a run needs from its data."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    collator: Callable[[list[dict]], dict]
+    compute_metrics: Callable[[Any], dict[str, float]]
+    task: str  # "image-classification" | "audio-classification" | "ctc"
+    num_labels: int
+    label_names: list[str]
+    #: task-specific facts the model factory needs (e.g. in_chans, image_size, feature extractor).
+    info: dict[str, Any] = field(default_factory=dict)
+    #: Hub dataset id / name for model cards.
+    card_name: str = ""
+
+
+class DataError(ValueError):
+    """The data named by a recipe cannot be loaded; the message says why and what to do."""
+
+
+DATA_SOURCES: dict[str, Callable[..., DataBundle]] = {}
+
+
+def register_data(*names: str) -> Callable:
+    def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
+        for n in names:
+            DATA_SOURCES[n] = fn
+        return fn
+
+    return deco
+
+
+def load_data(cfg) -> DataBundle:
+    """Build the bundle for a recipe's ``data`` section (a ``recipe.DataConfig``)."""
+    if cfg.hub_id:
+        from .hub_images import load_hub_images
+
+        bundle = load_hub_images(cfg)
+    else:
+        bundle = DATA_SOURCES[cfg.name](cfg)
+    return _subsample(bundle, cfg)
+
+
+def _subsample(bundle: DataBundle, cfg) -> DataBundle:
+    """Honour ``max_train_samples``/``max_eval_samples`` (first N after a seeded shuffle)."""
+    if cfg.max_train_samples and cfg.max_train_samples < len(bundle.train):
+        bundle.train = bundle.train.shuffle(seed=cfg.seed).select(range(cfg.max_train_samples))
+    if cfg.max_eval_samples and cfg.max_eval_samples < len(bundle.eval):
+        bundle.eval = bundle.eval.shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
+    return bundle
+
+
+# Importing the modules registers the sources.
+from . import fsdd, idx  # noqa: E402,F401
+
+__all__ = ["BUNDLED_DATA", "DATA_SOURCES", "DataBundle", "DataError", "load_data", "register_data"]

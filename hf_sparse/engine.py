@@ -1,0 +1,119 @@
+"""The Sparsifier: one method applied to the targets of one model, plus density bookkeeping.
+
+It is what SparseTrainer drives; it can also be driven by a plain training loop:
+
+    sp = Sparsifier(model, SparsityConfig(method="gmp", target_density=0.1), seed=0)
+    sp.setup(total_steps)
+    for step in range(total_steps):
+        sp.before_forward(step); loss = model(x).loss; loss.backward(); sp.after_backward(step)
+        optimizer.step(); sp.after_step(step, optimizer); optimizer.zero_grad()
+    sp.finalize()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .methods import get_method
+from .recipe import SparsityConfig
+from .targets import TargetSpec, resolve_targets
+
+
+class Sparsifier:
+    def __init__(self, model: nn.Module, config: SparsityConfig, seed: int = 0):
+        self.config = config
+        spec = TargetSpec(**config.targets.model_dump())
+        self.targets = resolve_targets(model, spec)
+        if not self.targets:
+            raise ValueError(f"sparsity.targets selects no weights of {type(model).__name__}")
+        self.method = get_method(config.method)(self.targets, config.method_config(), config.target_density, seed)
+        self.finalized = False
+
+    # -- the step protocol (see methods/base.py) ----------------------------------------------
+    def setup(self, total_steps: int) -> None:
+        self.method.setup(total_steps)
+
+    def before_forward(self, step: int) -> None:
+        if not self.finalized:
+            self.method.before_forward(step)
+
+    def after_backward(self, step: int) -> None:
+        if not self.finalized:
+            self.method.after_backward(step)
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+        if not self.finalized:
+            self.method.after_step(step, optimizer)
+
+    def finalize(self) -> None:
+        """Write the final hard-masked weights (idempotent)."""
+        if not self.finalized:
+            self.method.finalize()
+            self.finalized = True
+
+    # -- reporting ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def per_layer(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for t, m in zip(self.targets, self.method.hard_masks()):
+            nonzero = int(m.sum())
+            out[t.name] = {"density": nonzero / m.numel(), "nonzero": nonzero, "numel": m.numel(),
+                           "shape": list(t.shape), "layer_type": t.layer_type}
+        return out
+
+    def density(self) -> float:
+        """Kept fraction of all targeted weights under the current hard masks."""
+        layers = self.per_layer().values()
+        return sum(v["nonzero"] for v in layers) / sum(v["numel"] for v in layers)
+
+    def log_metrics(self) -> dict[str, float]:
+        """Scalars for Trainer's logs: global and per-layer density, and the method's own state."""
+        layers = self.per_layer()
+        logs = {"sparsity/density": sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values())}
+        logs.update({f"sparsity/density/{name}": v["density"] for name, v in layers.items()})
+        logs.update({f"sparsity/{self.config.method}/{k}": float(v) for k, v in self.method.metrics().items()})
+        return logs
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """The sparsity facts of ``results.json`` and ``sparsity.json``."""
+        layers = self.per_layer()
+        return {
+            "method": self.config.method,
+            "target_density": self.config.target_density,
+            "achieved_density": sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values()),
+            "model_density": model_density(model),
+            "per_layer": layers,
+            "structure": self.method.structure(),
+            "hf_sparse_version": __version__,
+        }
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"method": self.config.method, "state": self.method.state_dict(), "finalized": self.finalized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["method"] != self.config.method:
+            raise ValueError(f"checkpoint holds {state['method']!r} state, the run uses {self.config.method!r}")
+        self.method.load_state_dict(state["state"])
+        self.finalized = state["finalized"]
+
+
+@torch.no_grad()
+def model_density(model: nn.Module) -> float:
+    """Nonzero fraction of all parameters of the model."""
+    total = nonzero = 0
+    for p in model.parameters():
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    return nonzero / max(total, 1)
+
+
+def dense_report(model: nn.Module) -> dict[str, Any]:
+    """``report`` for a run without sparsity: every density is 1.0 (or what the weights say)."""
+    return {"method": "none", "target_density": None, "achieved_density": 1.0,
+            "model_density": model_density(model), "per_layer": {}, "structure": None,
+            "hf_sparse_version": __version__}

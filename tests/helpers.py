@@ -1,0 +1,51 @@
+"""Small builders the tests share (imported as ``tests.helpers``)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from transformers import TrainingArguments
+
+from hf_sparse import SparseTrainer
+from hf_sparse.models.lenet import LeNetConfig, LeNetForImageClassification
+
+
+def tiny_lenet(seed: int = 0, hidden=(32, 16)) -> LeNetForImageClassification:
+    torch.manual_seed(seed)
+    return LeNetForImageClassification(LeNetConfig(variant="300-100", hidden_sizes=list(hidden)))
+
+
+def tiny_args(output_dir, **overrides) -> TrainingArguments:
+    kwargs = dict(output_dir=str(output_dir), max_steps=20, per_device_train_batch_size=32, learning_rate=1e-2,
+                  report_to="none", save_strategy="no", logging_steps=5, seed=0, disable_tqdm=True,
+                  use_cpu=True, dataloader_num_workers=0)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+#: A sparsity config per method that prunes within 20 steps (unknown methods get defaults).
+FAST_SPARSITY = {
+    "gmp": {"method": "gmp", "target_density": 0.3, "params": {"start_step": 2, "end_step": 14, "frequency": 3}},
+    "gradual": {"method": "gradual", "target_density": 0.3,
+                "params": {"start_itr": 2, "ramp_itr": 6, "end_itr": 14, "freq": 3}},
+    "dns": {"method": "dns", "target_density": 0.3,
+            "params": {"start_iter": 2, "iter_stop": 14, "gamma": 0.01, "recalibrate_every": 4}},
+}
+
+
+def fast_sparsity(method: str) -> dict:
+    return FAST_SPARSITY.get(method, {"method": method, "target_density": 0.3})
+
+
+def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_overrides) -> SparseTrainer:
+    return SparseTrainer(model=model or tiny_lenet(), args=tiny_args(output_dir, **arg_overrides),
+                         train_dataset=data.train, eval_dataset=data.eval, data_collator=data.collator,
+                         compute_metrics=data.compute_metrics, sparsity=sparsity)
+
+
+def mask_digest(masks: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for m in masks:
+        h.update(m.to(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,110 @@
+"""SparseTrainer invariants: masks hold, state resumes exactly, Trainer features keep working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_sparse.methods import METHODS
+from hf_sparse.methods.base import optimizer_states
+from tests.helpers import fast_sparsity, make_trainer, tiny_lenet
+
+ENGINE_METHODS = ["gmp", "gradual", "dns"]
+
+
+def test_no_sparsity_is_plain_trainer(fmnist_small, tmp_path):
+    from transformers import Trainer
+
+    from tests.helpers import tiny_args
+
+    a = make_trainer(fmnist_small, tmp_path / "a", None, max_steps=6)
+    a.train()
+    b = Trainer(model=tiny_lenet(), args=tiny_args(tmp_path / "b", max_steps=6), train_dataset=fmnist_small.train,
+                data_collator=fmnist_small.collator)
+    b.train()
+    assert a.sparsifier is None
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("method", ["gmp", "gradual"])
+def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(fmnist_small, tmp_path, method):
+    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity(method), optim="sgd", learning_rate=0.05,
+                           weight_decay=0.1, max_steps=20)
+    seen = []
+
+    class Check:
+        def __call__(self):
+            for t, m in zip(trainer.sparsifier.targets, trainer.sparsifier.method.masks):
+                assert torch.all(t.param[~m] == 0)
+                for s in optimizer_states(trainer.optimizer, t.param):
+                    assert torch.all(s[~m] == 0)
+            seen.append(trainer.sparsifier.density())
+
+    from transformers import TrainerCallback
+
+    class CB(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            Check()()
+
+    trainer.add_callback(CB())
+    trainer.train()
+    assert len(seen) == 20 and seen[-1] == pytest.approx(0.3, abs=0.002)
+
+
+def test_dns_pruned_weights_keep_training(fmnist_small, tmp_path):
+    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity("dns"), max_steps=20)
+    trainer.train()
+    m = trainer.sparsifier.method
+    assert m.surgeries >= 2
+    # forward used W*T, but the dense copy of pruned weights moved away from its value at pruning
+    t0 = trainer.sparsifier.targets[0]
+    assert torch.all(t0.param[~m.masks[0]] == 0)
+    assert trainer.sparsifier.density() == pytest.approx(0.3, abs=0.002)
+
+
+def test_gradient_accumulation_clipping_and_bf16(fmnist_small, tmp_path):
+    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity("gmp"), gradient_accumulation_steps=2,
+                           max_grad_norm=0.5, bf16=True, max_steps=16)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] > 0.3
+    out = trainer.predict(fmnist_small.eval.select(range(8)))
+    assert out.predictions.shape == (8, 10)
+    assert trainer.sparsifier.density() == pytest.approx(0.3, abs=0.002)
+
+
+def test_logs_carry_density_and_method_state(fmnist_small, tmp_path):
+    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity("dns"), max_steps=20, logging_steps=10)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and "sparsity/density" in logs[-1]
+    assert "sparsity/density/fc1.weight" in logs[-1]
+    assert "sparsity/dns/spliced_total" in logs[-1]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_equals_uninterrupted(fmnist_small, tmp_path, method):
+    """N steps straight == N/2, save, new trainer resumed from the checkpoint, N/2 more."""
+    sparsity = fast_sparsity(method)
+    straight = make_trainer(fmnist_small, tmp_path / "a", sparsity, max_steps=20)
+    straight.train()
+
+    first = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20, save_strategy="steps", save_steps=10)
+    first.train()  # also writes checkpoint-10
+    resumed = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+
+    for m1, m2 in zip(straight.sparsifier.method.hard_masks(), resumed.sparsifier.method.hard_masks()):
+        assert torch.equal(m1, m2)
+    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p1, p2), n
+    assert straight.sparsifier.density() < 1.0
+
+
+def test_resume_without_sparsity_state_is_refused(fmnist_small, tmp_path):
+    plain = make_trainer(fmnist_small, tmp_path, None, max_steps=4, save_strategy="steps", save_steps=4)
+    plain.train()
+    sparse = make_trainer(fmnist_small, tmp_path, fast_sparsity("gmp"), max_steps=8)
+    with pytest.raises(FileNotFoundError, match="sparsity_state.pt"):
+        sparse.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

@@ -2,10 +2,22 @@
 
 __version__ = "0.1.0"
 
+from . import models  # noqa: E402,F401  (registers hf_sparse's models with the Auto classes)
 from .engine import Sparsifier  # noqa: E402
+from .export import load_sparse, save_sparse_checkpoint  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: E402
 from .trainer import SparseTrainer  # noqa: E402
 
-from . import models  # noqa: E402,F401  (registers hf_sparse's models with the Auto classes)
-
-__all__ = ["Recipe", "RecipeError", "SparseTrainer", "Sparsifier", "SparsityConfig", "__version__", "load_recipe"]
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "SparseTrainer",
+    "Sparsifier",
+    "SparsityConfig",
+    "__version__",
+    "load_recipe",
+    "load_sparse",
+    "push_to_hub",
+    "save_sparse_checkpoint",
+]

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .export_cli import add_subcommands
 from .recipe import RecipeError, load_recipe
 
 
@@ -41,8 +42,8 @@ def _validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
-                 "help": "override a recipe key, e.g. --set sparsity.target_density=0.1 (repeatable)"}
+    overrides = {"action": "extend", "nargs": "+", "default": [], "metavar": "KEY=VALUE",
+                 "help": "override recipe keys, e.g. --set sparsity.target_density=0.1 training.seed=1 (repeatable)"}
 
     train = sub.add_parser("train", help="train a recipe and write the run directory")
     train.add_argument("recipe", help="recipe YAML file")
@@ -57,12 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", **overrides)
     validate.set_defaults(func=_validate)
 
-    try:
-        from .export_cli import add_subcommands
-    except ImportError:  # pragma: no cover - only while export_cli is absent
-        pass
-    else:
-        add_subcommands(sub)
+    add_subcommands(sub)
     return parser
 
 

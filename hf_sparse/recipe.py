@@ -151,7 +151,7 @@ class _KeyedError(ValueError):
 
 
 # -- reading YAML with positions --------------------------------------------------------------
-def _positions(node: yaml.Node, prefix: Loc = ()) -> dict[Loc, tuple[int, int]]:
+def _positions(node: yaml.Node, source: str, prefix: Loc = ()) -> dict[Loc, tuple[int, int]]:
     """Map each key path to the 1-based (line, column) where it is written; reject duplicate keys."""
     pos: dict[Loc, tuple[int, int]] = {prefix: (node.start_mark.line + 1, node.start_mark.column + 1)}
     if isinstance(node, yaml.MappingNode):
@@ -159,14 +159,14 @@ def _positions(node: yaml.Node, prefix: Loc = ()) -> dict[Loc, tuple[int, int]]:
         for key_node, value_node in node.value:
             key = key_node.value
             if key in seen:
-                raise RecipeError(f"duplicate key {key!r}", key=prefix + (key,),
+                raise RecipeError(f"duplicate key {key!r}", source, prefix + (key,),
                                   line=key_node.start_mark.line + 1, col=key_node.start_mark.column + 1)
             seen.add(key)
-            pos.update(_positions(value_node, prefix + (key,)))
+            pos.update(_positions(value_node, source, prefix + (key,)))
             pos[prefix + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            pos.update(_positions(item, prefix + (i,)))
+            pos.update(_positions(item, source, prefix + (i,)))
     return pos
 
 
@@ -227,7 +227,7 @@ def recipe_from_text(text: str, source: str = "<recipe>", overrides: list[str] |
     if data is None:
         data, node_positions = {}, {}
     else:
-        node_positions = _positions(node)
+        node_positions = _positions(node, source)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with keys model, data, training, sparsity, export", source, (), 1, 1)
     for item in overrides or []:

@@ -75,7 +75,8 @@ def make_trainer(run: PreparedRun):
     return SparseTrainer(
         model=run.model, args=run.args, train_dataset=run.data.train, eval_dataset=run.data.eval,
         data_collator=run.data.collator, compute_metrics=run.data.compute_metrics,
-        preprocess_logits_for_metrics=run.data.info.get("preprocess_logits_for_metrics"), recipe=run.recipe)
+        preprocess_logits_for_metrics=run.data.info.get("preprocess_logits_for_metrics"),
+        processing_class=run.data.info.get("feature_extractor"), recipe=run.recipe)
 
 
 def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = None) -> dict[str, Any]:
@@ -101,8 +102,16 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
         "hf_sparse_version": __version__,
     }
     if trainer.args.should_save:
-        trainer.save_sparse_model(out / "model", report=report, eval_metrics=results["eval"])
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        trainer.save_sparse_model(out / "model", report=report, eval_metrics=results["eval"],
+                                  dataset=run.data.card_name or None, task=run.data.task)
+        export = run.recipe.export
+        if export.push_to_hub:
+            from .hub import push_to_hub
+
+            results["hub_commit"] = push_to_hub(out / "model", export.hub_model_id, private=export.private,
+                                                revision=export.revision)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
     trainer.accelerator.wait_for_everyone()
     return results
 

@@ -123,8 +123,12 @@ class SparseTrainer(Trainer):
 
     # -- export -----------------------------------------------------------------------------
     def save_sparse_model(self, output_dir: str | os.PathLike, *, report: dict | None = None,
-                          eval_metrics: dict | None = None, format: str | None = None) -> Path:
-        """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``."""
+                          eval_metrics: dict | None = None, format: str | None = None,
+                          dataset: str | None = None, task: str | None = None) -> Path:
+        """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``.
+
+        Training is over once this is called: the method's final hard masks are written first.
+        """
         from .engine import dense_report
         from .export import save_sparse_checkpoint
 
@@ -137,4 +141,25 @@ class SparseTrainer(Trainer):
         return save_sparse_checkpoint(
             model, output_dir, report=report, recipe_yaml=self.recipe.to_yaml() if self.recipe else None,
             format=format or (export.format if export else "dense"), eval_metrics=eval_metrics,
-            structure=report.get("structure"), processor=self.processing_class)
+            structure=report.get("structure"), processor=self.processing_class, dataset=dataset, task=task)
+
+    def push_to_hub(self, repo_id: str | None = None, *, private: bool = False, revision: str | None = None,
+                    token: str | None = None, endpoint: str | None = None, format: str | None = None,
+                    commit_message: str | None = None, **kwargs) -> str:
+        """Save the sparse checkpoint under ``output_dir/model`` and push it as one Hub commit.
+
+        ``repo_id`` defaults to ``args.hub_model_id``. Returns the commit URL; a failure raises
+        ``hf_sparse.hub.HubError`` and leaves the local checkpoint untouched.
+        """
+        from .hub import DEFAULT_COMMIT_MESSAGE
+        from .hub import push_to_hub as push_folder
+
+        repo_id = repo_id or self.args.hub_model_id
+        if not repo_id:
+            raise ValueError("push_to_hub needs repo_id= or TrainingArguments.hub_model_id")
+        folder = Path(self.args.output_dir) / "model"
+        if self.args.should_save:
+            self.save_sparse_model(folder, format=format)
+        self.accelerator.wait_for_everyone()
+        return push_folder(folder, repo_id, private=private, revision=revision, token=token or self.args.hub_token,
+                           endpoint=endpoint, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)

@@ -25,3 +25,18 @@ def fmnist_small(fmnist_full):
     bundle.train = fmnist_full.train.select(range(512))
     bundle.eval = fmnist_full.eval.select(range(256))
     return bundle
+
+
+# -- loopback Hub (tests/hub_server.py): the real huggingface_hub client over HTTP -----------------
+
+HUB_TOKEN = "hf_loopback_test_token"
+
+
+@pytest.fixture()
+def hub():
+    """A fresh loopback Hub that accepts ``HUB_TOKEN``; pass ``endpoint=hub.url`` to the client."""
+    from tests.hub_server import HubServer
+
+    with HubServer(token=HUB_TOKEN) as server:
+        yield server
+        assert not server.errors, server.errors  # a crash inside the server is a test failure

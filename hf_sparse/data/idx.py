@@ -8,7 +8,9 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
+from datasets.table import InMemoryTable
 
 from . import BUNDLED_DATA, DataBundle, DataError, register_data
 
@@ -34,38 +36,51 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_idx_folder(folder: str | Path) -> datasets.DatasetDict:
-    """``train``/``test`` splits with ``pixel_values`` (uint8, 1x28x28) and ``labels``."""
+def images_to_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
+    """uint8 images (N, C, H, W) + labels -> a Dataset with flat ``pixel_values`` and ``labels``.
+
+    The table is built with pyarrow directly (``from_dict`` converts element by element: 30x
+    slower) and pixels are stored as fixed-size lists, which ``datasets`` hands back as numpy
+    arrays ~10x faster than ``Array3D`` rows; the collator restores the image shape.
+    """
+    n = len(images)
+    table = pa.table({
+        "pixel_values": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images[0].size),
+        "labels": pa.array(labels.astype(np.int64)),
+    })
+    features = datasets.Features({
+        "pixel_values": datasets.Sequence(datasets.Value("uint8"), length=images[0].size),
+        "labels": datasets.Value("int64"),
+    })
+    if n != len(labels):
+        raise DataError(f"{n} images but {len(labels)} labels")
+    return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features)).with_format("numpy")
+
+
+def load_idx_folder(folder: str | Path) -> tuple[datasets.DatasetDict, tuple[int, int, int]]:
+    """``train``/``test`` splits of flat uint8 ``pixel_values`` and ``labels``, and the image shape."""
     folder = Path(folder)
     missing = [name for name in IDX_FILES.values() if not (folder / name).exists()]
     if missing:
         raise DataError(f"{folder} lacks the idx files {', '.join(missing)}")
     splits = {}
-    for split, prefix in (("train", "train"), ("test", "test")):
-        images = read_idx(folder / IDX_FILES[f"{prefix}_images"])
-        labels = read_idx(folder / IDX_FILES[f"{prefix}_labels"])
-        if len(images) != len(labels):
-            raise DataError(f"{folder}: {len(images)} {prefix} images but {len(labels)} labels")
-        n, h, w = images.shape
-        features = datasets.Features({
-            "pixel_values": datasets.Array3D((1, h, w), "uint8"),
-            "labels": datasets.Value("int64"),
-        })
-        splits[split] = datasets.Dataset.from_dict(
-            {"pixel_values": images.reshape(n, 1, h, w), "labels": labels.astype(np.int64)}, features=features)
-    return datasets.DatasetDict(splits).with_format("torch")
+    for split in ("train", "test"):
+        images = read_idx(folder / IDX_FILES[f"{split}_images"])
+        labels = read_idx(folder / IDX_FILES[f"{split}_labels"])
+        splits[split] = images_to_dataset(images[:, None], labels)
+    return datasets.DatasetDict(splits), (1, *images.shape[1:])
 
 
 class ImageCollator:
-    """Stacks uint8 images into normalised float ``pixel_values`` (per-dataset mean/std)."""
+    """Stacks flat uint8 rows into normalised float ``pixel_values`` of shape (C, H, W)."""
 
-    def __init__(self, mean: float, std: float):
-        self.mean, self.std = mean, std
+    def __init__(self, mean: float, std: float, shape: tuple[int, int, int]):
+        self.mean, self.std, self.shape = mean, std, tuple(shape)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([r["pixel_values"] for r in rows]).float().div_(255.0)
-        return {"pixel_values": pixels.sub_(self.mean).div_(self.std),
-                "labels": torch.tensor([int(r["labels"]) for r in rows])}
+        pixels = torch.from_numpy(np.stack([r["pixel_values"] for r in rows]).astype(np.float32))
+        pixels = pixels.view(len(rows), *self.shape).div_(255.0).sub_(self.mean).div_(self.std)
+        return {"pixel_values": pixels, "labels": torch.tensor([int(r["labels"]) for r in rows])}
 
 
 def accuracy(eval_pred) -> dict[str, float]:
@@ -78,12 +93,12 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((preds == labels).mean())}
 
 
-def image_bundle(dd: datasets.DatasetDict, label_names: list[str], card_name: str) -> DataBundle:
-    train = dd["train"]
-    sample = train[:1000]["pixel_values"].float() / 255.0
-    _, c, h, w = sample.shape
+def image_bundle(dd: datasets.DatasetDict, label_names: list[str], card_name: str,
+                 shape: tuple[int, int, int]) -> DataBundle:
+    sample = np.asarray(dd["train"][:1000]["pixel_values"], dtype=np.float64) / 255.0
+    c, h, _ = shape
     return DataBundle(
-        train=train, eval=dd["test"], collator=ImageCollator(float(sample.mean()), float(sample.std())),
+        train=dd["train"], eval=dd["test"], collator=ImageCollator(float(sample.mean()), float(sample.std()), shape),
         compute_metrics=accuracy, task="image-classification", num_labels=len(label_names),
         label_names=label_names, info={"num_channels": c, "image_size": h}, card_name=card_name)
 
@@ -94,7 +109,7 @@ def idx_source(cfg) -> DataBundle:
     if cfg.name == "idx" and not cfg.path:
         raise DataError("data.name 'idx' needs data.path: a folder with the four idx .gz files")
     folder = Path(cfg.path) if cfg.path else BUNDLED_DATA / "fashion_mnist"
-    dd = load_idx_folder(folder)
+    dd, shape = load_idx_folder(folder)
     n = int(max(max(dd["train"].unique("labels")), max(dd["test"].unique("labels"))) + 1)
     names = FASHION_MNIST_CLASSES if n == 10 and cfg.name == "fashion_mnist" else [str(i) for i in range(n)]
-    return image_bundle(dd, names, "zalando-datasets/fashion_mnist" if not cfg.path else str(folder))
+    return image_bundle(dd, names, "zalando-datasets/fashion_mnist" if not cfg.path else str(folder), shape)

@@ -164,11 +164,12 @@ def purge_lenet(model: LeNetForImageClassification, structure: dict[str, list[in
             keep = sorted({int(j) for j in wanted})
             if not keep or keep[0] < 0 or keep[-1] >= n:
                 raise ValueError(f"{name}.weight: kept indices must be a non-empty subset of 0..{n - 1}")
-            blocked = [j for j in range(n) if j not in set(keep) and not removable[j]]
+            blocked = [j for j in range(n) if j not in keep and not removable[j]]
             if blocked:
                 raise ValueError(f"{name}.weight: units {blocked[:10]} still have incoming and outgoing weights; "
                                  "removing them would change the outputs")
-        dropped = [j for j in range(n) if j not in set(keep)]
+        kept_set = set(keep)
+        dropped = [j for j in range(n) if j not in kept_set]
         dead_in = w.flatten(1).eq(0).all(1)
         bias_next = sd[f"{nxt}.bias"]
         for j in dropped:

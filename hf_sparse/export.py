@@ -1,0 +1,476 @@
+"""The sparse checkpoint: one folder that plain transformers/timm, hf_sparse and the Hub all understand.
+
+A checkpoint folder holds what ``save_pretrained`` (transformers) or ``timm.models.save_for_hf``
+(timm) writes, plus ``sparsity.json`` (the sparsity facts and the storage format), the headline
+figures in the safetensors header, ``recipe.yaml`` and a ``README.md`` model card. Three storage
+formats:
+
+- ``dense``: the weights with zeros where pruned; loads in plain transformers/timm.
+- ``bitmask``: each targeted tensor as a packed bit mask (``np.packbits`` order) plus its nonzero
+  values, in ``model.bitmask.safetensors``; lossless, several times smaller. The file has another
+  name than ``model.safetensors`` on purpose: plain ``from_pretrained`` then fails loudly instead
+  of building a randomly initialised model.
+- ``purged``: for structured sparsity, removed units/channels are physically gone and the config
+  describes the smaller shapes, so ``from_pretrained`` builds the small model directly.
+
+``load_sparse`` reads any of them (from a folder or a Hub repo) and recomputes the densities from
+the tensors to check them against ``sparsity.json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMATS = ("dense", "bitmask", "purged")
+SPARSITY_FILE = "sparsity.json"
+DENSE_WEIGHTS = "model.safetensors"
+BITMASK_WEIGHTS = "model.bitmask.safetensors"
+DENSITY_PLOT = "density.png"
+#: Prefix of hf_sparse's keys in the safetensors header metadata.
+META_PREFIX = "hf_sparse."
+_MASK, _VALUES = "::mask", "::values"  # ':' never occurs in a state-dict key (it is not a valid attribute)
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+class CheckpointError(ValueError):
+    """A folder is not a checkpoint hf_sparse can read, or a request cannot be met; the message says why."""
+
+
+def hf_sparse_version() -> str:
+    try:
+        from . import __version__
+
+        return __version__
+    except ImportError:  # a partial checkout without the package's __init__ exports
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("hf_sparse")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+# -- the model's kind -------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """(model to save, library, prefix its parameter names carry in the engine's report)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return model, "transformers", ""
+    inner, name = getattr(model, "model", None), getattr(model, "timm_name", None)
+    if isinstance(inner, nn.Module) and isinstance(name, str):  # hf_sparse.models.build.TimmClassifier
+        return inner, "timm", "model."
+    if isinstance(getattr(model, "pretrained_cfg", None), dict) and "architecture" in model.pretrained_cfg:
+        return model, "timm", ""
+    raise CheckpointError(
+        f"cannot save a {type(model).__name__}: save_sparse_checkpoint takes a transformers PreTrainedModel, "
+        "a timm model, or hf_sparse's TimmClassifier wrapper")
+
+
+def _timm_in_chans(model: nn.Module) -> int | None:
+    first = model.pretrained_cfg.get("first_conv")
+    if isinstance(first, (list, tuple)):
+        first = first[0] if first else None
+    try:
+        weight = model.get_submodule(first).weight if first else None
+    except AttributeError:
+        return None
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.dim() == 4 else None
+
+
+def _save_model(model: nn.Module, library: str, folder: Path) -> None:
+    if library == "transformers":
+        model.save_pretrained(folder)
+        return
+    from timm.models import save_for_hf
+
+    args = {"num_classes": int(model.num_classes)}
+    in_chans = _timm_in_chans(model)
+    if in_chans is not None:
+        args["in_chans"] = in_chans  # plain `timm.create_model("hf-hub:...")` must build the same stem
+    save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+
+
+# -- bitmask encoding ---------------------------------------------------------------------------------
+
+
+def pack_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed keep-mask as uint8, nonzero values in order); the mask is ``t != 0``."""
+    flat = t.detach().reshape(-1).cpu()
+    keep = flat != 0
+    packed = torch.from_numpy(np.packbits(keep.numpy()))
+    return packed, flat[keep].contiguous()
+
+
+def unpack_tensor(packed: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    numel = math.prod(shape)
+    keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
+    if int(keep.sum()) != values.numel():
+        raise CheckpointError(f"corrupt bitmask entry: {int(keep.sum())} mask bits set, {values.numel()} values")
+    out = torch.zeros(numel, dtype=values.dtype)
+    out[keep] = values
+    return out.reshape(shape)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / BITMASK_WEIGHTS).is_file():
+        return [folder / BITMASK_WEIGHTS]
+    index = folder / f"{DENSE_WEIGHTS}.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    if (folder / DENSE_WEIGHTS).is_file():
+        return [folder / DENSE_WEIGHTS]
+    raise CheckpointError(f"{folder} holds no {DENSE_WEIGHTS} nor {BITMASK_WEIGHTS}")
+
+
+def read_header_metadata(folder: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of the checkpoint's (first) weights file."""
+    with safe_open(str(_weight_files(Path(folder))[0]), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The full dense state dict of a checkpoint folder, whatever its storage format."""
+    folder = Path(folder)
+    files = _weight_files(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    if files[0].name != BITMASK_WEIGHTS:
+        return tensors
+    layout = json.loads(read_header_metadata(folder).get(f"{META_PREFIX}bitmask", "{}"))
+    out = {k: v for k, v in tensors.items() if not k.endswith((_MASK, _VALUES))}
+    for name, info in layout.items():
+        try:
+            out[name] = unpack_tensor(tensors[name + _MASK], tensors[name + _VALUES], info["shape"])
+        except KeyError as e:
+            raise CheckpointError(f"{files[0]}: bitmask entry for {name!r} is incomplete ({e})") from None
+    return out
+
+
+# -- densities ----------------------------------------------------------------------------------------
+
+
+def layer_stats(t: torch.Tensor) -> dict[str, Any]:
+    nonzero = int(torch.count_nonzero(t))
+    return {"shape": list(t.shape), "nonzero": nonzero, "numel": t.numel(), "density": nonzero / max(t.numel(), 1)}
+
+
+def _report_layers(report: dict, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """The report's per-layer facts under the saved weights' names (the report is trusted, not recomputed)."""
+    layers = {}
+    for name, info in (report.get("per_layer") or {}).items():
+        key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        if key not in state:
+            raise CheckpointError(f"the report names {name!r}, which is not among the saved weights")
+        if not isinstance(info, dict):  # results.json style: name -> density
+            info = {"density": float(info)}
+        entry = dict(info)
+        for k, v in layer_stats(state[key]).items():
+            entry.setdefault(k, v)  # fill what the report left out
+        layers[key] = entry
+    return layers
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None) -> str:
+    return "null" if x is None else repr(float(x))
+
+
+def _rewrite_weights(folder: Path, fmt: str, headline: dict[str, str], targets: list[str]) -> None:
+    """Add the headline metadata to the weights file(s); encode the targets for ``bitmask``."""
+    files = _weight_files(folder)
+    index = folder / f"{DENSE_WEIGHTS}.index.json"
+    if fmt != "bitmask":
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                meta = dict(h.metadata() or {})
+            save_file(load_file(str(f)), str(f), metadata={"format": "pt", **meta, **headline})
+        return
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    layout, out = {}, {}
+    for name, t in tensors.items():
+        if name in targets:
+            out[name + _MASK], out[name + _VALUES] = pack_tensor(t)
+            layout[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        else:
+            out[name] = t
+    meta = {"format": "pt", **headline, f"{META_PREFIX}bitmask": json.dumps(layout, separators=(",", ":"))}
+    save_file(out, str(folder / BITMASK_WEIGHTS), metadata=meta)
+    for f in files:
+        f.unlink()
+    index.unlink(missing_ok=True)
+
+
+def _clear_stale(out: Path) -> None:
+    """Remove weights of an earlier export into the same folder: two weight files would contradict each other."""
+    for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", DENSITY_PLOT):
+        for f in out.glob(pattern):
+            f.unlink()
+
+
+def _task_of(model: nn.Module, library: str) -> str | None:
+    if library == "timm":
+        return "image-classification"
+    name = type(model).__name__
+    for suffix, task in (("ForImageClassification", "image-classification"),
+                         ("ForAudioClassification", "audio-classification"),
+                         ("ForCTC", "automatic-speech-recognition"),
+                         ("ForSequenceClassification", "text-classification")):
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dict, recipe_yaml: str | None = None,
+                           format: str = "dense", eval_metrics: dict | None = None,
+                           dense_reference: dict | None = None, structure: dict[str, list[int]] | None = None,
+                           processor: Any = None, dataset: str | None = None, task: str | None = None) -> Path:
+    """Write the sparse checkpoint folder ``out_dir`` and return its path.
+
+    ``report`` is the engine's sparsity report (method, densities, ``per_layer`` keyed by parameter
+    name); the weights already hold zeros where pruned. ``structure`` (target name -> kept output
+    units; default ``report["structure"]``) drives ``purged``; without it every unit whose removal
+    cannot change the outputs goes. ``dataset`` (a Hub dataset id or name) and ``task`` feed the
+    model card; by default they come from the recipe and the model class.
+    """
+    if format not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    inner, library, prefix = _unwrap(model)
+
+    state = {k: v.detach() for k, v in inner.state_dict().items()}
+    layers = _report_layers(report, prefix, state)
+    stale = [f"{k}: report {v['nonzero']}, weights {layer_stats(state[k])['nonzero']}" for k, v in layers.items()
+             if "nonzero" in v and int(v["nonzero"]) != layer_stats(state[k])["nonzero"]]
+    if stale:
+        warnings.warn("nonzero counts of the weights differ from the report (were the final masks applied?): "
+                      + "; ".join(stale[:5]), stacklevel=2)
+    purge_info = None
+    to_save = inner
+    if format == "purged":
+        purge = getattr(inner, "purge", None)
+        if not callable(purge):
+            raise CheckpointError(
+                f"format 'purged' is supported for hf_sparse's LeNet-300-100 and LeNet-5 (models with a purge() "
+                f"method), not for {type(inner).__name__}; use 'bitmask' to store unstructured sparsity compactly")
+        wanted = structure if structure is not None else report.get("structure")
+        if wanted and prefix:
+            wanted = {k.removeprefix(prefix): v for k, v in wanted.items()}
+        try:
+            to_save, kept = purge(wanted)
+        except ValueError as e:
+            raise CheckpointError(f"cannot purge {type(inner).__name__}: {e}") from None
+        small_state = to_save.state_dict()
+        purge_info = {"kept": kept, "per_layer": {k: layer_stats(small_state[k]) for k in layers if k in small_state}}
+
+    # everything that can fail on bad input has run; only now touch the output folder
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_stale(out)
+    _save_model(to_save, library, out)
+    achieved, target = report.get("achieved_density"), report.get("target_density")
+    headline = {f"{META_PREFIX}{k}": v for k, v in {
+        "method": str(report.get("method", "none")), "format": format, "target_density": _fmt(target),
+        "achieved_density": _fmt(achieved), "version": report.get("hf_sparse_version") or hf_sparse_version(),
+    }.items()}
+    _rewrite_weights(out, format, headline, list(layers) if format == "bitmask" else [])
+
+    sparsity = {
+        "format": format,
+        "library": library,
+        "model_class": f"{type(to_save).__module__}.{type(to_save).__qualname__}",
+        "timm_name": to_save.pretrained_cfg.get("architecture") if library == "timm" else None,
+        "weights_file": BITMASK_WEIGHTS if format == "bitmask" else DENSE_WEIGHTS,
+        "method": report.get("method", "none"),
+        "target_density": target,
+        "achieved_density": achieved,
+        "model_density": report.get("model_density"),
+        "per_layer": layers,
+        "purged": purge_info,
+        "eval": dict(eval_metrics) if eval_metrics else None,
+        "dense_reference": dict(dense_reference) if dense_reference else None,
+        "hf_sparse_version": report.get("hf_sparse_version") or hf_sparse_version(),
+    }
+    (out / SPARSITY_FILE).write_text(json.dumps(sparsity, indent=2))
+    if recipe_yaml is not None:
+        (out / "recipe.yaml").write_text(recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
+    if processor is not None:
+        processor.save_pretrained(out)
+
+    from .model_card import write_model_card
+
+    write_model_card(out, sparsity, recipe_yaml=recipe_yaml, dataset=dataset,
+                     task=task or _task_of(to_save, library))
+    return out
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs) -> Path:
+    """A local checkpoint folder, or the snapshot of a Hub repo downloaded into the cache."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"{path} is a local folder; 'revision' applies to Hub repos only")
+        return path
+    text = str(path_or_repo_id)
+    if path.exists() or not _REPO_ID.match(text) or text.startswith("."):
+        raise CheckpointError(f"{text!r} is neither a checkpoint folder nor a Hub repo id")
+    from .hub import HubError, pull_from_hub
+
+    try:
+        return pull_from_hub(text, revision=revision, **hub_kwargs)
+    except HubError as e:
+        raise CheckpointError(f"{text!r} is not a local folder, and {e}") from None
+
+
+def read_sparsity(folder: str | Path) -> dict[str, Any]:
+    """``sparsity.json`` of a checkpoint folder ({} for a plain transformers/timm folder)."""
+    f = Path(folder) / SPARSITY_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    f = folder / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{folder} has no config.json, so the model cannot be built")
+    return json.loads(f.read_text())
+
+
+def _transformers_class(sparsity: dict, config: dict) -> type:
+    """The model class: the recorded one (only from transformers or hf_sparse), else the config's architecture."""
+    import transformers
+
+    from . import models  # noqa: F401  (registers hf_sparse's models with the Auto classes)
+
+    qualname = sparsity.get("model_class") or ""
+    module, _, cls = qualname.rpartition(".")
+    if module.split(".")[0] in ("transformers", "hf_sparse"):
+        try:
+            return getattr(importlib.import_module(module), cls)
+        except (ImportError, AttributeError):
+            pass
+    for arch in config.get("architectures") or []:
+        if hasattr(transformers, arch):
+            return getattr(transformers, arch)
+    raise CheckpointError(f"cannot tell which model class to build (model_class={qualname!r}, "
+                          f"architectures={config.get('architectures')})")
+
+
+def _build_timm(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    import timm
+
+    kwargs = {"num_classes": config.get("num_classes"), **(config.get("model_args") or {})}
+    model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def verify_densities(sparsity: dict, state: dict[str, torch.Tensor]) -> list[str]:
+    """Recompute nonzero counts from the tensors; return one line per layer that disagrees with the record."""
+    recorded = (sparsity.get("purged") or {}).get("per_layer") or sparsity.get("per_layer") or {}
+    problems = []
+    for name, info in recorded.items():
+        if name not in state:
+            problems.append(f"{name}: missing from the weights")
+            continue
+        got = layer_stats(state[name])
+        if "shape" in info and list(info["shape"]) != got["shape"]:
+            problems.append(f"{name}: shape {got['shape']}, recorded {info['shape']}")
+        elif "nonzero" in info and int(info["nonzero"]) != got["nonzero"]:
+            problems.append(f"{name}: {got['nonzero']} nonzero weights, recorded {info['nonzero']}")
+    return problems
+
+
+def load_sparse(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs) -> nn.Module:
+    """Load a sparse checkpoint (any format) from a folder or a Hub repo id, in eval mode.
+
+    transformers models come back as their ``PreTrainedModel`` class; timm models as the plain timm
+    model. ``hub_kwargs`` (``endpoint``, ``token``, ``cache_dir``...) go to the Hub download.
+    """
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision, **hub_kwargs)
+    sparsity = read_sparsity(folder)
+    config = _read_config(folder)
+    state = read_state_dict(folder)
+    library = sparsity.get("library") or ("timm" if "architecture" in config else "transformers")
+    if library == "timm":
+        model = _build_timm(config, state)
+    else:
+        cls = _transformers_class(sparsity, config)
+        if (folder / BITMASK_WEIGHTS).is_file():
+            cfg = cls.config_class.from_pretrained(folder)
+            model, info = cls.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
+        else:
+            model, info = cls.from_pretrained(folder, output_loading_info=True)
+        bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+        bad = {k: v for k, v in bad.items() if v}
+        if bad:
+            raise CheckpointError(f"{folder}: the weights do not fit {cls.__name__}: {bad}")
+    problems = verify_densities(sparsity, state)
+    if problems:
+        warnings.warn(f"{folder}: densities differ from {SPARSITY_FILE}: " + "; ".join(problems[:5]), stacklevel=2)
+    return model.eval()
+
+
+def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs) -> dict[str, Any]:
+    """Per-layer shapes and densities measured from the tensors, with the recorded headline figures.
+
+    Layers are the targets listed in ``sparsity.json``; for a folder without it, every weight
+    with two or more dimensions.
+    """
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision, **hub_kwargs)
+    sparsity = read_sparsity(folder)
+    state = read_state_dict(folder)
+    names = list(sparsity.get("per_layer") or {}) or [k for k, v in state.items() if v.dim() >= 2]
+    layers = [{"name": n, **layer_stats(state[n])} for n in names if n in state]
+    nonzero, numel = sum(r["nonzero"] for r in layers), sum(r["numel"] for r in layers)
+    files = {p.name: p.stat().st_size for p in _weight_files(folder)}
+    return {
+        "path": str(folder),
+        "format": sparsity.get("format", "dense"),
+        "method": sparsity.get("method"),
+        "target_density": sparsity.get("target_density"),
+        "recorded_density": sparsity.get("achieved_density"),
+        "measured_density": nonzero / numel if numel else None,
+        "weights_bytes": files,
+        "layers": layers,
+        "problems": verify_densities(sparsity, state),
+    }
+
+
+def copy_extra_files(src: Path, dst: Path) -> list[str]:
+    """Copy files a checkpoint carries beyond what ``save_sparse_checkpoint`` writes (processor configs...)."""
+    own = {SPARSITY_FILE, "README.md", "recipe.yaml", "config.json", DENSITY_PLOT, BITMASK_WEIGHTS,
+           f"{DENSE_WEIGHTS}.index.json"}
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in own and not f.name.endswith(".safetensors") and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+__all__ = ["BITMASK_WEIGHTS", "FORMATS", "SPARSITY_FILE", "CheckpointError", "inspect_checkpoint", "load_sparse",
+           "pack_tensor", "read_sparsity", "read_state_dict", "resolve_checkpoint", "save_sparse_checkpoint",
+           "unpack_tensor", "verify_densities"]

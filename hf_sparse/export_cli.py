@@ -1,0 +1,187 @@
+"""``hf-sparse export | inspect | push``: the checkpoint subcommands, registered into the main CLI.
+
+``cli.py`` calls :func:`add_subcommands`; each subcommand's function takes the parsed arguments
+and returns the exit status: 0 on success, 2 for bad input (one message on stderr, nothing
+written), 1 when a push fails or ``inspect`` finds tensors that disagree with ``sparsity.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .export import (
+    FORMATS,
+    SPARSITY_FILE,
+    CheckpointError,
+    copy_extra_files,
+    inspect_checkpoint,
+    layer_stats,
+    load_sparse,
+    read_sparsity,
+    read_state_dict,
+    save_sparse_checkpoint,
+)
+from .hub import HubError, push_to_hub
+
+
+def _fail(command: str, message: str, status: int = 2) -> int:
+    print(f"hf-sparse {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _model_dir(path: Path) -> Path:
+    """``RUN_DIR/model`` when given a run directory, else the folder itself; it must hold a model."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder")
+    for candidate in (path / "model", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{path} holds no model: expected a run directory with model/ inside, "
+                          "or a model folder with config.json")
+
+
+def _report_from(folder: Path, sparsity: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the engine's report from a checkpoint's sparsity.json (or from the tensors, for a plain folder)."""
+    if not sparsity:
+        state = read_state_dict(folder)
+        layers = {k: layer_stats(v) for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
+        nonzero, numel = sum(v["nonzero"] for v in layers.values()), sum(v["numel"] for v in layers.values())
+        return {"method": "none", "target_density": None, "achieved_density": nonzero / numel if numel else 1.0,
+                "model_density": None, "per_layer": layers}
+    layers = sparsity.get("per_layer") or {}
+    purged = sparsity.get("purged")
+    if purged:  # the tensors are the purged ones now: describe those
+        layers = {k: {**layers.get(k, {}), **v} for k, v in purged["per_layer"].items()}
+    return {k: sparsity.get(k) for k in ("method", "target_density", "achieved_density", "model_density",
+                                         "hf_sparse_version")} | {"per_layer": layers}
+
+
+def _card_facts(folder: Path) -> tuple[str | None, str | None]:
+    """(dataset, task) from the source checkpoint's card, so a re-export keeps them."""
+    if not (folder / "README.md").is_file():
+        return None, None
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(folder / "README.md").data
+    except Exception:  # noqa: BLE001 - a hand-written card need not parse; the facts are optional
+        return None, None
+    datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets] if data.datasets else []
+    return (datasets[0] if datasets else None), data.pipeline_tag
+
+
+def export_cmd(args: argparse.Namespace) -> int:
+    """Re-export a run's (or a folder's) checkpoint in another storage format."""
+    try:
+        src = _model_dir(Path(args.run_dir))
+        out = Path(args.out)
+        if out.resolve() == src.resolve():
+            raise CheckpointError(f"--out {out} is the source checkpoint; choose another folder")
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"--out {out} exists and is not a folder")
+        sparsity = read_sparsity(src)
+        report = _report_from(src, sparsity)
+        run_results = Path(args.run_dir) / "results.json"
+        eval_metrics = sparsity.get("eval") or (json.loads(run_results.read_text()).get("eval")
+                                                if run_results.is_file() else None)
+        recipe = src / "recipe.yaml"
+        dataset, task = _card_facts(src)
+        model = load_sparse(src)
+        save_sparse_checkpoint(model, out, report=report, format=args.format, eval_metrics=eval_metrics,
+                               dense_reference=sparsity.get("dense_reference"),
+                               recipe_yaml=recipe.read_text() if recipe.is_file() else None,
+                               dataset=dataset, task=task)
+    except (CheckpointError, OSError, json.JSONDecodeError) as e:
+        return _fail("export", str(e))
+    copy_extra_files(src, out)
+    info = inspect_checkpoint(out)
+    size = sum(info["weights_bytes"].values())
+    print(f"wrote {out} ({args.format}, weights {size:,} bytes, density {_num(info['measured_density'])})")
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def format_table(info: dict[str, Any]) -> str:
+    """The per-layer table ``hf-sparse inspect`` prints."""
+    lines = [
+        f"checkpoint: {info['path']}",
+        f"format: {info['format']}   method: {info['method'] or '-'}   target density: {_num(info['target_density'])}"
+        f"   recorded density: {_num(info['recorded_density'])}   measured density: {_num(info['measured_density'])}",
+        "weights: " + ", ".join(f"{k} ({v:,} bytes)" for k, v in info["weights_bytes"].items()),
+        "",
+    ]
+    rows = [("layer", "shape", "density", "nonzero", "numel")]
+    rows += [(r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.4f}", f"{r['nonzero']:,}",
+              f"{r['numel']:,}") for r in info["layers"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    lines += [f"MISMATCH {p}" for p in info["problems"]]
+    return "\n".join(lines)
+
+
+def inspect_cmd(args: argparse.Namespace) -> int:
+    """Print per-layer shapes and densities measured from the tensors."""
+    try:
+        info = inspect_checkpoint(args.path, revision=args.revision)
+    except (CheckpointError, OSError) as e:
+        return _fail("inspect", str(e))
+    print(json.dumps(info, indent=2) if args.json else format_table(info))
+    if info["problems"]:
+        print(f"hf-sparse inspect: the tensors disagree with {SPARSITY_FILE}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def push_cmd(args: argparse.Namespace) -> int:
+    """Push a checkpoint folder (or a run directory's model/) to the Hub."""
+    try:
+        folder = _model_dir(Path(args.path))
+    except CheckpointError as e:
+        return _fail("push", str(e))
+    try:
+        url = push_to_hub(folder, args.repo_id, private=args.private, revision=args.revision,
+                          commit_message=args.commit_message)
+    except HubError as e:
+        return _fail("push", str(e), status=1)
+    print(f"pushed {folder} to {args.repo_id}: {url}")
+    return 0
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``export``, ``inspect`` and ``push``; each parser's ``func`` default is its command."""
+    p = subparsers.add_parser("export", help="re-export a sparse checkpoint in another storage format",
+                              description="Write RUN_DIR's checkpoint (RUN_DIR/model, or RUN_DIR itself when it is "
+                                          "a model folder) to --out in the chosen format.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", choices=FORMATS, default="dense",
+                   help="dense (zeros, plain transformers/timm), bitmask (compact, lossless), "
+                        "purged (structured: smaller layers)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=export_cmd)
+
+    p = subparsers.add_parser("inspect", help="per-layer shapes and densities of a sparse checkpoint")
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder or a Hub repo id")
+    p.add_argument("--revision", default=None, help="Hub revision (for a repo id)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=inspect_cmd)
+
+    p = subparsers.add_parser("push", help="push a sparse checkpoint to the Hugging Face Hub",
+                              description="Token and endpoint come from the Hub client's settings "
+                                          "(HF_TOKEN or `hf auth login`, HF_ENDPOINT).")
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder, or a run directory with model/ inside")
+    p.add_argument("repo_id", metavar="REPO_ID")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    p.add_argument("--commit-message", default="Upload sparse checkpoint with hf_sparse")
+    p.set_defaults(func=push_cmd)
+
+
+__all__ = ["add_subcommands", "export_cmd", "format_table", "inspect_cmd", "push_cmd"]

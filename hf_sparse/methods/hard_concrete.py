@@ -1,0 +1,108 @@
+"""The Hard Concrete gate distribution (Louizos, Welling & Kingma 2018), shared by the L0 family.
+
+A gate ``z`` in [0, 1] with location ``log_alpha`` is a stretched, clamped binary Concrete sample::
+
+    u ~ U(eps, 1 - eps)
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1)
+
+The stretch puts real probability mass on exactly 0 and exactly 1, so sampled gates prune for
+real, yet ``z`` stays differentiable in ``log_alpha`` (reparametrisation), and the probability
+that a gate is open has a closed form, which makes the expected L0 norm differentiable too.
+
+Deterministic gate. We use Gallego-Posada et al.'s (2022) convention, the temperature inside the
+sigmoid: ``z_det = clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)``. It is the
+*median* of the distribution (the sample at u = 1/2), so ``z_det > 0`` exactly when
+``P(z != 0) > 1/2``: the deterministic keep decision agrees with the gate's own odds. (Louizos'
+``sigmoid(log_alpha)`` form keeps gates whose open probability is as low as 0.31.)
+
+All gate math runs in float32 whatever the autocast dtype: bf16 cannot resolve the small
+differences of ``log u - log(1 - u)`` near the ends or the tails of the sigmoid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GAMMA = -0.1  # stretch interval lower end
+ZETA = 1.1  # stretch interval upper end
+BETA = 2.0 / 3.0  # temperature
+EPS = 1e-6  # keeps u away from 0 and 1 so log(u) and log(1 - u) stay finite
+#: log_alpha is clamped to this range after every update: beyond it a gate is open or closed with
+#: probability > 1 - 3e-4, and larger values only slow down a later change of mind.
+LOG_ALPHA_RANGE = (-10.0, 10.0)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def init_log_alpha(shape: tuple[int, ...] | torch.Size, drop_rate: float, generator: torch.Generator,
+                   std: float = 0.01) -> torch.Tensor:
+    """``N(log((1 - p) / p), std^2)`` with ``p`` the initial drop rate (Louizos' init)."""
+    if not 0.0 < drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in (0, 1), got {drop_rate}")
+    mean = math.log(1.0 - drop_rate) - math.log(drop_rate)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std + mean
+
+
+def sample_uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """The noise ``u ~ U(eps, 1 - eps)`` of one sample (on CPU, from a step generator)."""
+    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32) * (1.0 - 2.0 * EPS) + EPS
+
+
+def logistic_noise(u: torch.Tensor) -> torch.Tensor:
+    """``log u - log(1 - u)``: the part of a sample that does not depend on ``log_alpha``."""
+    u = _fp32(u)
+    return torch.log(u) - torch.log1p(-u)
+
+
+def sample(log_alpha: torch.Tensor, u: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """A gate sample for noise ``u``; differentiable in ``log_alpha``."""
+    with torch.autocast(log_alpha.device.type, enabled=False):
+        s = torch.sigmoid((logistic_noise(u).to(log_alpha.device) + _fp32(log_alpha)) / beta)
+        return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def sample_and_slope(log_alpha: torch.Tensor, noise: torch.Tensor,
+                     beta: float = BETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, dz/dlog_alpha)`` for a stored :func:`logistic_noise`, without autograd.
+
+    The training hot path: ``dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta`` where the clamp is
+    inactive, else 0 (the same sub-gradient as autograd through :func:`sample`).
+    """
+    s = torch.add(noise, _fp32(log_alpha)).mul_(1.0 / beta).sigmoid_()
+    stretched = s * (ZETA - GAMMA) + GAMMA
+    z = stretched.clamp(0.0, 1.0)
+    slope = (s - s * s).mul_((ZETA - GAMMA) / beta).masked_fill_(z != stretched, 0.0)
+    return z, slope
+
+
+def prob_nonzero(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))``; differentiable."""
+    with torch.autocast(log_alpha.device.type, enabled=False):
+        return torch.sigmoid(_fp32(log_alpha) - beta * math.log(-GAMMA / ZETA))
+
+
+def expected_l0(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """Expected number of open gates, ``sum P(z != 0)``."""
+    return prob_nonzero(log_alpha, beta).sum()
+
+
+def deterministic(log_alpha: torch.Tensor, beta: float = BETA) -> torch.Tensor:
+    """The median gate ``clamp(sigmoid(log_alpha / beta) * (zeta - gamma) + gamma, 0, 1)``."""
+    with torch.autocast(log_alpha.device.type, enabled=False):
+        return (torch.sigmoid(_fp32(log_alpha) / beta) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def clamp_(log_alpha: torch.Tensor) -> torch.Tensor:
+    """Clamp gate locations in place to :data:`LOG_ALPHA_RANGE`."""
+    with torch.no_grad():
+        return log_alpha.clamp_(*LOG_ALPHA_RANGE)
+
+
+__all__ = ["BETA", "EPS", "GAMMA", "LOG_ALPHA_RANGE", "ZETA", "clamp_", "deterministic", "expected_l0",
+           "init_log_alpha", "logistic_noise", "prob_nonzero", "sample", "sample_and_slope", "sample_uniform"]

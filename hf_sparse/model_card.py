@@ -1,0 +1,156 @@
+"""The model card (README.md) of a sparse checkpoint, rendered with huggingface_hub's card tools.
+
+The front matter is built from ``ModelCardData``/``EvalResult`` so it is exactly what the Hub
+parses (tags, datasets, ``model-index`` metrics); the body comes from the Jinja template in
+``model_cards/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+#: The template lives at the repository root (``model_cards/``) so it can be edited without code.
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_model.md"
+#: Written where the repo id is not known yet; ``hub.push_to_hub`` substitutes the real id in the pushed copy.
+REPO_PLACEHOLDER = "<repo_id>"
+#: hf_sparse's task names (``DataBundle.task``) that differ from the Hub's pipeline tags.
+_TASK_ALIASES = {"ctc": "automatic-speech-recognition"}
+_NOT_METRICS = ("runtime", "per_second", "epoch", "step", "flos", "memory")
+_FORMAT_NOTES = {
+    "dense": "full-size tensors with zeros where pruned; it loads with plain transformers/timm.",
+    "bitmask": "each pruned tensor as a packed bit mask plus its nonzero values "
+               "(`model.bitmask.safetensors`); lossless, load it with `hf_sparse.load_sparse`.",
+    "purged": "removed units/channels are physically gone and `config.json` describes the smaller "
+              "shapes, so the model is smaller and faster with the same outputs.",
+}
+
+
+def _num(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _metric_rows(eval_metrics: dict | None, dense: dict | None) -> list[dict[str, str]]:
+    rows = []
+    for k, v in (eval_metrics or {}).items():
+        name = k.removeprefix("eval_")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or any(s in name for s in _NOT_METRICS):
+            continue
+        ref = (dense or {}).get(k, (dense or {}).get(name))
+        rows.append({"name": name, "sparse": _num(float(v)), "dense": _num(None if ref is None else float(ref)),
+                     "value": float(v)})
+    return rows
+
+
+def _recipe_dataset(recipe_yaml: str | None) -> str | None:
+    try:
+        data = (yaml.safe_load(recipe_yaml or "") or {}).get("data") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return data.get("hub_id") or data.get("name") if isinstance(data, dict) else None
+
+
+def density_plot(path: Path, layers: dict[str, dict], target: float | None) -> Path | None:
+    """Horizontal bar chart of per-layer density; None when there is nothing to plot."""
+    if not layers:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the user's backend and global state alone
+
+    names = list(layers)
+    values = [float(layers[n]["density"]) for n in names]
+    fig = Figure(figsize=(7, 0.6 + 0.28 * len(names)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.barh(range(len(names)), values, color="#4c72b0")
+    ax.set_yticks(range(len(names)), labels=names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("density (kept fraction)")
+    if target is not None:
+        ax.axvline(target, color="#c44e52", linestyle="--", label=f"target {target:g}")
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def _plain_load(sparsity: dict) -> tuple[str, str]:
+    """(library_name for the front matter, a sentence + snippet on loading without hf_sparse)."""
+    fmt, library = sparsity["format"], sparsity["library"]
+    if fmt == "bitmask":
+        return "hf_sparse", "The bitmask format needs hf_sparse to load (`load_sparse` rebuilds the dense tensors)."
+    if library == "timm":
+        return "timm", ("It also loads with plain timm:\n\n```python\nimport timm\n\n"
+                        f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True)\n```')
+    module, _, cls = sparsity["model_class"].rpartition(".")
+    module = "transformers" if module.startswith("transformers.") else module
+    snippet = f'```python\nfrom {module} import {cls}\n\nmodel = {cls}.from_pretrained("{REPO_PLACEHOLDER}")\n```'
+    if module == "transformers":
+        return "transformers", "It also loads with plain transformers:\n\n" + snippet
+    return "hf_sparse", "It also loads with `from_pretrained` (the class comes with hf_sparse):\n\n" + snippet
+
+
+def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset: str | None = None,
+                      task: str | None = None, model_name: str | None = None, plot: str | None = None,
+                      template: Path = TEMPLATE) -> ModelCard:
+    """The card for a checkpoint described by ``sparsity`` (the contents of ``sparsity.json``)."""
+    method, fmt = sparsity.get("method") or "none", sparsity["format"]
+    task = _TASK_ALIASES.get(task, task) if task else None
+    layers = sparsity.get("per_layer") or {}
+    architecture = sparsity.get("timm_name") or sparsity["model_class"].rpartition(".")[2]
+    achieved = sparsity.get("achieved_density")
+    model_name = model_name or f"{architecture}-{method}" + (f"-density-{achieved:.3f}" if achieved else "")
+    dataset = dataset or _recipe_dataset(recipe_yaml)
+    rows = _metric_rows(sparsity.get("eval"), sparsity.get("dense_reference"))
+    library_name, plain_load = _plain_load(sparsity)
+
+    eval_results = None
+    if rows and dataset and task:
+        eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset,
+                                   metric_type=r["name"], metric_value=r["value"]) for r in rows]
+    tags = ["hf_sparse", "sparse", "pruning", method, f"{fmt}-checkpoint", library_name] + ([task] if task else [])
+    card_data = ModelCardData(
+        library_name=library_name, tags=[t for t in tags if t and t != "none"], pipeline_tag=task,
+        datasets=[dataset] if dataset else None, metrics=[r["name"] for r in rows] or None,
+        model_name=model_name if eval_results else None, eval_results=eval_results,
+    )
+    kept = sum(int(v.get("nonzero", 0)) for v in layers.values())
+    total = sum(int(v.get("numel", 0)) for v in layers.values())
+    kinds = sorted({str(v["layer_type"]) for v in layers.values() if v.get("layer_type")})
+    purged = sparsity.get("purged") or {}
+    purged_rows = [{"name": k, "kept": len(v), "shape": (purged.get("per_layer") or {}).get(k, {}).get("shape", "-")}
+                   for k, v in (purged.get("kept") or {}).items()]
+    return ModelCard.from_template(
+        card_data, template_path=str(template),
+        model_name=model_name, architecture=architecture, library=sparsity["library"], method=method,
+        targeted_count=len(layers), layer_kinds=", ".join(kinds) or "weight tensors",
+        kept=f"{kept:,}", total=f"{total:,}", format=fmt, format_note=_FORMAT_NOTES[fmt],
+        target_density=_num(sparsity.get("target_density")), achieved_density=_num(achieved),
+        model_density=_num(sparsity.get("model_density")), version=sparsity.get("hf_sparse_version", "-"),
+        plot=plot,
+        layers=[{"name": k, "shape": "×".join(map(str, v.get("shape", []))), "density": _num(v.get("density")),
+                 "nonzero": f"{int(v.get('nonzero', 0)):,}", "numel": f"{int(v.get('numel', 0)):,}"}
+                for k, v in layers.items()],
+        purged_rows=purged_rows, metrics=rows, dataset=dataset,
+        recipe=(recipe_yaml or "").rstrip("\n"), load_id=REPO_PLACEHOLDER, plain_load=plain_load,
+    )
+
+
+def write_model_card(folder: str | Path, sparsity: dict, *, recipe_yaml: str | None = None,
+                     dataset: str | None = None, task: str | None = None, model_name: str | None = None) -> Path:
+    """Write ``README.md`` (and ``density.png``) into ``folder``; return the README path."""
+    folder = Path(folder)
+    plot = density_plot(folder / "density.png", sparsity.get("per_layer") or {}, sparsity.get("target_density"))
+    card = render_model_card(sparsity, recipe_yaml=recipe_yaml, dataset=dataset, task=task, model_name=model_name,
+                             plot=plot.name if plot else None)
+    card.save(folder / "README.md")
+    return folder / "README.md"
+
+
+__all__ = ["REPO_PLACEHOLDER", "TEMPLATE", "density_plot", "render_model_card", "write_model_card"]

@@ -1,0 +1,268 @@
+"""AutoPrune: the update rules on small tensors against hand-computed values, then under SparseTrainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse.methods import get_method
+from hf_sparse.methods.base import optimizer_states
+from hf_sparse.recipe import RecipeError, recipe_from_text
+from hf_sparse.targets import resolve_targets
+from tests.helpers import make_trainer
+
+AutoPrune = get_method("autoprune")
+
+
+def autoprune_on(model: nn.Module, target_density=None, total_steps: int = 100, **params):
+    params.setdefault("reg_coef", None if target_density else 0.0)
+    method = AutoPrune(resolve_targets(model), AutoPrune.Config(**params), target_density)
+    method.setup(total_steps)
+    return method
+
+
+def row(values: list[float]) -> nn.Linear:
+    layer = nn.Linear(len(values), 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([values]))
+    return layer
+
+
+@torch.no_grad()
+def set_m(method, g: int, values) -> None:
+    """Give group ``g``'s auxiliary parameters ``values`` and put h(M) in effect (as after a step)."""
+    method.M[g].copy_(torch.as_tensor(values, dtype=torch.float32).view_as(method.M[g]))
+    method.keeps[g] = method.M[g].detach() > 0
+
+
+def backward_with(method, layer: nn.Module, grad: list[float]) -> None:
+    """Stand in for a backward pass: dL/d(effective weight) = ``grad``."""
+    layer.weight.grad = torch.tensor([grad])
+    method.after_backward(0)
+
+
+# -- the update rules ---------------------------------------------------------------------------
+W = [0.5, -2.0, 1.0, -0.25]
+M = [0.5, -0.5, 0.0, 2.0]
+G = [0.1, 0.2, -0.3, 0.4]
+# g * sgn(W) + lam * n / N with lam = 0.8, n = 1, N = 4:  [0.1, -0.2, -0.3, -0.4] + 0.2
+BRACKET = [0.3, 0.0, -0.1, -0.2]
+SIG = [0.7310585786, 0.2689414214, 0.5, 0.9820137900]  # sigmoid(2 * M)
+
+
+@pytest.mark.parametrize("ste, params, h_prime", [
+    ("identity", {}, [1.0, 1.0, 1.0, 1.0]),
+    ("leaky_relu", {"leaky_slope": 0.1}, [1.0, 0.1, 0.1, 1.0]),  # m = 0 is pruned: slope side
+    ("softplus", {"softplus_beta": 2.0}, SIG),
+])
+def test_ste_gradients_match_hand_computed_values(ste, params, h_prime):
+    layer = row(W)
+    method = autoprune_on(layer, ste=ste, reg_coef=0.8, **params)
+    set_m(method, 0, [M])
+    method.before_forward(0)
+    assert layer.weight.tolist() == [[0.5, 0.0, 0.0, -0.25]]  # W * h(M), h(0) = 0
+    backward_with(method, layer, G)
+    expected = [hp * b for hp, b in zip(h_prime, BRACKET)]
+    assert method.M[0].grad.tolist()[0] == pytest.approx(expected, abs=1e-7)
+    assert layer.weight.grad.tolist()[0] == pytest.approx([0.1, 0.0, 0.0, 0.4])  # g * h(M): W trains on the masked loss
+    assert layer.weight.tolist() == [W]  # the optimizer steps the real W
+
+
+def test_m_moves_with_the_weight_magnitude():
+    """Correlation consistency: with plain SGD, m rises exactly when the loss wants |w| to rise."""
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 10, bias=False)
+    method = autoprune_on(layer, ste="leaky_relu", reg_coef=0.0)
+    set_m(method, 0, torch.randn(10, 20) * 0.1)
+    opt = torch.optim.SGD([{"params": [layer.weight], "lr": 1e-4}, {"params": method.M}], lr=0.1)
+    method.before_forward(0)
+    grad = torch.randn(10, 20)
+    keep = method.M[0].detach() > 0
+    w0, m0 = method.dense[0].clone(), method.M[0].detach().clone()
+    layer.weight.grad = grad.clone()
+    method.after_backward(0)
+    opt.step()
+    d_abs_w = layer.weight.detach().abs() - w0.abs()
+    d_m = method.M[0].detach() - m0
+    assert torch.equal(torch.sign(d_m[keep]), torch.sign(d_abs_w[keep]))
+    # pruned: W stays, m follows the direction the loss wants |w| to move: -g * sgn(W)
+    assert torch.all(d_abs_w[~keep] == 0)
+    assert torch.equal(torch.sign(d_m[~keep]), torch.sign(-grad * torch.sign(w0))[~keep])
+
+
+def test_pruned_weight_keeps_its_value_and_comes_back():
+    layer = row([0.5, -0.7, 0.9])
+    method = autoprune_on(layer, ste="leaky_relu", leaky_slope=0.5)
+    set_m(method, 0, [[0.1, -0.01, 0.1]])
+    opt = torch.optim.AdamW([{"params": [layer.weight], "weight_decay": 0.5},
+                             {"params": method.M, "lr": 1e-3, "weight_decay": 0.0}], lr=0.1)
+    # Steps where the loss pushes the pruned weight's effective value towards zero: it stays pruned,
+    # while momentum and weight decay would move it: its value must not change.
+    for step in range(3):
+        method.before_forward(step)
+        assert layer.weight[0, 1].item() == 0.0
+        backward_with(method, layer, [0.1, -0.2, 0.1])  # -g*sgn(w) < 0 at w=-0.7: keep it pruned
+        opt.step()
+        method.after_step(step, opt)
+        opt.zero_grad()
+        assert method.dense[0][0, 1].item() == pytest.approx(-0.7)
+        assert all(float(s[0, 1]) == 0.0 for s in optimizer_states(opt, layer.weight))
+    assert method.metrics()["restore_events"] == 0
+    # Now the loss wants w = -0.7 back (-g * sgn(w) > 0): m climbs above 0 and the weight returns as it was.
+    for step in range(3, 40):
+        method.before_forward(step)
+        backward_with(method, layer, [0.0, 0.5, 0.0])
+        opt.step()
+        method.after_step(step, opt)
+        opt.zero_grad()
+        if method.M[0][0, 1] > 0:
+            break
+    assert method.M[0][0, 1] > 0
+    assert layer.weight[0, 1].item() == pytest.approx(-0.7)
+    m = method.metrics()
+    assert m["restore_events"] == 1 and m["restored_weights"] == 1 and m["density"] == 1.0
+
+
+def test_structured_units_of_linear_conv_and_gru():
+    model = nn.ModuleDict({"fc": nn.Linear(3, 4), "conv": nn.Conv2d(2, 5, 3), "gru": nn.GRU(3, 6, num_layers=2)})
+    method = autoprune_on(model, granularity="structured", reg_coef=0.0)
+    names = [t.name for t in method.targets]
+    assert names == ["fc.weight", "conv.weight", "gru.weight_ih_l0", "gru.weight_hh_l0",
+                     "gru.weight_ih_l1", "gru.weight_hh_l1"]
+    # one m per output unit / channel; the ih and hh matrices of a GRU layer share one m per hidden unit
+    assert [tuple(m.shape) for m in method.M] == [(4,), (5,), (6,), (6,)]
+    assert method.sizes[0].tolist() == [3.0] * 4 and method.sizes[1].tolist() == [18.0] * 5
+    assert method.sizes[2].tolist() == [3 * (3 + 6)] * 6  # 3 gates x (3 inputs + 6 recurrent)
+    set_m(method, 0, [1.0, -1.0, 1.0, 1.0])
+    set_m(method, 2, [1.0, 1.0, 1.0, 1.0, -1.0, 1.0])
+    method.before_forward(0)
+    masks = method.hard_masks()
+    assert masks[0].sum(1).tolist() == [3, 0, 3, 3]
+    for mask in masks[2:4]:  # rows 4, 6+4 and 12+4 (reset, update, new gates) of unit 4 are gone
+        assert [r for r in range(18) if not mask[r].any()] == [4, 10, 16]
+    assert method.structure()["gru.weight_hh_l0"] == [0, 1, 2, 3, 5]
+    assert method.structure()["fc.weight"] == [0, 2, 3]
+    # the m of a unit collects g * sgn(W) over all of the unit's weights, in both matrices
+    grads = {}
+    for t in method.targets:
+        grads[t.name] = torch.randn(t.shape)
+        t.param.grad = grads[t.name].clone()
+    w = {t.name: method.dense[i] for i, t in enumerate(method.targets)}
+    method.after_backward(0)
+    fc = (grads["fc.weight"] * torch.sign(w["fc.weight"])).sum(1)
+    assert method.M[0].grad.tolist() == pytest.approx((fc * torch.tensor([1, 0.1, 1, 1])).tolist(), abs=1e-6)
+    ih, hh = (grads[n] * torch.sign(w[n]) for n in ("gru.weight_ih_l0", "gru.weight_hh_l0"))
+    unit = (ih.sum(1) + hh.sum(1)).view(3, 6).sum(0)
+    slope = torch.tensor([1, 1, 1, 1, 0.1, 1])
+    assert method.M[2].grad.tolist() == pytest.approx((unit * slope).tolist(), abs=1e-5)
+
+
+def test_projection_hits_the_target_and_breaks_ties_by_position():
+    layer = row([1.0] * 8)
+    method = autoprune_on(layer, target_density=0.25)
+    set_m(method, 0, [[0.3, -0.2, 0.1, 0.1, 0.5, 0.1, -1.0, 0.0]])
+    assert method.project(0.25)[0].tolist() == [[True, False, False, False, True, False, False, False]]
+    assert method.project(0.5)[0].tolist() == [[True, False, True, True, True, False, False, False]]
+    method.freeze()
+    assert method.density() == 0.25 and method.frozen
+
+
+def test_target_schedule_is_cubic_from_one():
+    method = autoprune_on(row([1.0] * 4), target_density=0.1, total_steps=100, warmup_fraction=0.5)
+    assert method.warmup_end == 50 and method.freeze_at == 80
+    assert method.target_at(49) == pytest.approx(0.1)
+    assert method.target_at(24) == pytest.approx(0.1 + 0.9 * 0.5**3)
+
+
+# -- recipe validation ------------------------------------------------------------------------
+RECIPE = """
+model: {source: hf_sparse, name: lenet5}
+sparsity:
+  method: autoprune
+  target_density: 0.05
+  params: {PARAMS}
+"""
+
+
+@pytest.mark.parametrize("params, key, words", [
+    ("{ste: relu}", "sparsity.params.ste", "identity"),
+    ("{leaky_slope: 0}", "sparsity.params.leaky_slope", "greater than 0"),
+    ("{softplus_beta: -1}", "sparsity.params.softplus_beta", "greater than 0"),
+    ("{granularity: channel}", "sparsity.params.granularity", "structured"),
+    ("{warmup_fraction: 0.7, final_fraction: 0.5}", "sparsity.params", "<= 1"),
+    ("{mask_lr: 0}", "sparsity.params.mask_lr", "greater than 0"),
+    ("{dual_lr: 0}", "sparsity.params.dual_lr", "greater than 0"),
+    ("{lam: 1}", "sparsity.params.lam", "unknown key"),
+])
+def test_bad_params_are_located(params, key, words):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_text(RECIPE.replace("{PARAMS}", params), "r.yaml")
+    assert f"{key}:" in str(err.value) and words in str(err.value)
+
+
+def test_penalty_or_target_not_both_nor_neither():
+    cfg = AutoPrune.Config
+    assert AutoPrune.config_error(cfg(), None)[0] == ("params", "reg_coef")
+    assert "not both" in AutoPrune.config_error(cfg(reg_coef=1.0), 0.1)[1]
+    assert AutoPrune.config_error(cfg(reg_coef=1.0), None) is None
+    assert AutoPrune.config_error(cfg(), 0.1) is None
+    with pytest.raises(ValueError, match="reg_coef"):
+        AutoPrune(resolve_targets(row([1.0])), cfg(), None)
+
+
+# -- under SparseTrainer ----------------------------------------------------------------------
+FAST = {"method": "autoprune", "target_density": 0.3,
+        "params": {"init": 0.02, "warmup_fraction": 0.5, "final_fraction": 0.25, "dual_lr": 5.0}}
+
+
+def test_trains_to_target_with_the_mask_invariant(fmnist_small, tmp_path):
+    from transformers import TrainerCallback
+
+    trainer = make_trainer(fmnist_small, tmp_path, FAST, max_steps=24, weight_decay=0.1, logging_steps=8)
+    method = trainer.sparsifier.method
+    densities = []
+
+    class Check(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            for t, w, mask in zip(method.targets, method.dense, method.hard_masks()):
+                assert torch.equal(t.param, w * mask)  # targets hold W * h(M) between steps
+                for s in optimizer_states(trainer.optimizer, t.param):
+                    assert torch.all(s[~mask] == 0)
+            densities.append(method.density())
+
+    trainer.add_callback(Check())
+    trainer.train()
+    n = method.numel
+    assert abs(trainer.sparsifier.density() - 0.3) <= 1 / n
+    assert min(densities[:18]) < 0.9  # pruned before the final phase, not only by the projection
+    # M has its own group without weight decay; the targets get none either (weight_decay_on_targets=False)
+    groups = trainer.optimizer.param_groups
+    m_ids = [id(m) for m in method.M]
+    assert any([id(p) for p in g["params"]] == m_ids and g["weight_decay"] == 0.0 for g in groups)
+    target_ids = {id(t.param) for t in method.targets}
+    assert all(g["weight_decay"] == 0.0 for g in groups if target_ids & {id(p) for p in g["params"]})
+    logs = [h for h in trainer.state.log_history if "loss" in h][-1]
+    for key in ("restore_events", "restored_weights", "reg_coef", "density", "constraint_target"):
+        assert f"sparsity/autoprune/{key}" in logs
+
+
+@pytest.mark.parametrize("params", [{"granularity": "structured", "ste": "softplus"},
+                                    {"final_fraction": 0.6, "warmup_fraction": 0.2}])
+def test_resume_equals_uninterrupted(fmnist_small, tmp_path, params):
+    """Also across the freeze (resumed at step 10 after freezing at step 8) and for structured masks."""
+    sparsity = {**FAST, "params": {**FAST["params"], **params}}
+    straight = make_trainer(fmnist_small, tmp_path / "a", sparsity, max_steps=20)
+    straight.train()
+    first = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20, save_strategy="steps", save_steps=10)
+    first.train()
+    resumed = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+    a, b = straight.sparsifier.method, resumed.sparsifier.method
+    for m1, m2 in zip(a.hard_masks(), b.hard_masks()):
+        assert torch.equal(m1, m2)
+    for m1, m2 in zip(a.M, b.M):
+        assert torch.equal(m1, m2)
+    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p1, p2), n
+    assert a.metrics() == b.metrics()

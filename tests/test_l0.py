@@ -1,0 +1,327 @@
+"""Hard Concrete gates and the ``l0`` method: the distribution against its closed forms, the dual
+ascent on toy problems with known answers, the effective-weight gradient mapping against plain
+autograd, every granularity on tiny models, and exact state round trips."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_sparse.constraints import AugmentedLagrangianController, LagrangianController
+from hf_sparse.methods import get_method
+from hf_sparse.methods import hard_concrete as hc
+from hf_sparse.methods.base import step_generator
+from hf_sparse.targets import resolve_targets
+
+L0 = get_method("l0")
+
+
+def l0_on(model: nn.Module, target_density=0.3, total_steps=100, **params):
+    m = L0(resolve_targets(model), L0.Config(**params), target_density, seed=0)
+    m.setup(total_steps)
+    return m
+
+
+def run_steps(model, method, make_input, steps, start=0, lr=0.05, optimizer=None, adam=False):
+    """A plain training loop driving the method's hooks; returns the optimizer."""
+    if optimizer is None:
+        optimizer = (torch.optim.Adam if adam else torch.optim.SGD)(list(model.parameters()), lr=lr)
+        for group in method.param_groups(lr):
+            optimizer.add_param_group(group)
+    for step in range(start, start + steps):
+        method.before_forward(step)
+        x, y = make_input(step)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        F.mse_loss(out, y).backward()
+        method.after_backward(step)
+        optimizer.step()
+        method.after_step(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def data_for(shape_in, shape_out):
+    def make(step):
+        g = step_generator(123, step, "data")
+        return torch.randn(shape_in, generator=g), torch.randn(shape_out, generator=g)
+    return make
+
+
+# -- the distribution ---------------------------------------------------------------------------
+# P(z != 0) = sigmoid(log_alpha + beta ln 11), since -gamma/zeta = 1/11; P(z == 1) = sigmoid(log_alpha - beta ln 11).
+# By hand: beta ln 11 = (2/3)(2.397895) = 1.598597;  sigmoid(1.598597) = 0.831822,
+# sigmoid(-2 + 1.598597) = sigmoid(-0.401403) = 0.400975;  sigmoid(-1.598597) = 0.168178,
+# sigmoid(-3.598597) = 0.026633.
+HAND = {0.0: (0.831822, 0.168178), -2.0: (0.400975, 0.026633)}
+
+
+def test_prob_nonzero_closed_form_by_hand():
+    la = torch.tensor([0.0, -2.0])
+    assert hc.prob_nonzero(la).tolist() == pytest.approx([HAND[0.0][0], HAND[-2.0][0]], abs=1e-6)
+
+
+@pytest.mark.parametrize("log_alpha", [0.0, -2.0])
+def test_sampling_matches_closed_form(log_alpha):
+    n = 200_000
+    u = hc.sample_uniform((n,), step_generator(0, 0, "test"))
+    z = hc.sample(torch.full((n,), log_alpha), u)
+    p_open, p_one = HAND[log_alpha]
+    tol = 4 * math.sqrt(0.25 / n)  # 4 sigma of a binomial fraction
+    assert float((z > 0).float().mean()) == pytest.approx(p_open, abs=tol)
+    assert float((z == 1).float().mean()) == pytest.approx(p_one, abs=tol)
+    assert z.min() >= 0 and z.max() <= 1
+    # The deterministic gate is the median of the distribution (Gallego-Posada's convention).
+    assert float(z.median()) == pytest.approx(float(hc.deterministic(torch.tensor(log_alpha))), abs=5e-3)
+
+
+def test_deterministic_gate_convention():
+    # clamp(sigmoid(la / beta) * 1.2 - 0.1, 0, 1): 0.5 at la = 0, 1 for la >= beta ln 11, 0 for la <= -beta ln 11
+    edge = (2 / 3) * math.log(11)
+    la = torch.tensor([0.0, 3.0, -2.0, edge + 1e-3, -edge + 1e-3, -edge - 1e-3])
+    z = hc.deterministic(la)
+    assert z[:3].tolist() == pytest.approx([0.5, 1.0, 0.0], abs=1e-6)
+    # open exactly when P(z != 0) > 1/2
+    assert ((z > 0) == (hc.prob_nonzero(la) > 0.5)).all()
+    assert z[3] == 1.0 and z[4] > 0 and z[5] == 0
+
+
+def test_expected_l0_by_hand():
+    la = torch.tensor([0.0, -2.0, 10.0])
+    # 0.831822 + 0.400975 + sigmoid(11.598597) = 0.999991
+    assert float(hc.expected_l0(la)) == pytest.approx(0.831822 + 0.400975 + 0.999991, abs=1e-5)
+
+
+def test_init_and_fp32_under_autocast():
+    la = hc.init_log_alpha((100_000,), 0.2, step_generator(0, 0))
+    assert float(la.mean()) == pytest.approx(math.log(0.8 / 0.2), abs=1e-3)
+    assert float(la.std()) == pytest.approx(0.01, rel=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = hc.sample(la[:10].bfloat16(), hc.sample_uniform((10,), step_generator(0, 1)))
+        assert z.dtype == torch.float32 and hc.prob_nonzero(la[:10].bfloat16()).dtype == torch.float32
+
+
+# -- dual ascent on toy problems ---------------------------------------------------------------
+def _solve(bound: float, steps=4000, dual_lr=0.05, restarts=False):
+    """min (x-2)^2 s.t. x <= bound by simultaneous gradient descent / projected dual ascent."""
+    x = torch.tensor(0.0, requires_grad=True)
+    ctl = LagrangianController(1, dual_lr, dual_restarts=restarts)
+    seen = []
+    for _ in range(steps):
+        g = (x - bound).reshape(1)
+        lagrangian = (x - 2) ** 2 + ctl.lagrangian_term(g)
+        (grad,) = torch.autograd.grad(lagrangian, x)
+        with torch.no_grad():
+            x -= 0.05 * grad
+        ctl.step(g)
+        seen.append(float(ctl.multipliers[0]))
+    return float(x.detach()), seen
+
+
+def test_dual_ascent_toy_known_answer():
+    x, lam = _solve(1.0)  # KKT: 2(x-2) + lambda = 0 at x = 1 -> lambda* = 2
+    assert x == pytest.approx(1.0, abs=1e-3) and lam[-1] == pytest.approx(2.0, abs=1e-2)
+
+
+def test_zero_violation_keeps_multiplier_at_zero():
+    x, lam = _solve(3.0)  # the unconstrained optimum x = 2 is feasible
+    assert max(lam) == 0.0 and x == pytest.approx(2.0, abs=1e-4)
+
+
+def test_dual_restarts_reset_satisfied_constraints():
+    ctl = LagrangianController(2, 1.0, dual_restarts=True)
+    ctl.step(torch.tensor([0.5, 0.5]))
+    ctl.step(torch.tensor([0.2, -0.1]))
+    assert ctl.multipliers.tolist() == pytest.approx([0.7, 0.0])
+
+
+def test_augmented_lagrangian_toy_equality():
+    x = torch.tensor(0.0, requires_grad=True)  # min (x-2)^2 s.t. x = 1
+    ctl = AugmentedLagrangianController(1, 0.05)
+    for _ in range(6000):
+        gap = (x - 1).reshape(1)
+        (grad,) = torch.autograd.grad((x - 2) ** 2 + ctl.lagrangian_term(gap), x)
+        with torch.no_grad():
+            x -= 0.05 * grad
+        ctl.step(gap)
+    assert float(x.detach()) == pytest.approx(1.0, abs=1e-2) and float(ctl.lambda2[0]) > 0
+
+
+# -- the effective-weight gradient mapping -------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["unstructured", "neuron", "factorized"])
+@pytest.mark.parametrize("control", ["penalty", "constrained"])
+def test_gradient_mapping_equals_autograd(granularity, control):
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    m = l0_on(layer, 0.2, 100, granularity=granularity, control=control, penalty=0.7, dual_lr=0.3)
+    m.controller is not None and m.controller.multipliers.fill_(1.5)  # a nonzero multiplier
+    (g,) = m.groups
+    with torch.no_grad():  # move the gates off their init so every term matters
+        g.log_alpha.copy_(torch.linspace(-1.5, 2.0, g.num).view(g.log_alpha.shape))
+    x, y = torch.randn(7, 5), torch.randn(7, 4)
+
+    # explicit forward through W * z (or P diag(z) Q) with autograd on every real parameter
+    la = g.log_alpha.detach().clone().requires_grad_()
+    m.before_forward(3)
+    z = hc.sample(la, hc.sample_uniform(la.shape, step_generator(0, 3, "l0")))  # the step's own noise
+    if granularity == "factorized":
+        P, Q = g.P.detach().clone().requires_grad_(), g.Q.detach().clone().requires_grad_()
+        w_eff, real = (P * z) @ Q, [P, Q]
+    else:
+        W = g.members[0].weight.clone().requires_grad_()
+        w_eff, real = W * (z[:, None] if granularity == "neuron" else z), [W]
+    loss = F.mse_loss(F.linear(x, w_eff, layer.bias.detach()), y)
+    dens = g.cost * hc.expected_l0(la) / g.total
+    reg = 0.7 * dens if control == "penalty" else 1.5 * (dens - 0.2)
+    expected = torch.autograd.grad(loss + reg, real + [la])
+
+    # the method: forward with the written effective weight, then map gradients
+    assert torch.allclose(layer.weight, w_eff.detach(), atol=1e-6)
+    F.mse_loss(layer(x), y).backward()
+    m.after_backward(3)
+    got = [g.P.grad, g.Q.grad] if granularity == "factorized" else [layer.weight.grad]
+    for a, b in zip(got + [g.log_alpha.grad], expected):
+        assert torch.allclose(a, b, atol=1e-6)
+    if granularity != "factorized":  # the optimizer now sees the real weight
+        assert torch.equal(layer.weight.detach(), g.members[0].weight)
+
+
+# -- granularities on tiny models ------------------------------------------------------------------
+def test_unstructured_constrained_meets_target_and_writes_zeros():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    m = l0_on(model, 0.25, 150, gate_lr=0.1, dual_lr=0.5, freeze_fraction=0.2)
+    run_steps(model, m, data_for((32, 12), (32, 3)), 150)
+    assert m.frozen
+    m.finalize()
+    masks = m.hard_masks()
+    kept = sum(int(k.sum()) for k in masks) / sum(k.numel() for k in masks)
+    assert kept <= 0.25 + 1e-9 and kept == pytest.approx(0.25, abs=0.02)
+    for t, k in zip(m.targets, masks):
+        assert torch.all(t.param[~k] == 0) and torch.all(t.param[k] != 0)
+    assert m.metrics()["hard_density"] == pytest.approx(kept)
+
+
+def test_channel_gates_on_conv_prune_whole_output_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3))
+    m = l0_on(model, 0.5, 80, granularity="channel", constraint="layer", count="gates", gate_lr=0.2,
+              dual_lr=1.0, freeze_fraction=0.25)
+    assert [tuple(g.log_alpha.shape) for g in m.groups] == [(8,), (6,)]
+    run_steps(model, m, data_for((4, 2, 7, 7), (4, 6, 3, 3)), 80)
+    m.finalize()
+    structure = m.structure()
+    for t, mask in zip(m.targets, m.hard_masks()):
+        rows = mask.flatten(1)
+        assert torch.all(rows.all(1) | ~rows.any(1))  # every output channel is all kept or all pruned
+        assert rows.all(1).nonzero().flatten().tolist() == structure[t.name]
+        assert len(structure[t.name]) <= 0.5 * t.shape[0]  # hard mask satisfies each layer's constraint
+    assert len(structure["0.weight"]) == 4 and len(structure["2.weight"]) == 3
+
+
+@pytest.mark.parametrize("rnn", [nn.GRU, nn.LSTM])
+def test_neuron_gates_on_recurrent_hidden_units(rnn):
+    torch.manual_seed(0)
+    model = rnn(4, 6, num_layers=2, bidirectional=True)
+    blocks = 3 if rnn is nn.GRU else 4
+    m = l0_on(model, 0.5, 40, granularity="neuron", freeze_fraction=0.5)
+    # one gate group per (layer, direction), shared by weight_ih and weight_hh
+    assert len(m.groups) == 4 and all(len(g.members) == 2 and g.num == 6 for g in m.groups)
+    assert m.groups[0].cost == (blocks * 6 * 4 + blocks * 6 * 6) / 6
+    run_steps(model, m, data_for((5, 3, 4), (5, 3, 12)), 40)
+    m.finalize()
+    structure = m.structure()
+    for t, mask in zip(m.targets, m.hard_masks()):
+        units = mask.all(1).view(blocks, 6)
+        assert torch.all(units == units[0])  # a unit's rows go together in every gate block
+        assert torch.equal(mask.any(1), mask.all(1))
+        assert units[0].nonzero().flatten().tolist() == structure[t.name]
+        assert torch.all(t.param[~mask] == 0)
+    assert structure["weight_ih_l0"] == structure["weight_hh_l0"]
+    out, _ = model(torch.randn(5, 3, 4))  # flat weights still work after in-place writes
+    assert torch.isfinite(out).all()
+
+
+def test_factorized_gates_drop_rank_one_components():
+    torch.manual_seed(0)
+    layer = nn.Linear(10, 8)
+    w0 = layer.weight.detach().clone()
+    m = l0_on(layer, 0.5, 60, granularity="factorized", count="gates", gate_lr=0.2, dual_lr=1.0)
+    (g,) = m.groups
+    assert torch.allclose(g.P @ g.Q, w0, atol=1e-5)  # SVD init reproduces W
+    run_steps(layer, m, data_for((16, 10), (16, 8)), 60)
+    m.finalize()
+    P, Q = m.factors()["weight"]
+    assert P.shape[1] == Q.shape[0] <= 4
+    assert torch.allclose(P @ Q, layer.weight, atol=1e-5)
+    assert torch.linalg.matrix_rank(layer.weight.detach()) == P.shape[1]
+
+
+def test_penalty_strength_orders_density():
+    densities = []
+    for lam in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+        m = l0_on(model, None, 60, control="penalty", penalty=lam, gate_lr=0.1)
+        run_steps(model, m, data_for((32, 12), (32, 3)), 60, lr=0.01, adam=True)
+        densities.append(m.metrics()["expected_density"])
+    assert densities[1] < densities[0] - 0.2
+
+
+def test_constrained_needs_target_and_config_validates():
+    with pytest.raises(ValueError, match="target_density"):
+        L0(resolve_targets(nn.Linear(3, 2)), L0.Config(control="augmented"), None)
+    with pytest.raises(ValueError, match="freeze"):
+        L0.Config(target_warmup=0.8, freeze_fraction=0.3)
+    with pytest.raises(ValueError):
+        L0.Config(granularity="block")
+    with pytest.raises(ValueError, match="2-D"):
+        L0(resolve_targets(nn.Conv2d(2, 3, 3)), L0.Config(granularity="factorized"), 0.5)
+
+
+def test_satisfied_constraint_never_moves_multiplier():
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
+    m = l0_on(model, 1.0, 20)  # E[density] <= 1 always holds
+    run_steps(model, m, data_for((32, 12), (32, 3)), 20)
+    assert float(m.controller.multipliers.max()) == 0.0
+
+
+# -- state ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("params", [
+    {"control": "constrained", "constraint": "layer"},
+    {"control": "augmented", "target_warmup": 0.3},
+    {"control": "penalty", "granularity": "factorized"},
+])
+def test_state_dict_round_trip_resumes_exactly(params):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    data = data_for((16, 6), (16, 2))
+    ref_model = copy.deepcopy(model)
+    ref = l0_on(ref_model, 0.4, 30, freeze_fraction=0.2, **params)
+    run_steps(ref_model, ref, data, 30)
+
+    first = l0_on(model, 0.4, 30, freeze_fraction=0.2, **params)
+    opt = run_steps(model, first, data, 15)
+    saved_state, saved_model = copy.deepcopy(first.state_dict()), copy.deepcopy(model.state_dict())
+
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))  # other weights until loaded
+    fresh.load_state_dict(saved_model)
+    resumed = L0(resolve_targets(fresh), L0.Config(freeze_fraction=0.2, **params), 0.4, seed=0)
+    resumed.load_state_dict(saved_state)
+    resumed.setup(30)  # Trainer calls setup after loading a checkpoint
+    opt2 = torch.optim.SGD(list(fresh.parameters()), lr=0.05)
+    for group in resumed.param_groups(0.05):
+        opt2.add_param_group(group)
+    opt2.load_state_dict(opt.state_dict())
+    run_steps(fresh, resumed, data, 15, start=15, optimizer=opt2)
+
+    for a, b in zip(ref_model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(ref.hard_masks(), resumed.hard_masks()):
+        assert torch.equal(a, b)
+    assert ref.metrics() == resumed.metrics()

@@ -237,6 +237,8 @@ def _task_of(model: nn.Module, library: str) -> str | None:
                          ("ForAudioClassification", "audio-classification"),
                          ("ForCTC", "automatic-speech-recognition"),
                          ("ForSequenceClassification", "text-classification")):
+        if suffix == "ForSequenceClassification" and getattr(model, "main_input_name", "") == "input_features":
+            task = "audio-classification"
         if name.endswith(suffix):
             return task
     return None

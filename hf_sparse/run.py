@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from . import __version__
 from .data import DataBundle, DataError, load_data
@@ -46,16 +46,18 @@ def training_arguments(recipe: Recipe, output_dir: str | Path) -> TrainingArgume
 
 def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
     """Build data, model and arguments; raise RecipeError (located in the recipe) on any bad input."""
+    args = training_arguments(recipe, output_dir)
     try:
         data = load_data(recipe.data)
     except DataError as e:
-        key = ("data", "hub_id") if recipe.data.hub_id else ("data", "path") if recipe.data.path else ("data", "name")
-        raise recipe.error(key, str(e)) from None
+        field = e.key or ("hub_id" if recipe.data.hub_id else "path" if recipe.data.path else "name")
+        raise recipe.error(("data", field), str(e)) from None
     except KeyError:
         from .data import DATA_SOURCES
 
         raise recipe.error(("data", "name"), f"unknown data source {recipe.data.name!r}; "
                                              f"known: {', '.join(sorted(DATA_SOURCES))}") from None
+    set_seed(args.seed)  # model initialisation is part of the run: same recipe, same model
     try:
         model = build_model(recipe.model, data)
     except (ValueError, OSError, KeyError) as e:
@@ -66,7 +68,7 @@ def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
             index = getattr(spec, kind).index(pattern)
             raise recipe.error(("sparsity", "targets", kind, index),
                                f"pattern {pattern!r} matches no weight of the {'/'.join(spec.layer_types)} layers")
-    return PreparedRun(recipe, data, model, training_arguments(recipe, output_dir))
+    return PreparedRun(recipe, data, model, args)
 
 
 def make_trainer(run: PreparedRun):

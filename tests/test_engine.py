@@ -80,7 +80,7 @@ def test_logs_carry_density_and_method_state(fmnist_small, tmp_path):
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs and "sparsity/density" in logs[-1]
     assert "sparsity/density/fc1.weight" in logs[-1]
-    assert "sparsity/dns/spliced_total" in logs[-1]
+    assert "sparsity/dns/spliced" in logs[-1]
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -107,7 +107,7 @@ def test_dns_thresholds_surgery_and_splicing():
         layer.weight[0, 5] = -5.5  # kept weight falls into the band: stays kept
     m.after_step(1, None)
     assert m.masks[0].tolist() == [[True, False, False, False, False, True, True, True]]
-    assert m.metrics()["spliced_total"] == 1
+    assert m.metrics()["spliced"] == 1
 
 
 def test_dns_surgery_probability_and_shared_draws():

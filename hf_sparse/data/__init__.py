@@ -35,7 +35,15 @@ class DataBundle:
 
 
 class DataError(ValueError):
-    """The data named by a recipe cannot be loaded; the message says why and what to do."""
+    """The data named by a recipe cannot be loaded; the message says why and what to do.
+
+    ``key`` names the ``data`` key at fault (e.g. ``"split"``, ``"options"``) when it is not the
+    source itself, so the recipe error points at the right line.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 DATA_SOURCES: dict[str, Callable[..., DataBundle]] = {}

@@ -144,7 +144,7 @@ def split_recordings(recs: list[Recording], split: str, holdout_speaker: str = "
             raise DataError(f"holdout_speaker {holdout_speaker!r} is not in the data; speakers: {', '.join(speakers)}")
         is_test = [r.speaker == holdout_speaker for r in recs]
     else:
-        raise DataError(f"data.split {split!r} is not offered by FSDD; use one of {', '.join(SPLITS)}")
+        raise DataError(f"data.split {split!r} is not offered by FSDD; use one of {', '.join(SPLITS)}", key="split")
     return {"train": [r for r, t in zip(recs, is_test) if not t], "test": [r for r, t in zip(recs, is_test) if t]}
 
 
@@ -224,7 +224,7 @@ def _options(cfg, defaults: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(cfg.options) - set(defaults))
     if unknown:
         raise DataError(f"data.options: unknown key(s) {', '.join(unknown)} for source {cfg.name!r}; "
-                        f"allowed: {', '.join(defaults)}")
+                        f"allowed: {', '.join(defaults)}", key="options")
     return {**defaults, **cfg.options}
 
 
@@ -233,7 +233,7 @@ def _feature_extractor(options: dict, rate: int, train: datasets.Dataset) -> Spe
     try:
         fe = SpeechRNNFeatureExtractor(sampling_rate=rate, **options["features"])
     except (TypeError, ValueError) as e:
-        raise DataError(f"data.options.features: {e}") from None
+        raise DataError(f"data.options.features: {e}", key="options") from None
     if fe.normalize == "global" and fe.mean is None:
         fe.fit_global_stats(train.with_format("numpy")["audio"])
     return fe
@@ -267,7 +267,7 @@ def fsdd_digits_source(cfg) -> DataBundle:
     o = _options(cfg, _DIGITS_OPTIONS)
     gap = o["gap_ms"]
     if not (isinstance(gap, (list, tuple)) and len(gap) == 2):
-        raise DataError(f"data.options.gap_ms must be [low, high] in milliseconds, got {gap!r}")
+        raise DataError(f"data.options.gap_ms must be [low, high] in milliseconds, got {gap!r}", key="options")
     dd = load_fsdd_digits(cfg.path, cfg.split, o["holdout_speaker"], int(o["num_train"]), int(o["num_test"]),
                           cfg.seed, int(o["min_digits"]), int(o["max_digits"]), (float(gap[0]), float(gap[1])))
     _, _, rate = read_fsdd(cfg.path)

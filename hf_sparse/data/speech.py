@@ -123,7 +123,7 @@ def error_rates(hypotheses: Sequence[Sequence], references: Sequence[Sequence]) 
     edits = sum(edit_distance(h, r) for h, r in zip(hypotheses, references))
     chars = sum(len(r) for r in references)
     wrong = sum(list(h) != list(r) for h, r in zip(hypotheses, references))
-    return {"cer": edits / max(chars, 1), "digit_error_rate": wrong / max(len(references), 1)}
+    return {"cer": float(edits) / max(chars, 1), "digit_error_rate": float(wrong) / max(len(references), 1)}
 
 
 def ctc_argmax(logits: torch.Tensor | tuple, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -63,13 +63,13 @@ class AutoPruneConfig(MethodConfig):
     mask_lr: float | None = Field(None, gt=0, description="learning rate of M (default: the training learning rate)")
     reg_coef: float | None = Field(
         None, ge=0, description="penalty mode: lam of lam * density (loss units); not with target_density")
-    dual_lr: float = Field(1.0, gt=0, description="target mode: dual ascent step of the multiplier")
-    dual_restarts: bool = Field(False, description="target mode: reset the multiplier to 0 whenever density <= t(step)")
+    dual_lr: float = Field(20.0, gt=0, description="target mode: dual ascent step of the multiplier")
+    dual_restarts: bool = Field(True, description="target mode: reset the multiplier to 0 whenever density <= t(step)")
     start_fraction: float = Field(0.1, ge=0, le=1, description="the regulariser acts from this fraction of the run")
     end_fraction: float = Field(
-        0.5, ge=0, le=1, description="target mode: t(step) falls from 1 (at start_fraction) to the target here")
+        0.4, ge=0, le=1, description="target mode: t(step) falls from 1 (at start_fraction) to the target here")
     freeze_fraction: float = Field(
-        0.8, ge=0, le=1, description="masks are frozen from here on (target mode: first projected to the target)")
+        0.7, ge=0, le=1, description="masks are frozen from here on (target mode: first projected to the target)")
     weight_decay_on_targets: bool = Field(
         False, description="let Trainer's weight decay act on the kept targeted weights (it hurts recoverability)")
 

@@ -124,6 +124,12 @@ class MaskedMethod(SparsityMethod):
     def __init__(self, targets, config, target_density, seed=0):
         super().__init__(targets, config, target_density, seed)
         self.masks = [torch.ones_like(t.param, dtype=torch.bool) for t in targets]
+        self.keep = [torch.ones_like(t.param) for t in targets]
+
+    def masks_changed(self) -> None:
+        """Refresh the float copies of the masks (multiplying by a float mask is ~4x faster than by a bool one)."""
+        for k, m in zip(self.keep, self.masks):
+            k.copy_(m)
 
     def hard_masks(self) -> list[torch.Tensor]:
         return [m.clone() for m in self.masks]
@@ -131,9 +137,9 @@ class MaskedMethod(SparsityMethod):
     @torch.no_grad()
     def mask_grads(self) -> None:
         """Zero the gradients of pruned weights (before clipping, so the norm ignores them)."""
-        for t, m in zip(self.targets, self.masks):
+        for t, k in zip(self.targets, self.keep):
             if t.param.grad is not None:
-                t.param.grad.mul_(m)
+                t.param.grad.mul_(k)
 
     @torch.no_grad()
     def zero_masked(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -144,10 +150,10 @@ class MaskedMethod(SparsityMethod):
         gradients masked, that state then stays zero, and re-masking the weights every step
         guards against any optimizer that would still move them.
         """
-        for t, m in zip(self.targets, self.masks):
-            t.param.mul_(m)
+        for t, k in zip(self.targets, self.keep):
+            t.param.mul_(k)
             for s in optimizer_states(optimizer, t.param):
-                s.mul_(m)
+                s.mul_(k)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": [m.clone() for m in self.masks]}
@@ -155,3 +161,4 @@ class MaskedMethod(SparsityMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for m, saved in zip(self.masks, state["masks"]):
             m.copy_(saved)
+        self.masks_changed()

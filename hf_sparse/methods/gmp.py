@@ -74,3 +74,4 @@ class GradualMagnitudePruning(MaskedMethod):
             keep = topk_mask(flat, round(density * flat.numel())).split([s.numel() for s in scores])
             for mask, k in zip(self.masks, keep):
                 mask.copy_(k.view_as(mask))
+        self.masks_changed()

@@ -102,6 +102,7 @@ class GradualThresholdPruning(MaskedMethod):
                     eps = self.threshold(step, theta, phi) / self.threshold(self.end, theta, phi) * kth_largest(w, k)
                     mask &= w > eps
             self.thresholds[i] = eps
+        self.masks_changed()
         self.zero_masked(optimizer)
 
     def metrics(self) -> dict[str, float]:

@@ -40,11 +40,13 @@ Hard masks that meet the target
 The expected density is what the constraint controls; the exported model needs hard 0/1 gates.
 Gates that have not polarised make the two differ. So for the last ``freeze_fraction`` of
 training the gates are *frozen* to a hard mask and only the weights train (adapting to it). The
-mask keeps, in each gated layer, the ``round(E[L0])`` gates with the largest ``log_alpha``
-(Wang et al.'s rule); under ``constrained``/``augmented`` the counts are first scaled down where
-needed so the hard mask itself satisfies the constraint. Before the freeze, evaluation uses the
-deterministic (median) gate of :mod:`.hard_concrete`; after it (and in the exported model), the
-binary mask.
+mask keeps, in each gated layer, the ``k`` gates with the largest ``log_alpha``. Under ``penalty``,
+``k = round(E[L0])`` (Wang et al.'s rule). Under ``constrained``/``augmented`` the mask spends
+exactly the target budget: per layer (``constraint: layer``), or split over the layers in
+proportion to their ``E[L0]`` (``model``), so the hard mask is consistent with the constraint
+whether it was still slightly violated or held with slack when the gates froze. Before the freeze,
+evaluation uses the deterministic (median) gate of :mod:`.hard_concrete`; after it (and in the
+exported model), the binary mask.
 """
 
 from __future__ import annotations
@@ -358,30 +360,34 @@ class L0(SparsityMethod):
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
     def _freeze(self) -> None:
-        """Fix each group's hard mask: its top-k gates by log_alpha, k from E[L0] (see module doc)."""
-        cfg = self.config
-        expected = [float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.groups]
-        capped = [False] * len(expected)
-        if cfg.control != "penalty":
-            t = float(self.target_density)
-            if cfg.constraint == "model":
-                density = sum(e * g.cost for e, g in zip(expected, self.groups)) / sum(g.total for g in self.groups)
-                if density > t:
-                    expected = [e * t / density for e in expected]
-                    capped = [True] * len(expected)
-            else:
-                for i, g in enumerate(self.groups):
-                    limit = t * g.total / g.cost
-                    if expected[i] > limit:
-                        expected[i], capped[i] = limit, True
+        """Fix each group's hard mask: its top-k gates by log_alpha, k from :meth:`hard_counts`."""
         self.keep = []
-        for g, e, cap in zip(self.groups, expected, capped):
-            k = min(g.num, max(0, math.floor(e + 1e-6) if cap else round(e)))
+        for g, k in zip(self.groups, self.hard_counts()):
             order = torch.argsort(g.log_alpha.detach().flatten(), descending=True, stable=True)
             keep = torch.zeros(g.num, dtype=torch.bool, device=g.log_alpha.device)
             keep[order[:k]] = True
             self.keep.append(keep.view(g.log_alpha.shape))
         self.frozen = True
+
+    @torch.no_grad()
+    def hard_counts(self) -> list[int]:
+        """How many gates each group keeps in the hard mask.
+
+        ``penalty``: ``round(E[L0])`` per group (Wang et al.'s rule). ``constrained``/``augmented``:
+        the hard mask spends exactly the target budget - per layer for ``constraint: layer``; for
+        ``model``, split over the layers in proportion to their ``E[L0]``, which keeps the allocation
+        the gates learnt. A constraint that holds with slack (the loss no longer asks for more
+        weights) thus still yields the density the user asked for, and one that is still violated
+        when the gates freeze yields a mask that satisfies it.
+        """
+        cfg = self.config
+        expected = [float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.groups]
+        if cfg.control == "penalty":
+            return [min(g.num, round(e)) for g, e in zip(self.groups, expected)]
+        t = float(self.target_density)
+        if cfg.constraint == "layer":
+            return [_spend([g], [1.0], t * g.total)[0] for g in self.groups]
+        return _spend(self.groups, expected, t * sum(g.total for g in self.groups))
 
     def _eval_gates(self) -> list[torch.Tensor]:
         if self.frozen:
@@ -489,3 +495,33 @@ class L0(SparsityMethod):
             self.controller.load_state_dict(state["controller"])
         self._violation = None
         self._holds = "eval"
+
+
+def _spend(groups: list[_Gates], weights: list[float], budget: float) -> list[int]:
+    """Gate counts per group, proportional to ``weights``, whose cost fills ``budget`` (never over).
+
+    Groups that would exceed their size are capped and the rest of the budget is shared among the
+    others; fractional counts are floored and the leftover goes by largest remainder.
+    """
+    counts = [0.0] * len(groups)
+    free = list(range(len(groups)))
+    left = budget
+    while free:
+        share = sum(max(weights[i], 1e-12) * groups[i].cost for i in free)
+        scale = left / share if share > 0 else 0.0
+        full = [i for i in free if max(weights[i], 1e-12) * scale >= groups[i].num]
+        if not full:
+            for i in free:
+                counts[i] = max(weights[i], 1e-12) * scale
+            break
+        for i in full:
+            counts[i] = float(groups[i].num)
+            left -= groups[i].num * groups[i].cost
+            free.remove(i)
+    ints = [min(g.num, math.floor(c + 1e-9)) for g, c in zip(groups, counts)]
+    spent = sum(k * g.cost for k, g in zip(ints, groups))
+    for i in sorted(range(len(groups)), key=lambda i: counts[i] - ints[i], reverse=True):
+        if ints[i] < groups[i].num and spent + groups[i].cost <= budget + 1e-6:
+            ints[i] += 1
+            spent += groups[i].cost
+    return ints

@@ -55,7 +55,6 @@ class DynamicNetworkSurgery(MaskedMethod):
         self.dense = [t.param.detach().clone() for t in targets]
         self.ever_pruned = [torch.zeros_like(m) for m in self.masks]
         self.t = torch.zeros(len(targets), dtype=torch.float64)
-        self.spliced = torch.zeros((), dtype=torch.long)  # weights pruned and later spliced back
         self.surgeries = 0
 
     def setup(self, total_steps: int) -> None:
@@ -88,8 +87,8 @@ class DynamicNetworkSurgery(MaskedMethod):
         if self.runs_surgery(step):
             self.set_thresholds(step)
             self.surgery(final=self.target_density is not None and step == self.stop)
-        for t, w, m in zip(self.targets, self.dense, self.masks):
-            torch.mul(w, m, out=t.param)
+        for t, w, k in zip(self.targets, self.dense, self.keep):
+            torch.mul(w, k, out=t.param)
 
     def set_thresholds(self, step: int) -> None:
         if self.target_density is None:
@@ -110,9 +109,9 @@ class DynamicNetworkSurgery(MaskedMethod):
             else:
                 t = float(self.t[i])
                 new = (m | (a > hi * t)) & (a > lo * t)
-            self.spliced += (new & ~m & ever).sum()
             ever |= ~new
             m.copy_(new)
+        self.masks_changed()
         self.surgeries += 1
 
     def finalize(self) -> None:
@@ -120,14 +119,18 @@ class DynamicNetworkSurgery(MaskedMethod):
         for w, t in zip(self.dense, self.targets):
             w.copy_(t.param)
 
+    def spliced(self) -> int:
+        """Weights that surgery pruned at some point and that are kept now: spliced back."""
+        return int(sum((e & m).sum() for e, m in zip(self.ever_pruned, self.masks)))
+
     def metrics(self) -> dict[str, float]:
-        return {"spliced_total": int(self.spliced), "surgeries": self.surgeries,
+        return {"spliced": self.spliced(), "surgeries": self.surgeries,
                 "pruned_now": int(sum((~m).sum() for m in self.masks)), "threshold_mean": float(self.t.mean())}
 
     def state_dict(self):
         return {**super().state_dict(), "dense": [w.clone() for w in self.dense],
                 "ever_pruned": [e.clone() for e in self.ever_pruned], "t": self.t.clone(),
-                "spliced": self.spliced.clone(), "surgeries": self.surgeries}
+                "surgeries": self.surgeries}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -135,5 +138,4 @@ class DynamicNetworkSurgery(MaskedMethod):
             for d, s in zip(dst, state[key]):
                 d.copy_(s)
         self.t.copy_(state["t"])
-        self.spliced.copy_(state["spliced"])
         self.surgeries = int(state["surgeries"])

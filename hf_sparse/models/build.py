@@ -23,6 +23,8 @@ class TimmClassifier(nn.Module):
     and wants a loss. The timm model itself is ``.model`` (exported on its own, loadable by timm).
     """
 
+    accepts_loss_kwargs = False  # a mean loss: Trainer must scale it for gradient accumulation
+
     def __init__(self, model: nn.Module, timm_name: str):
         super().__init__()
         self.model = model

@@ -40,6 +40,7 @@ class LeNetConfig(PretrainedConfig):
 class LeNetForImageClassification(PreTrainedModel):
     config_class = LeNetConfig
     main_input_name = "pixel_values"
+    accepts_loss_kwargs = False  # forward takes **kwargs but computes a mean loss itself
 
     def __init__(self, config: LeNetConfig):
         super().__init__(config)

@@ -17,6 +17,7 @@ AutoPrune = get_method("autoprune")
 
 def autoprune_on(model: nn.Module, target_density=None, total_steps: int = 100, **params):
     params.setdefault("reg_coef", None if target_density else 0.0)
+    params.setdefault("start_fraction", 0.0)  # the regulariser acts from step 0
     method = AutoPrune(resolve_targets(model), AutoPrune.Config(**params), target_density)
     method.setup(total_steps)
     return method
@@ -158,6 +159,22 @@ def test_structured_units_of_linear_conv_and_gru():
     assert method.M[2].grad.tolist() == pytest.approx((unit * slope).tolist(), abs=1e-5)
 
 
+def test_structured_bidirectional_lstm_has_one_m_per_layer_and_direction():
+    lstm = nn.LSTM(3, 4, num_layers=1, bidirectional=True)
+    method = autoprune_on(lstm, granularity="structured", reg_coef=0.0)
+    assert [t.attr for t in method.targets] == ["weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse",
+                                                 "weight_hh_l0_reverse"]
+    assert method.group_of == [0, 0, 1, 1] and [tuple(m.shape) for m in method.M] == [(4,), (4,)]
+    set_m(method, 1, [1.0, -1.0, 1.0, 1.0])
+    method.before_forward(0)
+    out, _ = lstm(torch.randn(5, 2, 3))  # the flat-weight LSTM runs on the masked weights
+    assert out.shape == (5, 2, 8)
+    for t in method.targets:
+        pruned_rows = [r for r in range(16) if not t.param[r].any()]
+        assert pruned_rows == ([1, 5, 9, 13] if t.attr.endswith("reverse") else [])
+    assert method.density() == pytest.approx(1 - 4 * (3 + 4) / (2 * 16 * 7))
+
+
 def test_projection_hits_the_target_and_breaks_ties_by_position():
     layer = row([1.0] * 8)
     method = autoprune_on(layer, target_density=0.25)
@@ -169,10 +186,12 @@ def test_projection_hits_the_target_and_breaks_ties_by_position():
 
 
 def test_target_schedule_is_cubic_from_one():
-    method = autoprune_on(row([1.0] * 4), target_density=0.1, total_steps=100, warmup_fraction=0.5)
-    assert method.warmup_end == 50 and method.freeze_at == 80
+    method = autoprune_on(row([1.0] * 4), target_density=0.1, total_steps=100, start_fraction=0.1,
+                          end_fraction=0.5, freeze_fraction=0.8)
+    assert (method.start, method.end, method.freeze_at) == (10, 50, 80)
+    assert method.target_at(5) == 1.0
+    assert method.target_at(29) == pytest.approx(0.1 + 0.9 * 0.5**3)
     assert method.target_at(49) == pytest.approx(0.1)
-    assert method.target_at(24) == pytest.approx(0.1 + 0.9 * 0.5**3)
 
 
 # -- recipe validation ------------------------------------------------------------------------
@@ -190,7 +209,7 @@ sparsity:
     ("{leaky_slope: 0}", "sparsity.params.leaky_slope", "greater than 0"),
     ("{softplus_beta: -1}", "sparsity.params.softplus_beta", "greater than 0"),
     ("{granularity: channel}", "sparsity.params.granularity", "structured"),
-    ("{warmup_fraction: 0.7, final_fraction: 0.5}", "sparsity.params", "<= 1"),
+    ("{end_fraction: 0.8, freeze_fraction: 0.5}", "sparsity.params", "end_fraction <= freeze_fraction"),
     ("{mask_lr: 0}", "sparsity.params.mask_lr", "greater than 0"),
     ("{dual_lr: 0}", "sparsity.params.dual_lr", "greater than 0"),
     ("{lam: 1}", "sparsity.params.lam", "unknown key"),
@@ -213,7 +232,7 @@ def test_penalty_or_target_not_both_nor_neither():
 
 # -- under SparseTrainer ----------------------------------------------------------------------
 FAST = {"method": "autoprune", "target_density": 0.3,
-        "params": {"init": 0.02, "warmup_fraction": 0.5, "final_fraction": 0.25, "dual_lr": 5.0}}
+        "params": {"init": 0.02, "start_fraction": 0.0, "end_fraction": 0.5, "freeze_fraction": 0.75}}
 
 
 def test_trains_to_target_with_the_mask_invariant(fmnist_small, tmp_path):
@@ -248,7 +267,7 @@ def test_trains_to_target_with_the_mask_invariant(fmnist_small, tmp_path):
 
 
 @pytest.mark.parametrize("params", [{"granularity": "structured", "ste": "softplus"},
-                                    {"final_fraction": 0.6, "warmup_fraction": 0.2}])
+                                    {"end_fraction": 0.2, "freeze_fraction": 0.4}])
 def test_resume_equals_uninterrupted(fmnist_small, tmp_path, params):
     """Also across the freeze (resumed at step 10 after freezing at step 8) and for structured masks."""
     sparsity = {**FAST, "params": {**FAST["params"], **params}}

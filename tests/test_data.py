@@ -62,8 +62,3 @@ def test_subsampling_is_seeded(fmnist_full):
     a, b = load_data(cfg), load_data(cfg)
     assert len(a.train) == 100 and len(a.eval) == 50
     assert a.train["labels"][:].tolist() == b.train["labels"][:].tolist()
-
-
-def test_hub_id_without_network_is_one_clear_error():
-    with pytest.raises(DataError, match="cannot load Hub dataset 'zalando-datasets/fashion_mnist'"):
-        load_data(DataConfig(hub_id="zalando-datasets/fashion_mnist"))

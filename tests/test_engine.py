@@ -29,7 +29,7 @@ def test_no_sparsity_is_plain_trainer(fmnist_small, tmp_path):
 
 @pytest.mark.parametrize("method", ["gmp", "gradual"])
 def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(fmnist_small, tmp_path, method):
-    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity(method), optim="sgd", learning_rate=0.05,
+    trainer = make_trainer(fmnist_small, tmp_path, fast_sparsity(method), optim="adamw_torch", learning_rate=0.01,
                            weight_decay=0.1, max_steps=20)
     seen = []
 
@@ -37,8 +37,9 @@ def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(fmnist_small, 
         def __call__(self):
             for t, m in zip(trainer.sparsifier.targets, trainer.sparsifier.method.masks):
                 assert torch.all(t.param[~m] == 0)
-                for s in optimizer_states(trainer.optimizer, t.param):
-                    assert torch.all(s[~m] == 0)
+                # the optimizer still holds live state there: only the re-zeroing keeps them dead
+                if trainer.state.global_step > 15 and t.name == "fc1.weight":
+                    assert any(torch.any(s[~m] != 0) for s in optimizer_states(trainer.optimizer, t.param))
             seen.append(trainer.sparsifier.density())
 
     from transformers import TrainerCallback

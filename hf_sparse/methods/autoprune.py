@@ -18,17 +18,21 @@ With ``g = dL/d(W * h(M))`` (``param.grad`` after backward) the updates are
     softplus     phi(m) = log(1 + exp(b*m)) / b    h'(m) = sigmoid(b*m)          (b = softplus_beta)
   ReLU's h' (a = 0) would freeze pruned m for good, hence a > 0.
 * The regulariser is ``lam * density`` with ``density = sum_j n_j h(m_j) / N`` (``n_j`` weights per
-  element of M, N targeted weights in all), differentiated through the same STE. Its coefficient
-  ``lam`` is ``reg_coef`` (penalty mode) or the multiplier of a :class:`LagrangianController`
-  for ``density - t(step) <= 0`` (target mode), whose target ``t`` falls from 1 to
-  ``target_density`` along a cubic over the first ``warmup_fraction`` of the run.
+  element of M, N targeted weights in all), differentiated through the same STE, from
+  ``start_fraction`` of the run on. Penalty mode: ``lam = reg_coef``. Target mode: one
+  :class:`LagrangianController` constraint ``density / t(step) - 1 <= 0`` (relative, so one
+  ``dual_lr`` suits any target), ``lam = multiplier / t(step)``; ``t`` falls from 1 at
+  ``start_fraction`` to ``target_density`` at ``end_fraction`` along Zhu & Gupta's cubic. Dual
+  restarts (multiplier back to 0 once the density is at or below ``t``) stop the overshoot that
+  the lag between M's update and h(M) would otherwise cause.
 
 Choices the paper leaves open, made here: M starts at ``init > 0`` (all kept); M has its own
-optimizer group (``mask_lr``, no weight decay); pruned weights are frozen exactly (their gradient is
-zero, and any move by momentum or weight decay is undone, their optimizer state cleared), and W gets
-no weight decay unless ``weight_decay_on_targets``; for the last ``final_fraction`` of the run the
-masks are frozen (target mode: first projected to the target by ranking m over all targets, so the
-final density is the target to the weight, or to a unit for structured masks) and W fine-tunes.
+optimizer group (``mask_lr``, no weight decay); masks change only after an optimizer step; a pruned
+weight is held exactly (its gradient is zero; moves by momentum or weight decay are undone and its
+optimizer state is cleared); W gets no weight decay unless ``weight_decay_on_targets``. From
+``freeze_fraction`` on the masks are frozen and W fine-tunes; in target mode they are first
+projected: the m are ranked over all targets (stable sort, ties by position) and the largest kept
+up to the target, so the final density is the target to the weight (to a unit when structured).
 RNN hidden units share one m between ``weight_ih_lK`` and ``weight_hh_lK`` of the same layer.
 
 Effective weights: between steps the targets hold ``W * h(M)``; the method keeps W. After backward
@@ -59,7 +63,8 @@ class AutoPruneConfig(MethodConfig):
         "leaky_relu", description="straight-through estimate of h'(m): 1, leaky-ReLU slope, or sigmoid(beta*m)")
     leaky_slope: float = Field(0.1, gt=0, le=1, description="leaky_relu: h'(m) for m <= 0 (1 for m > 0)")
     softplus_beta: float = Field(20.0, gt=0, description="softplus: h'(m) = sigmoid(beta * m)")
-    init: float = Field(0.05, gt=0, description="initial value of every m (positive: everything starts kept)")
+    init: float = Field(
+        0.01, gt=0, description="initial value of every m (> 0: all kept); about 10x mask_lr works best")
     mask_lr: float | None = Field(None, gt=0, description="learning rate of M (default: the training learning rate)")
     reg_coef: float | None = Field(
         None, ge=0, description="penalty mode: lam of lam * density (loss units); not with target_density")

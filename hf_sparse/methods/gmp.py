@@ -3,8 +3,8 @@
 Sparsity follows the cubic schedule ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t_end - t0))**3``,
 applied every ``frequency`` steps from ``t0`` to ``t_end`` (and always exactly at ``t_end``). At each
 update the smallest-magnitude weights are pruned, per layer or globally, keeping exactly
-``round(density * n)`` weights, so the final density is the target to the weight. Pruned weights,
-their gradients and optimizer state are held at zero.
+``round(density * n)`` weights, so the final density is the target to the weight. Pruned weights
+are held at zero after every optimizer step.
 """
 
 from __future__ import annotations
@@ -52,16 +52,11 @@ class GradualMagnitudePruning(MaskedMethod):
     def is_update_step(self, step: int) -> bool:
         return step == self.t_end or (self.t0 <= step < self.t_end and (step - self.t0) % self.config.frequency == 0)
 
-    def after_backward(self, step: int) -> None:
-        self.mask_grads()
-
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
         if self.is_update_step(step):
             self.prune_to(self.density_at(step))
-            self.zero_masked(optimizer)
-        else:
-            self.zero_masked()
+        self.zero_masked()
 
     @torch.no_grad()
     def prune_to(self, density: float) -> None:

@@ -75,9 +75,6 @@ class GradualThresholdPruning(MaskedMethod):
     def is_update_step(self, step: int) -> bool:
         return step == self.end or (self.start <= step < self.end and (step - self.start) % self.config.freq == 0)
 
-    def after_backward(self, step: int) -> None:
-        self.mask_grads()
-
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
         if not self.is_update_step(step):
@@ -103,7 +100,7 @@ class GradualThresholdPruning(MaskedMethod):
                     mask &= w > eps
             self.thresholds[i] = eps
         self.masks_changed()
-        self.zero_masked(optimizer)
+        self.zero_masked()
 
     def metrics(self) -> dict[str, float]:
         return {"threshold_mean": float(self.thresholds.mean())}

@@ -86,6 +86,9 @@ class L0Config(MethodConfig):
     dual_restarts: bool = Field(True, description="constrained: reset a multiplier to 0 once its constraint holds")
     gate_lr: float = Field(0.05, gt=0, description="learning rate of the gate logits log_alpha (own param group, "
                                                    "no weight decay)")
+    gate_lr_schedule: Literal["constant", "trainer"] = Field(
+        "constant", description="constant: the gates keep gate_lr whatever Trainer's LR schedule does, so they can "
+                                "still follow the constraint late in training; trainer: they follow the schedule")
     init_drop_rate: float = Field(0.5, gt=0, lt=1, description="initial drop rate p: log_alpha ~ N(log((1-p)/p), 0.01^2)")
     temperature: float = Field(hc.BETA, gt=0, le=1, description="Hard Concrete temperature beta")
     target_warmup: float = Field(0.0, ge=0, le=1, description="constrained/augmented: fraction of training over which "
@@ -174,6 +177,7 @@ class L0(SparsityMethod):
         self.freeze_step = 0
         self.warmup_steps = 0
         self._violation: torch.Tensor | None = None
+        self._la_before: list[torch.Tensor] | None = None
         self._holds = "real"  # what the targets hold now: "real" W, "train" W*z or "eval" W*z_eval
 
     # -- construction --------------------------------------------------------------------------
@@ -280,6 +284,8 @@ class L0(SparsityMethod):
         reg_grads = self._regulariser_gradients(step)
         for g, d, r in zip(self.groups, dz, reg_grads):
             g.log_alpha.grad = d * g.slope + r
+        if self.config.gate_lr_schedule == "constant":
+            self._la_before = [g.log_alpha.detach().clone() for g in self.groups]
 
     def _factorized_backward(self, g: _Gates) -> torch.Tensor:
         """dL/dP = g Q^T diag(z), dL/dQ = diag(z) P^T g, dL/dz_k = (P^T g Q^T)_kk; W itself does not train."""
@@ -310,6 +316,7 @@ class L0(SparsityMethod):
                         if m.weight is not None:
                             m.weight.copy_(m.target.param.data)
             if not self.frozen:
+                self._unschedule_gate_step(optimizer)
                 for g in self.groups:
                     hc.clamp_(g.log_alpha)
                 if self.controller is not None and self._violation is not None:
@@ -318,6 +325,25 @@ class L0(SparsityMethod):
                 if step + 1 >= self.freeze_step:
                     self._freeze()
         self._write_eval()
+
+    def _unschedule_gate_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Rescale the gates' last update from the scheduled lr to ``gate_lr``.
+
+        Trainer's LR scheduler scales every param group, the gates' too; with a decaying schedule
+        the gates would stop following the constraint long before they freeze. The update of
+        SGD/Adam/AdamW without weight decay (the gates have none) is linear in the lr, so
+        ``before + gate_lr / lr * (after - before)`` is exactly the step taken at ``gate_lr``.
+        """
+        before, self._la_before = self._la_before, None
+        if before is None or optimizer is None:
+            return
+        first = self.groups[0].log_alpha
+        group = next((pg for pg in optimizer.param_groups if any(p is first for p in pg["params"])), None)
+        if group is None or group["lr"] <= 0 or group["lr"] == self.config.gate_lr:
+            return
+        scale = self.config.gate_lr / group["lr"]
+        for g, b in zip(self.groups, before):
+            g.log_alpha.copy_(b + scale * (g.log_alpha - b))
 
     def finalize(self) -> None:
         if not self.frozen:

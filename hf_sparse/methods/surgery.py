@@ -13,7 +13,7 @@ iteration, from a generator seeded by (seed, iter), so every rank draws the same
 
 Target mode (``target_density`` set; hf_sparse's addition): instead of ``c``, each layer's t is the
 magnitude that keeps the fraction d of its current weights, set when surgery starts and refreshed
-every ``recalibrate_every`` iterations; the hysteresis band a = 0.9t, b = 1.1t is the paper's. The
+at the first surgery ``recalibrate_every`` or more iterations after the last refresh; the hysteresis band a = 0.9t, b = 1.1t is the paper's. The
 last surgery, at ``iter_stop``, always runs and keeps exactly the ``round(d * n)`` largest weights,
 so each layer ends at density d.
 
@@ -56,6 +56,7 @@ class DynamicNetworkSurgery(MaskedMethod):
         self.ever_pruned = [torch.zeros_like(m) for m in self.masks]
         self.t = torch.zeros(len(targets), dtype=torch.float64)
         self.surgeries = 0
+        self.calibrated_at = -1  # target mode: iteration of the last threshold refresh
 
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
@@ -96,19 +97,22 @@ class DynamicNetworkSurgery(MaskedMethod):
                 for i, w in enumerate(self.dense):
                     a = w.abs()
                     self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
-        elif self.surgeries == 0 or (step - self.start) % self.config.recalibrate_every == 0 or step == self.stop:
+        elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
             for i, w in enumerate(self.dense):
                 self.t[i] = kth_largest(w.abs(), round(self.target_density * w.numel()))
+            self.calibrated_at = step
 
     def surgery(self, final: bool = False) -> None:
         lo, hi = self.config.band
-        for i, (w, m, ever) in enumerate(zip(self.dense, self.masks, self.ever_pruned)):
+        for i, (w, m, k, ever) in enumerate(zip(self.dense, self.masks, self.keep, self.ever_pruned)):
             a = w.abs()
             if final:
                 new = topk_mask(a, round(self.target_density * a.numel()))
             else:
+                # T stays 1 while |W| > a = lo*t and becomes 1 once |W| > b = hi*t: one comparison
+                # against a per-weight threshold (lo*t where kept, hi*t where pruned) does both.
                 t = float(self.t[i])
-                new = (m | (a > hi * t)) & (a > lo * t)
+                new = a > k.mul((lo - hi) * t).add_(hi * t)
             ever |= ~new
             m.copy_(new)
         self.masks_changed()
@@ -130,7 +134,7 @@ class DynamicNetworkSurgery(MaskedMethod):
     def state_dict(self):
         return {**super().state_dict(), "dense": [w.clone() for w in self.dense],
                 "ever_pruned": [e.clone() for e in self.ever_pruned], "t": self.t.clone(),
-                "surgeries": self.surgeries}
+                "surgeries": self.surgeries, "calibrated_at": self.calibrated_at}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
@@ -139,3 +143,4 @@ class DynamicNetworkSurgery(MaskedMethod):
                 d.copy_(s)
         self.t.copy_(state["t"])
         self.surgeries = int(state["surgeries"])
+        self.calibrated_at = int(state["calibrated_at"])

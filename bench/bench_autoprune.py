@@ -7,6 +7,7 @@ as the reference. Prints a Markdown table: test accuracy, achieved density, weig
 and later back: distinct weights, and 0->1 events), and writes it as JSON next to the runs.
 
     python bench/bench_autoprune.py [--epochs 5] [--density 0.05] [--stes identity leaky_relu softplus] [--dense]
+                                    [--seed 0] [--set sparsity.params.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--stes", nargs="+", default=["identity", "leaky_relu", "softplus"])
     ap.add_argument("--dense", action="store_true", help="also train the dense recipe as the reference")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every run")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides for every sparse run")
     ap.add_argument("--out", default="runs/bench_autoprune")
     args = ap.parse_args()
     out = Path(args.out)
-    common = [f"training.num_train_epochs={args.epochs}", "training.disable_tqdm=true", "training.logging_steps=500"]
+    common = [f"training.num_train_epochs={args.epochs}", f"training.seed={args.seed}", "training.disable_tqdm=true",
+              "training.logging_steps=500"]
     rows = {}
     if args.dense:
         rows["dense"] = run(REPO / "recipes/fmnist_lenet5_dense.yaml", out / "dense", common)
@@ -58,8 +61,9 @@ def main() -> None:
         rows[ste] = run(REPO / "recipes/fmnist_lenet5_autoprune.yaml", out / ste, sets)
         print(ste, rows[ste], flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"epochs": args.epochs, "target": args.density, "rows": rows}, indent=2))
-    print(f"\nLeNet-5 / Fashion-MNIST, {args.epochs:g} epochs, target density {args.density}\n")
+    summary = {"epochs": args.epochs, "target": args.density, "seed": args.seed, "rows": rows}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nLeNet-5 / Fashion-MNIST, {args.epochs:g} epochs, seed {args.seed}, target density {args.density}\n")
     print("| variant | test accuracy | density | restored weights (distinct) | restore events |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():

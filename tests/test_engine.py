@@ -37,7 +37,7 @@ def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(fmnist_small, 
         def __call__(self):
             for t, m in zip(trainer.sparsifier.targets, trainer.sparsifier.method.masks):
                 assert torch.all(t.param[~m] == 0)
-                # the optimizer still holds live state there: only the re-zeroing keeps them dead
+                # state was not zeroed at pruning: only the re-zeroing after each step keeps them dead
                 if trainer.state.global_step > 15 and t.name == "fc1.weight":
                     assert any(torch.any(s[~m] != 0) for s in optimizer_states(trainer.optimizer, t.param))
             seen.append(trainer.sparsifier.density())

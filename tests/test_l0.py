@@ -325,3 +325,59 @@ def test_state_dict_round_trip_resumes_exactly(params):
     for a, b in zip(ref.hard_masks(), resumed.hard_masks()):
         assert torch.equal(a, b)
     assert ref.metrics() == resumed.metrics()
+
+
+# -- channel gates and BatchNorm ----------------------------------------------------------------
+def conv_bn_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3))
+
+
+def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
+    from hf_sparse.targets import TargetSpec
+
+    model = conv_bn_model()
+    m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])), L0.Config(granularity="channel", penalty=0.3,
+                                                                                 control="penalty"), None, seed=0)
+    m.attach(model)
+    m.setup(10)
+    (g,) = m.groups
+    conv, bn, head = model[0], model[1], model[4]
+    assert g.members[0].norm is bn
+    with torch.no_grad():
+        g.log_alpha.copy_(torch.tensor([-1.0, 0.5, 1.5, 3.0]))
+        bn.weight.copy_(torch.tensor([1.0, 0.5, -0.7, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
+    g.members[0].norm_affine = (bn.weight.detach().clone(), bn.bias.detach().clone())  # the edited values
+    x, y = torch.randn(6, 2, 7, 7), torch.randn(6, 3)
+    W, gamma, beta = conv.weight.detach().clone(), bn.weight.detach().clone(), bn.bias.detach().clone()
+    leaves = [t.clone().requires_grad_() for t in (W, gamma, beta, g.log_alpha.detach())]
+    z = hc.sample(leaves[3], hc.sample_uniform((4,), step_generator(0, 2, "l0")))
+    h = F.batch_norm(F.conv2d(x, leaves[0]), None, None, leaves[1] * z, leaves[2] * z, training=True)
+    loss = F.mse_loss(head(F.relu(h).flatten(1)), y) + 0.3 * hc.expected_l0(leaves[3]) / 4
+    expected = torch.autograd.grad(loss, leaves)
+
+    model.train()
+    m.before_forward(2)
+    assert torch.equal(conv.weight, W)  # the conv trains ungated; the gate scales the BatchNorm
+    F.mse_loss(model(x), y).backward()
+    m.after_backward(2)
+    for got, want in zip((conv.weight.grad, bn.weight.grad, bn.bias.grad, g.log_alpha.grad), expected):
+        assert torch.allclose(got, want, atol=1e-6)
+
+    m.finalize()
+    model.eval()
+    closed = ~m.keep[0]
+    assert closed.any()
+    feats = model[:3](torch.randn(5, 2, 7, 7))
+    assert torch.all(feats[:, closed] == 0) and torch.all(conv.weight[closed] == 0)
+
+
+def test_batchnorm_pairing_rules():
+    model = conv_bn_model()
+    m = l0_on(model, 0.5, 10, granularity="channel")
+    m.attach(model)
+    assert [mm.norm for g in m.groups for mm in g.members] == [model[1], None]  # the Linear has no BatchNorm
+    plain = l0_on(conv_bn_model(), 0.5, 10, granularity="channel", batchnorm=False)
+    plain.attach(model)
+    assert all(mm.norm is None for g in plain.groups for mm in g.members)

@@ -52,6 +52,9 @@ class GradualMagnitudePruning(MaskedMethod):
     def is_update_step(self, step: int) -> bool:
         return step == self.t_end or (self.t0 <= step < self.t_end and (step - self.t0) % self.config.frequency == 0)
 
+    def after_backward(self, step: int) -> None:
+        self.mask_grads()
+
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
         if self.is_update_step(step):

@@ -75,6 +75,9 @@ class GradualThresholdPruning(MaskedMethod):
     def is_update_step(self, step: int) -> bool:
         return step == self.end or (self.start <= step < self.end and (step - self.start) % self.config.freq == 0)
 
+    def after_backward(self, step: int) -> None:
+        self.mask_grads()
+
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
         if not self.is_update_step(step):

@@ -95,6 +95,8 @@ class L0Config(MethodConfig):
                                                               "the target ramps linearly from density 1")
     freeze_fraction: float = Field(0.1, ge=0, lt=1, description="final fraction of training with the gates frozen "
                                                                 "to the hard mask while the weights adapt")
+    batchnorm: bool = Field(True, description="channel gates: where a BatchNorm follows the gated layer, gate the "
+                                              "BatchNorm's affine output instead (it would undo a gate in front of it)")
 
     @model_validator(mode="after")
     def _warmup_before_freeze(self):
@@ -111,6 +113,8 @@ class _Member:
     target: Target
     weight: torch.Tensor | None  # None when factorised (P, Q are the real parameters)
     blocks: int = 1  # recurrent gate blocks (3 for GRU, 4 for LSTM): a unit's gate repeats per block
+    norm: nn.Module | None = None  # the BatchNorm normalising this layer's output channels, if gated there
+    norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # its real (weight, bias)
 
     def expand(self, z: torch.Tensor, structured: bool) -> torch.Tensor:
         """The gate vector broadcast to this member's weight shape."""
@@ -241,12 +245,35 @@ class L0(SparsityMethod):
                 for m in g.members:
                     if m.weight is not None and m.weight.device != dev:
                         m.weight = m.weight.to(dev)
+                    if m.norm_affine is not None and m.norm_affine[0].device != dev:
+                        m.norm_affine = (m.norm_affine[0].to(dev), m.norm_affine[1].to(dev))
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         groups = [{"params": [g.log_alpha for g in self.groups], "lr": self.config.gate_lr, "weight_decay": 0.0}]
         if self.factorized:
             groups.append({"params": [p for g in self.groups for p in (g.P, g.Q)], "lr": lr, "weight_decay": 0.0})
         return groups
+
+    def attach(self, model: nn.Module) -> None:
+        """Pair channel gates with the BatchNorm that normalises the gated layer's output.
+
+        A gate in front of a BatchNorm has no effect in training (``BN(z x) = BN(x)`` for
+        ``z > 0``), so the loss could not tell the gates apart. Where a layer's parent registers an
+        affine BatchNorm of matching width after it (before any other Conv/Linear) - the
+        timm/torchvision convention - the gate multiplies that BatchNorm's weight and bias instead
+        (the gate then acts after the normalisation) and the layer trains ungated; the evaluation
+        and final weights zero the pruned output channels of the layer itself, too. Call once,
+        right after construction; a no-op unless ``granularity`` is channel/neuron.
+        """
+        if not (self.structured and self.config.batchnorm):
+            return
+        modules = dict(model.named_modules())
+        for g in self.groups:
+            for m in g.members:
+                if m.norm is None and not m.target.is_recurrent:
+                    m.norm = _following_batchnorm(modules, m.target)
+                    if m.norm is not None:
+                        m.norm_affine = (m.norm.weight.detach().clone(), m.norm.bias.detach().clone())
 
     def before_forward(self, step: int) -> None:
         gen = None if self.frozen else step_generator(self.seed, step, "l0")
@@ -256,7 +283,7 @@ class L0(SparsityMethod):
             else:
                 g.noise = hc.logistic_noise(hc.sample_uniform(g.log_alpha.shape, gen)).to(g.log_alpha.device)
                 g.z, g.slope = hc.sample_and_slope(g.log_alpha, g.noise, self.config.temperature)
-        self._write([g.z for g in self.groups])
+        self._write([g.z for g in self.groups], train=True)
         self._holds = "train"
 
     def after_backward(self, step: int) -> None:
@@ -271,7 +298,13 @@ class L0(SparsityMethod):
                 total = torch.zeros_like(g.z)
                 for m in g.members:
                     p = m.target.param
-                    if p.grad is not None:
+                    if m.norm is not None:  # the gate sat on the BatchNorm's affine output
+                        for q, real in zip((m.norm.weight, m.norm.bias), m.norm_affine):
+                            if q.grad is not None:
+                                total += real.float() * q.grad.float()
+                                q.grad.mul_(g.z.to(q.grad.dtype))
+                            q.data.copy_(real)
+                    elif p.grad is not None:
                         total += m.reduce(m.weight.float() * p.grad.float(), self.structured)
                         p.grad.mul_(m.expand(g.z, self.structured).to(p.grad.dtype))
                     p.data.copy_(m.weight)
@@ -315,6 +348,9 @@ class L0(SparsityMethod):
                     for m in g.members:
                         if m.weight is not None:
                             m.weight.copy_(m.target.param.data)
+                        if m.norm is not None:
+                            m.norm_affine[0].copy_(m.norm.weight.data)
+                            m.norm_affine[1].copy_(m.norm.bias.data)
             if not self.frozen:
                 self._unschedule_gate_step(optimizer)
                 for g in self.groups:
@@ -420,14 +456,22 @@ class L0(SparsityMethod):
             return [k.to(torch.float32) for k in self.keep]
         return [hc.deterministic(g.log_alpha.detach(), self.config.temperature) for g in self.groups]
 
-    def _write(self, gates: list[torch.Tensor]) -> None:
-        """Write ``W * z`` (or ``P diag(z) Q``) into every target, one gate tensor per group."""
+    def _write(self, gates: list[torch.Tensor], train: bool = False) -> None:
+        """Write ``W * z`` (or ``P diag(z) Q``) into every target, one gate tensor per group.
+
+        A layer paired with a BatchNorm trains ungated (the gate scales the BatchNorm's weight and
+        bias); for evaluation its closed channels are zeroed as well.
+        """
         with torch.no_grad():
             for g, z in zip(self.groups, gates):
                 for m in g.members:
                     p = m.target.param
                     if self.factorized:
                         p.data.copy_(((g.P.float() * z) @ g.Q.float()).to(p.dtype))
+                    elif m.norm is not None:
+                        m.norm.weight.data.copy_(m.norm_affine[0] * z.to(m.norm_affine[0].dtype))
+                        m.norm.bias.data.copy_(m.norm_affine[1] * z.to(m.norm_affine[1].dtype))
+                        p.data.copy_(m.weight if train else m.weight * m.expand((z > 0).to(p.dtype), True))
                     else:
                         p.data.copy_(m.weight * m.expand(z, self.structured).to(p.dtype))
 
@@ -495,6 +539,8 @@ class L0(SparsityMethod):
         return {
             "log_alpha": [g.log_alpha.detach().clone() for g in self.groups],
             "weights": [[None if m.weight is None else m.weight.clone() for m in g.members] for g in self.groups],
+            "norm_affine": [[None if m.norm is None else [a.clone() for a in m.norm_affine] for m in g.members]
+                            for g in self.groups],
             "P": [None if g.P is None else g.P.detach().clone() for g in self.groups],
             "Q": [None if g.Q is None else g.Q.detach().clone() for g in self.groups],
             "frozen": self.frozen,
@@ -511,6 +557,13 @@ class L0(SparsityMethod):
                 for m, w in zip(g.members, state["weights"][i]):
                     if m.weight is not None:
                         m.weight.copy_(w)
+                for m, affine in zip(g.members, state.get("norm_affine", [[None] * len(g.members)])[i]):
+                    if (m.norm is None) != (affine is None):
+                        raise ValueError(f"l0 state and model disagree on the BatchNorm paired with {m.target.name}; "
+                                         "call attach(model) before load_state_dict")
+                    if affine is not None:
+                        m.norm_affine[0].copy_(affine[0])
+                        m.norm_affine[1].copy_(affine[1])
                 for p, saved in ((g.P, state["P"][i]), (g.Q, state["Q"][i])):
                     if p is not None:
                         p.copy_(saved)
@@ -551,3 +604,24 @@ def _spend(groups: list[_Gates], weights: list[float], budget: float) -> list[in
             ints[i] += 1
             spent += groups[i].cost
     return ints
+
+
+def _following_batchnorm(modules: dict[str, nn.Module], target: Target) -> nn.Module | None:
+    """The affine BatchNorm registered after ``target``'s layer in the same parent, if nothing with
+    weights (a Conv/Linear) comes between them and its width matches the layer's output channels."""
+    path = target.name.rpartition(".")[0]
+    if not path:
+        return None
+    parent_name, _, child = path.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None or child not in parent._modules:
+        return None
+    names = list(parent._modules)
+    for name in names[names.index(child) + 1:]:
+        sub = parent._modules[name]
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            ok = sub.affine and sub.num_features == target.shape[0]
+            return sub if ok else None
+        if sub is not None and any(isinstance(x, (nn.Linear, nn.modules.conv._ConvNd)) for x in sub.modules()):
+            return None
+    return None

@@ -35,6 +35,7 @@ def set_m(method, g: int, values) -> None:
     """Give group ``g``'s auxiliary parameters ``values`` and put h(M) in effect (as after a step)."""
     method.M[g].copy_(torch.as_tensor(values, dtype=torch.float32).view_as(method.M[g]))
     method.keeps[g] = method.M[g].detach() > 0
+    method._refresh_fmasks()
 
 
 def backward_with(method, layer: nn.Module, grad: list[float]) -> None:
@@ -127,7 +128,7 @@ def test_pruned_weight_keeps_its_value_and_comes_back():
 
 def test_structured_units_of_linear_conv_and_gru():
     model = nn.ModuleDict({"fc": nn.Linear(3, 4), "conv": nn.Conv2d(2, 5, 3), "gru": nn.GRU(3, 6, num_layers=2)})
-    method = autoprune_on(model, granularity="structured", reg_coef=0.0)
+    method = autoprune_on(model, granularity="structured", ste="leaky_relu", reg_coef=0.0)
     names = [t.name for t in method.targets]
     assert names == ["fc.weight", "conv.weight", "gru.weight_ih_l0", "gru.weight_hh_l0",
                      "gru.weight_ih_l1", "gru.weight_hh_l1"]
@@ -183,6 +184,22 @@ def test_projection_hits_the_target_and_breaks_ties_by_position():
     assert method.project(0.5)[0].tolist() == [[True, False, True, True, True, False, False, False]]
     method.freeze()
     assert method.density() == 0.25 and method.frozen
+
+
+def test_penalty_mode_prunes_what_the_loss_does_not_defend_then_freezes():
+    layer = row([0.5, -0.5, 0.5, -0.5])
+    method = autoprune_on(layer, total_steps=40, reg_coef=4.0, init=0.05, freeze_fraction=0.5)
+    opt = torch.optim.SGD(method.M, lr=0.01)  # per element: lam / N = 1 against the loss term
+    for step in range(40):
+        method.before_forward(step)
+        backward_with(method, layer, [-2.0, 2.0, 0.0, 0.5])  # loss wants |w| up for the first two only
+        opt.step()
+        method.after_step(step, opt)
+        opt.zero_grad()
+        if step == 19:
+            assert method.frozen and method.keeps[0].tolist() == [[True, True, False, False]]
+    assert method.keeps[0].tolist() == [[True, True, False, False]] and method.density() == 0.5
+    assert method.metrics()["reg_coef"] == 0.0  # frozen: no regulariser in effect
 
 
 def test_target_schedule_is_cubic_from_one():

@@ -381,3 +381,79 @@ def test_batchnorm_pairing_rules():
     plain = l0_on(conv_bn_model(), 0.5, 10, granularity="channel", batchnorm=False)
     plain.attach(model)
     assert all(mm.norm is None for g in plain.groups for mm in g.members)
+
+
+# -- under SparseTrainer ------------------------------------------------------------------------
+TRAINER_CONFIGS = {
+    "neuron-augmented": {"method": "l0", "target_density": 0.5, "targets": {"exclude": ["classifier.*"]},
+                         "params": {"control": "augmented", "granularity": "neuron", "target_warmup": 0.3,
+                                    "freeze_fraction": 0.3, "dual_lr": 1.0}},
+    "factorized-penalty": {"method": "l0", "params": {"control": "penalty", "granularity": "factorized",
+                                                      "penalty": 1.0, "freeze_fraction": 0.3}},
+    "layer-constrained": {"method": "l0", "target_density": 0.3,
+                          "params": {"constraint": "layer", "gate_lr_schedule": "constant", "freeze_fraction": 0.3}},
+}
+
+
+def gate_state(trainer) -> list[torch.Tensor]:
+    m = trainer.sparsifier.method
+    state = [g.log_alpha.detach().clone() for g in m.groups]
+    if m.controller is not None:
+        state += [torch.as_tensor(v).clone() for v in m.controller.state_dict().values()]
+    return state
+
+
+@pytest.mark.parametrize("name", ["neuron-augmented", "factorized-penalty"])  # constrained: test_engine.py
+def test_trainer_resume_equals_uninterrupted(fmnist_small, tmp_path, name):
+    from tests.helpers import make_trainer
+
+    sparsity = TRAINER_CONFIGS[name]
+    straight = make_trainer(fmnist_small, tmp_path / "a", sparsity, max_steps=20, lr_scheduler_type="cosine")
+    straight.train()
+    first = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20, lr_scheduler_type="cosine",
+                         save_strategy="steps", save_steps=10)
+    first.train()
+    resumed = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20, lr_scheduler_type="cosine")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
+    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p1, p2), n
+    for a, b in zip(gate_state(straight), gate_state(resumed)):
+        assert torch.equal(a, b)
+    # factorised layers are dense low-rank matrices: their density counts the kept factors
+    assert straight.sparsifier.method.metrics()["hard_density"] < 1.0
+
+
+def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
+    from tests.helpers import make_trainer
+
+    trainer = make_trainer(fmnist_small, tmp_path, TRAINER_CONFIGS["layer-constrained"], bf16=True,
+                           gradient_accumulation_steps=2, max_grad_norm=0.5, max_steps=12, logging_steps=6)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"sparsity/l0/expected_density", "sparsity/l0/hard_density", "sparsity/l0/lambda"} <= set(logs[-1])
+    assert all(math.isfinite(v) for h in logs for v in h.values() if isinstance(v, float))
+    assert trainer.sparsifier.density() == pytest.approx(0.3, abs=0.002)
+    assert all(g.log_alpha.dtype == torch.float32 for g in trainer.sparsifier.method.groups)
+
+
+def test_gates_identical_on_two_ranks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(repo / "tests" / "dist_l0_worker.py"), str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert set(ranks[0]) == set(TRAINER_CONFIGS)
+    for name in TRAINER_CONFIGS:
+        a, b = ranks[0][name], ranks[1][name]
+        assert a["world_size"] == 2 and len(a["gates"]) == 10
+        assert a["gates"] == b["gates"], name  # log_alpha bit-identical after every step
+        assert a["masks"] == b["masks"], name

@@ -60,7 +60,7 @@ class AutoPruneConfig(MethodConfig):
     granularity: Literal["unstructured", "structured"] = Field(
         "unstructured", description="one m per weight, or per output unit/channel/hidden unit")
     ste: Literal["identity", "leaky_relu", "softplus"] = Field(
-        "leaky_relu", description="straight-through estimate of h'(m): 1, leaky-ReLU slope, or sigmoid(beta*m)")
+        "softplus", description="straight-through estimate of h'(m): 1, leaky-ReLU slope, or sigmoid(beta*m)")
     leaky_slope: float = Field(0.1, gt=0, le=1, description="leaky_relu: h'(m) for m <= 0 (1 for m > 0)")
     softplus_beta: float = Field(20.0, gt=0, description="softplus: h'(m) = sigmoid(beta * m)")
     init: float = Field(
@@ -135,7 +135,7 @@ class AutoPrune(SparsityMethod):
         problem = self.config_error(config, target_density)
         if problem:
             raise ValueError(f"sparsity.{'.'.join(problem[0])}: {problem[1]}")
-        structured = config.granularity == "structured"
+        self.structured = structured = config.granularity == "structured"
         self.weight_decay_on_targets = config.weight_decay_on_targets  # read by SparseTrainer
         self.layouts = [_Layout(t, structured) for t in targets]
         keys: dict[tuple, int] = {}
@@ -156,12 +156,15 @@ class AutoPrune(SparsityMethod):
         self.numel = sum(t.numel() for t in targets)
         self.dense = [t.param.detach().clone() for t in targets]
         self.keeps = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
+        self.fmasks: list[torch.Tensor] = []  # h(M) per target, as float broadcastable to the weight
+        self._refresh_fmasks()
         self.frozen = False
         self.ever_restored = [torch.zeros_like(m, dtype=torch.bool) for m in self.M]
         self.restore_events = 0  # weights whose mask went 0 -> 1, cumulative (a weight may count twice)
         self.controller = LagrangianController(1, config.dual_lr, config.dual_restarts) if target_density else None
         self.constraint_target = 1.0
         self.start = self.end = self.freeze_at = 0
+        self.last_step = -1
 
     @classmethod
     def config_error(cls, config: AutoPruneConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
@@ -192,27 +195,29 @@ class AutoPrune(SparsityMethod):
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        coef = self.reg_coef() if step >= self.start else 0.0
+        coef = (self.reg_coef() if step >= self.start else 0.0) / self.numel
         for g, m in enumerate(self.M):
-            keep = self.keep(g).to(m.dtype)
             corr = torch.zeros_like(m)
             for i in self.members[g]:
-                p, lay = self.targets[i].param, self.layouts[i]
+                p = self.targets[i].param
                 if p.grad is not None:
-                    corr += lay.reduce(p.grad.float() * torch.sign(self.dense[i]))
-                    p.grad.mul_(lay.expand(keep).to(p.grad.dtype))
+                    if not self.frozen:
+                        corr += self.layouts[i].reduce(p.grad.float() * torch.sign(self.dense[i]))
+                    p.grad.mul_(self.fmasks[i])
                 p.copy_(self.dense[i])
             if self.frozen:
                 m.grad = None  # frozen masks: the optimizer skips M
             else:
-                m.grad = ste_grad(m, self.config) * (corr + coef * self.sizes[g] / self.numel)
+                reg = coef * self.sizes[g] if self.structured else coef
+                m.grad = ste_grad(m, self.config).mul_(corr.add_(reg))
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
-        old = self.keeps
+        self.last_step = step
         for i, t in enumerate(self.targets):
-            # Pruned weights had zero gradient: undo what momentum or weight decay did to them.
-            torch.where(self.layouts[i].expand(old[self.group_of[i]]), t.param, self.dense[i], out=self.dense[i])
+            # Take the stepped W where kept; pruned weights had zero gradient, so keep their old
+            # values (undoing any move by momentum or weight decay). lerp with a 0/1 weight is exact.
+            self.dense[i].lerp_(t.param, self.fmasks[i])
         if not self.frozen:
             self._set_masks([m.detach() > 0 for m in self.M])
             if self.controller is not None and step >= self.start:
@@ -222,7 +227,7 @@ class AutoPrune(SparsityMethod):
                 self.freeze()
         for i, t in enumerate(self.targets):
             for s in optimizer_states(optimizer, t.param):
-                s.mul_(self.layouts[i].expand(self.keep(self.group_of[i])))  # no stale moments for pruned
+                s.mul_(self.fmasks[i])  # no stale moments for pruned weights
         self._write_effective()
 
     def finalize(self) -> None:
@@ -239,7 +244,7 @@ class AutoPrune(SparsityMethod):
 
     def density(self) -> float:
         """Kept fraction of the targeted weights."""
-        return sum(float((self.sizes[g] * self.keep(g)).sum()) for g in range(len(self.M))) / self.numel
+        return sum(self._kept(g, self.keep(g)) for g in range(len(self.M))) / self.numel
 
     def target_at(self, step: int) -> float:
         """t(step): cubic from 1 at ``start`` to target_density at ``end`` (Zhu & Gupta's shape)."""
@@ -267,9 +272,9 @@ class AutoPrune(SparsityMethod):
         Ties are broken by position (a stable sort), so every rank makes the same choice.
         """
         values = torch.cat([m.detach().flatten().float().cpu() for m in self.M])
-        sizes = torch.cat([s.flatten().cpu() for s in self.sizes])
+        sizes = torch.cat([s.flatten().double().cpu() for s in self.sizes])
         order = torch.sort(values, descending=True, stable=True).indices
-        counts = torch.cat([torch.zeros(1), torch.cumsum(sizes[order], 0)])
+        counts = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(sizes[order], 0)])
         n_keep = int(torch.argmin((counts - density * self.numel).abs()))
         flat = torch.zeros(values.numel(), dtype=torch.bool)
         flat[order[:n_keep]] = True
@@ -279,26 +284,38 @@ class AutoPrune(SparsityMethod):
         """Put ``new`` masks in effect, counting the weights that come back."""
         for g, (old, keep) in enumerate(zip(self.keeps, new)):
             back = keep & ~old
-            self.restore_events += int((self.sizes[g] * back).sum())
+            self.restore_events += self._kept(g, back)
             self.ever_restored[g] |= back
         self.keeps = new
+        self._refresh_fmasks()
+
+    def _kept(self, g: int, flags: torch.Tensor) -> int:
+        """Number of weights behind the True entries of group ``g``'s ``flags``."""
+        return int((self.sizes[g] * flags).sum()) if self.structured else int(flags.count_nonzero())
+
+    def _refresh_fmasks(self) -> None:
+        self.fmasks = [self.layouts[i].expand(self.keeps[g]).to(t.param.dtype)
+                       for i, (t, g) in enumerate(zip(self.targets, self.group_of))]
 
     def _write_effective(self) -> None:
         for i, t in enumerate(self.targets):
-            keep = self.layouts[i].expand(self.keep(self.group_of[i]))
-            torch.mul(self.dense[i], keep, out=t.param)
+            torch.mul(self.dense[i], self.fmasks[i], out=t.param)
 
     def _follow_device(self) -> None:
         """Keep M and W where the model is (it may move after the method was built)."""
+        moved = False
         for i, t in enumerate(self.targets):
             if self.dense[i].device != t.param.device:
                 self.dense[i] = self.dense[i].to(t.param.device)
         for g, m in enumerate(self.M):
             dev = self.targets[self.members[g][0]].param.device
             if m.device != dev:
+                moved = True
                 m.data = m.data.to(dev)  # same Parameter object: the optimizer keeps tracking it
                 for lst in (self.sizes, self.keeps, self.ever_restored):
                     lst[g] = lst[g].to(dev)
+        if moved:
+            self._refresh_fmasks()
 
     # -- reporting ---------------------------------------------------------------------------
     def hard_masks(self) -> list[torch.Tensor]:
@@ -306,8 +323,9 @@ class AutoPrune(SparsityMethod):
                 for i, t in enumerate(self.targets)]
 
     def metrics(self) -> dict[str, float]:
-        restored = sum(float((s * e).sum()) for s, e in zip(self.sizes, self.ever_restored))
-        out = {"density": self.density(), "reg_coef": self.reg_coef(), "restored_weights": restored,
+        restored = sum(self._kept(g, e) for g, e in enumerate(self.ever_restored))
+        active = not self.frozen and self.last_step >= self.start
+        out = {"density": self.density(), "reg_coef": self.reg_coef() if active else 0.0, "restored_weights": restored,
                "restore_events": self.restore_events, "frozen": float(self.frozen)}
         if self.controller is not None:
             out["constraint_target"] = self.constraint_target
@@ -324,7 +342,7 @@ class AutoPrune(SparsityMethod):
         return {"m": [m.detach().clone() for m in self.M], "dense": [w.clone() for w in self.dense],
                 "frozen": self.frozen, "keeps": [k.clone() for k in self.keeps],
                 "ever_restored": [e.clone() for e in self.ever_restored], "restore_events": self.restore_events,
-                "constraint_target": self.constraint_target,
+                "constraint_target": self.constraint_target, "last_step": self.last_step,
                 "controller": self.controller.state_dict() if self.controller is not None else {}}
 
     @torch.no_grad()
@@ -333,8 +351,10 @@ class AutoPrune(SparsityMethod):
                          (self.ever_restored, "ever_restored")):
             for d, s in zip(dst, state[key], strict=True):
                 d.copy_(s)
+        self._refresh_fmasks()
         self.frozen = bool(state["frozen"])
         self.restore_events = int(state["restore_events"])
         self.constraint_target = float(state["constraint_target"])
+        self.last_step = int(state["last_step"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])

@@ -68,8 +68,8 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
-    ap.add_argument("--penalties", type=float, nargs="+", default=[0.05, 0.2, 0.5, 2.0])
-    ap.add_argument("--controls", nargs="+", default=["constrained", "augmented"],
+    ap.add_argument("--penalties", type=float, nargs="*", default=[0.05, 0.2, 0.5, 2.0])
+    ap.add_argument("--controls", nargs="*", default=["constrained", "augmented"],
                     choices=["constrained", "augmented"])
     ap.add_argument("--epochs", type=float, default=None, help="override training.num_train_epochs everywhere")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run")

@@ -97,10 +97,13 @@ class SparsityConfig(_Section):
         if cls.target_density_mode == "required" and self.target_density is None:
             raise _KeyedError(("target_density",), f"method {self.method!r} needs a target_density in (0, 1]")
         try:
-            cls.Config(**self.params)
+            config = cls.Config(**self.params)
         except ValidationError as e:
             err = e.errors()[0]
             raise _KeyedError(("params", *err["loc"]), _describe(err, cls.Config)) from None
+        problem = cls.config_error(config, self.target_density)
+        if problem:
+            raise _KeyedError(*problem)
         return self
 
     def method_config(self):

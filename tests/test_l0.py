@@ -175,17 +175,19 @@ def test_gradient_mapping_equals_autograd(granularity, control):
     else:
         W = g.members[0].weight.clone().requires_grad_()
         w_eff, real = W * (z[:, None] if granularity == "neuron" else z), [W]
-    loss = F.mse_loss(F.linear(x, w_eff, layer.bias.detach()), y)
+    bias = (g.members[0].tensors[1].real if granularity == "neuron" else layer.bias).detach().clone().requires_grad_()
+    b_eff = bias * z if granularity == "neuron" else bias  # a unit gate covers the unit's bias too
+    loss = F.mse_loss(F.linear(x, w_eff, b_eff), y)
     dens = g.cost * hc.expected_l0(la) / g.total
     reg = 0.7 * dens if control == "penalty" else 1.5 * (dens - 0.2)
-    expected = torch.autograd.grad(loss + reg, real + [la])
+    expected = torch.autograd.grad(loss + reg, real + [la, bias])
 
     # the method: forward with the written effective weight, then map gradients
     assert torch.allclose(layer.weight, w_eff.detach(), atol=1e-6)
     F.mse_loss(layer(x), y).backward()
     m.after_backward(3)
     got = [g.P.grad, g.Q.grad] if granularity == "factorized" else [layer.weight.grad]
-    for a, b in zip(got + [g.log_alpha.grad], expected):
+    for a, b in zip(got + [g.log_alpha.grad, layer.bias.grad], expected):
         assert torch.allclose(a, b, atol=1e-6)
     if granularity != "factorized":  # the optimizer now sees the real weight
         assert torch.equal(layer.weight.detach(), g.members[0].weight)
@@ -242,6 +244,8 @@ def test_neuron_gates_on_recurrent_hidden_units(rnn):
         assert torch.equal(mask.any(1), mask.all(1))
         assert units[0].nonzero().flatten().tolist() == structure[t.name]
         assert torch.all(t.param[~mask] == 0)
+        bias = getattr(model, t.attr.replace("weight", "bias"))
+        assert torch.all(bias[~mask.all(1)] == 0)  # a pruned unit's biases go with it
     assert structure["weight_ih_l0"] == structure["weight_hh_l0"]
     out, _ = model(torch.randn(5, 3, 4))  # flat weights still work after in-place writes
     assert torch.isfinite(out).all()
@@ -337,18 +341,18 @@ def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
     from hf_sparse.targets import TargetSpec
 
     model = conv_bn_model()
+    conv, bn, head = model[0], model[1], model[4]
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 0.5, -0.7, 2.0]))
+        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
     m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])), L0.Config(granularity="channel", penalty=0.3,
                                                                                  control="penalty"), None, seed=0)
     m.attach(model)
     m.setup(10)
     (g,) = m.groups
-    conv, bn, head = model[0], model[1], model[4]
     assert g.members[0].norm is bn
     with torch.no_grad():
         g.log_alpha.copy_(torch.tensor([-1.0, 0.5, 1.5, 3.0]))
-        bn.weight.copy_(torch.tensor([1.0, 0.5, -0.7, 2.0]))
-        bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
-    g.members[0].norm_affine = (bn.weight.detach().clone(), bn.bias.detach().clone())  # the edited values
     x, y = torch.randn(6, 2, 7, 7), torch.randn(6, 3)
     W, gamma, beta = conv.weight.detach().clone(), bn.weight.detach().clone(), bn.bias.detach().clone()
     leaves = [t.clone().requires_grad_() for t in (W, gamma, beta, g.log_alpha.detach())]
@@ -457,3 +461,50 @@ def test_gates_identical_on_two_ranks(tmp_path):
         assert a["world_size"] == 2 and len(a["gates"]) == 10
         assert a["gates"] == b["gates"], name  # log_alpha bit-identical after every step
         assert a["masks"] == b["masks"], name
+
+
+def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
+    from hf_sparse.export import load_sparse
+    from tests.helpers import make_trainer
+
+    sparsity = {"method": "l0", "target_density": 0.5, "targets": {"exclude": ["classifier.*"]},
+                "params": {"granularity": "neuron", "count": "gates", "freeze_fraction": 0.3, "dual_lr": 1.0}}
+    trainer = make_trainer(fmnist_small, tmp_path / "run", sparsity, max_steps=12)
+    trainer.train()
+    structure = trainer.sparsifier.method.structure()
+    assert [len(structure[n]) for n in ("fc1.weight", "fc2.weight")] == [16, 8]  # half of (32, 16) units
+    folder = trainer.save_sparse_model(tmp_path / "model", format="purged")
+    small = load_sparse(folder)
+    assert small.fc1.out_features == 16 and small.fc2.out_features == 8
+    x = fmnist_small.collator([fmnist_small.eval[i] for i in range(8)])["pixel_values"]
+    trainer.model.eval()
+    assert torch.allclose(small(x).logits, trainer.model(x.to(trainer.model.device)).logits, atol=1e-5)
+
+
+def test_budget_split_caps_and_rounds():
+    from types import SimpleNamespace
+
+    from hf_sparse.methods.l0 import _spend
+
+    groups = [SimpleNamespace(num=10, cost=1.0), SimpleNamespace(num=100, cost=1.0)]
+    assert _spend(groups, [9.0, 10.0], 30) == [10, 20]  # the first layer is full, the rest goes on
+    groups = [SimpleNamespace(num=100, cost=1.0), SimpleNamespace(num=100, cost=1.0)]
+    assert _spend(groups, [1.0, 2.0], 10) == [3, 7]  # 3.33, 6.67: floors, then the largest remainder
+    groups = [SimpleNamespace(num=8, cost=3.0), SimpleNamespace(num=8, cost=5.0)]
+    counts = _spend(groups, [4.0, 4.0], 30)
+    assert sum(k * g.cost for k, g in zip(counts, groups)) <= 30
+
+
+def test_constant_gate_lr_undoes_the_trainer_schedule():
+    def gates_after(scheduled_fraction: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+        m = l0_on(model, 0.4, 20, gate_lr=0.1, freeze_fraction=0.0)
+        opt = torch.optim.Adam(list(model.parameters()), lr=0.01)
+        for group in m.param_groups(0.01):
+            opt.add_param_group(group)
+        opt.param_groups[-1]["lr"] *= scheduled_fraction  # what an LR scheduler would do to the gates
+        run_steps(model, m, data_for((16, 6), (16, 2)), 5, optimizer=opt)
+        return torch.cat([g.log_alpha.detach().flatten() for g in m.groups])
+
+    assert torch.allclose(gates_after(0.25), gates_after(1.0), atol=1e-5)

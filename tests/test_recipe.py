@@ -125,3 +125,9 @@ def test_bad_data_path_and_hub_id_are_clear(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "data.hub_id: " in err and "Traceback" not in err and err.count("\n") == 0
+
+
+def test_method_cross_checks_are_located(tmp_path):
+    text = GOOD.replace("  method: gmp", "  method: autoprune").replace("    frequency: 10", "    reg_coef: 1.0")
+    with pytest.raises(RecipeError, match=r"r.yaml:15:5: sparsity.params.reg_coef: give either"):
+        load_recipe(write(tmp_path, text))

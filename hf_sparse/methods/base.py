@@ -73,6 +73,11 @@ class SparsityMethod:
         self.seed = seed
         self.total_steps = 0
 
+    @classmethod
+    def config_error(cls, config: MethodConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
+        """Cross-checks of params against target_density: (key below ``sparsity``, message) or None."""
+        return None
+
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self, total_steps: int) -> None:
         """Called once when training starts (also on resume), with Trainer's ``max_steps``."""

@@ -107,26 +107,39 @@ class L0Config(MethodConfig):
 
 
 @dataclass
+class _Gated:
+    """One tensor a gate acts on - a target weight, its unit's bias, a BatchNorm's weight or bias."""
+
+    param: nn.Parameter
+    real: torch.Tensor  # the trained value; between hooks the parameter holds W*z or the evaluation value
+    scaled: bool = True  # False: trains ungated (its gate acts after a BatchNorm), zeroed with its unit at eval
+
+
+@dataclass
 class _Member:
-    """One target under a gate group, with its real dense weight."""
+    """One target under a gate group: its weight first, then (unit gates) its units' other tensors."""
 
     target: Target
-    weight: torch.Tensor | None  # None when factorised (P, Q are the real parameters)
+    tensors: list[_Gated]  # empty when factorised (P, Q are the real parameters)
     blocks: int = 1  # recurrent gate blocks (3 for GRU, 4 for LSTM): a unit's gate repeats per block
-    norm: nn.Module | None = None  # the BatchNorm normalising this layer's output channels, if gated there
-    norm_affine: tuple[torch.Tensor, torch.Tensor] | None = None  # its real (weight, bias)
+    norm: nn.Module | None = None  # the BatchNorm the gate acts after, if any
 
-    def expand(self, z: torch.Tensor, structured: bool) -> torch.Tensor:
-        """The gate vector broadcast to this member's weight shape."""
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self.tensors[0].real if self.tensors else None
+
+    def expand(self, z: torch.Tensor, structured: bool, ndim: int | None = None) -> torch.Tensor:
+        """The gate tensor broadcast to a tensor of this member (the weight unless ``ndim`` says)."""
         if not structured:
             return z
-        return z.repeat(self.blocks).view(-1, *([1] * (self.target.param.dim() - 1)))
+        ndim = self.target.param.dim() if ndim is None else ndim
+        return z.repeat(self.blocks).view(-1, *([1] * (ndim - 1)))
 
     def reduce(self, t: torch.Tensor, structured: bool) -> torch.Tensor:
-        """Adjoint of :meth:`expand`: sum a weight-shaped tensor onto the gates."""
+        """Adjoint of :meth:`expand`: sum a tensor of this member onto the gates."""
         if not structured:
             return t
-        return t.flatten(1).sum(1).view(self.blocks, -1).sum(0)
+        return t.reshape(t.shape[0], -1).sum(1).view(self.blocks, -1).sum(0)
 
 
 @dataclass
@@ -200,15 +213,17 @@ class L0(SparsityMethod):
             if self.factorized:
                 groups.append(self._factorized_group(first, gen))
                 continue
-            with torch.no_grad():
-                weights = [t.param.detach().clone() for t in members]
             if self.structured:
                 units = first.module.hidden_size if first.is_recurrent else first.shape[0]
                 shape: tuple[int, ...] = (units,)
                 blocks = [t.shape[0] // units for t in members]
             else:
                 shape, blocks = tuple(first.shape), [1]
-            mem = [_Member(t, w, b) for t, w, b in zip(members, weights, blocks)]
+            mem = []
+            for t, b in zip(members, blocks):
+                # a unit gate removes the whole unit: its bias too, else the unit would still emit it
+                params = [t.param] + ([bias] if self.structured and (bias := _unit_bias(t)) is not None else [])
+                mem.append(_Member(t, [_Gated(q, q.detach().clone()) for q in params], b))
             numel = sum(t.numel() for t in members)
             num = math.prod(shape)
             la = nn.Parameter(hc.init_log_alpha(shape, cfg.init_drop_rate, gen).to(first.param.device))
@@ -229,7 +244,7 @@ class L0(SparsityMethod):
         out, inp = t.shape
         la = nn.Parameter(hc.init_log_alpha((r,), self.config.init_drop_rate, gen).to(t.param.device))
         cost, total = (1.0, float(r)) if self.config.count == "gates" else (float(out + inp), float(out * inp))
-        return _Gates(t.name, la, [_Member(t, None)], cost, total, P, Q)
+        return _Gates(t.name, la, [_Member(t, [])], cost, total, P, Q)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def setup(self, total_steps: int) -> None:
@@ -243,10 +258,9 @@ class L0(SparsityMethod):
                     if p is not None and p.device != dev:
                         p.data = p.data.to(dev)
                 for m in g.members:
-                    if m.weight is not None and m.weight.device != dev:
-                        m.weight = m.weight.to(dev)
-                    if m.norm_affine is not None and m.norm_affine[0].device != dev:
-                        m.norm_affine = (m.norm_affine[0].to(dev), m.norm_affine[1].to(dev))
+                    for t in m.tensors:
+                        if t.real.device != t.param.device:
+                            t.real = t.real.to(t.param.device)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         groups = [{"params": [g.log_alpha for g in self.groups], "lr": self.config.gate_lr, "weight_decay": 0.0}]
@@ -263,17 +277,20 @@ class L0(SparsityMethod):
         timm/torchvision convention - the gate multiplies that BatchNorm's weight and bias instead
         (the gate then acts after the normalisation) and the layer trains ungated; the evaluation
         and final weights zero the pruned output channels of the layer itself, too. Call once,
-        right after construction; a no-op unless ``granularity`` is channel/neuron.
+        right after construction (before ``load_state_dict``); a no-op unless ``granularity`` is
+        channel/neuron.
         """
         if not (self.structured and self.config.batchnorm):
             return
         modules = dict(model.named_modules())
         for g in self.groups:
             for m in g.members:
-                if m.norm is None and not m.target.is_recurrent:
-                    m.norm = _following_batchnorm(modules, m.target)
-                    if m.norm is not None:
-                        m.norm_affine = (m.norm.weight.detach().clone(), m.norm.bias.detach().clone())
+                norm = None if m.norm is not None or m.target.is_recurrent else _following_batchnorm(modules, m.target)
+                if norm is not None:
+                    m.norm = norm
+                    for t in m.tensors:
+                        t.scaled = False
+                    m.tensors += [_Gated(q, q.detach().clone()) for q in (norm.weight, norm.bias)]
 
     def before_forward(self, step: int) -> None:
         gen = None if self.frozen else step_generator(self.seed, step, "l0")
@@ -297,17 +314,12 @@ class L0(SparsityMethod):
                     continue
                 total = torch.zeros_like(g.z)
                 for m in g.members:
-                    p = m.target.param
-                    if m.norm is not None:  # the gate sat on the BatchNorm's affine output
-                        for q, real in zip((m.norm.weight, m.norm.bias), m.norm_affine):
-                            if q.grad is not None:
-                                total += real.float() * q.grad.float()
-                                q.grad.mul_(g.z.to(q.grad.dtype))
-                            q.data.copy_(real)
-                    elif p.grad is not None:
-                        total += m.reduce(m.weight.float() * p.grad.float(), self.structured)
-                        p.grad.mul_(m.expand(g.z, self.structured).to(p.grad.dtype))
-                    p.data.copy_(m.weight)
+                    for t in m.tensors:
+                        grad = t.param.grad
+                        if t.scaled and grad is not None:
+                            total += m.reduce(t.real.float() * grad.float(), self.structured)
+                            grad.mul_(m.expand(g.z, self.structured, grad.dim()).to(grad.dtype))
+                        t.param.data.copy_(t.real)
                 dz.append(total)
         self._holds = "real"
         if self.frozen:
@@ -346,11 +358,8 @@ class L0(SparsityMethod):
             if self._holds == "real":
                 for g in self.groups:
                     for m in g.members:
-                        if m.weight is not None:
-                            m.weight.copy_(m.target.param.data)
-                        if m.norm is not None:
-                            m.norm_affine[0].copy_(m.norm.weight.data)
-                            m.norm_affine[1].copy_(m.norm.bias.data)
+                        for t in m.tensors:
+                            t.real.copy_(t.param.data)
             if not self.frozen:
                 self._unschedule_gate_step(optimizer)
                 for g in self.groups:
@@ -375,9 +384,10 @@ class L0(SparsityMethod):
             return
         first = self.groups[0].log_alpha
         group = next((pg for pg in optimizer.param_groups if any(p is first for p in pg["params"])), None)
-        if group is None or group["lr"] <= 0 or group["lr"] == self.config.gate_lr:
-            return
-        scale = self.config.gate_lr / group["lr"]
+        lr = None if group is None else group.get("lr")
+        if not isinstance(lr, (int, float)) or lr <= 0 or lr == self.config.gate_lr:
+            return  # not found, an lr-free optimizer, a zero-lr warm-up step, or nothing to undo
+        scale = self.config.gate_lr / lr
         for g, b in zip(self.groups, before):
             g.log_alpha.copy_(b + scale * (g.log_alpha - b))
 
@@ -465,15 +475,16 @@ class L0(SparsityMethod):
         with torch.no_grad():
             for g, z in zip(self.groups, gates):
                 for m in g.members:
-                    p = m.target.param
                     if self.factorized:
+                        p = m.target.param
                         p.data.copy_(((g.P.float() * z) @ g.Q.float()).to(p.dtype))
-                    elif m.norm is not None:
-                        m.norm.weight.data.copy_(m.norm_affine[0] * z.to(m.norm_affine[0].dtype))
-                        m.norm.bias.data.copy_(m.norm_affine[1] * z.to(m.norm_affine[1].dtype))
-                        p.data.copy_(m.weight if train else m.weight * m.expand((z > 0).to(p.dtype), True))
-                    else:
-                        p.data.copy_(m.weight * m.expand(z, self.structured).to(p.dtype))
+                    for t in m.tensors:
+                        if t.scaled:
+                            t.param.data.copy_(t.real * m.expand(z, self.structured, t.real.dim()).to(t.real.dtype))
+                        elif train:
+                            t.param.data.copy_(t.real)
+                        else:
+                            t.param.data.copy_(t.real * m.expand((z > 0).to(t.real.dtype), True, t.real.dim()))
 
     def _write_eval(self) -> None:
         self._write(self._eval_gates())
@@ -538,9 +549,7 @@ class L0(SparsityMethod):
     def state_dict(self) -> dict[str, Any]:
         return {
             "log_alpha": [g.log_alpha.detach().clone() for g in self.groups],
-            "weights": [[None if m.weight is None else m.weight.clone() for m in g.members] for g in self.groups],
-            "norm_affine": [[None if m.norm is None else [a.clone() for a in m.norm_affine] for m in g.members]
-                            for g in self.groups],
+            "tensors": [[[t.real.clone() for t in m.tensors] for m in g.members] for g in self.groups],
             "P": [None if g.P is None else g.P.detach().clone() for g in self.groups],
             "Q": [None if g.Q is None else g.Q.detach().clone() for g in self.groups],
             "frozen": self.frozen,
@@ -554,16 +563,12 @@ class L0(SparsityMethod):
         with torch.no_grad():  # copy into the existing tensors: the optimizer holds references to them
             for i, g in enumerate(self.groups):
                 g.log_alpha.copy_(state["log_alpha"][i])
-                for m, w in zip(g.members, state["weights"][i]):
-                    if m.weight is not None:
-                        m.weight.copy_(w)
-                for m, affine in zip(g.members, state.get("norm_affine", [[None] * len(g.members)])[i]):
-                    if (m.norm is None) != (affine is None):
-                        raise ValueError(f"l0 state and model disagree on the BatchNorm paired with {m.target.name}; "
-                                         "call attach(model) before load_state_dict")
-                    if affine is not None:
-                        m.norm_affine[0].copy_(affine[0])
-                        m.norm_affine[1].copy_(affine[1])
+                for m, saved in zip(g.members, state["tensors"][i]):
+                    if len(saved) != len(m.tensors):
+                        raise ValueError(f"l0 state holds {len(saved)} gated tensors for {m.target.name}, the model "
+                                         f"{len(m.tensors)}: was attach(model) called in one run and not the other?")
+                    for t, value in zip(m.tensors, saved):
+                        t.real.copy_(value)
                 for p, saved in ((g.P, state["P"][i]), (g.Q, state["Q"][i])):
                     if p is not None:
                         p.copy_(saved)
@@ -625,3 +630,9 @@ def _following_batchnorm(modules: dict[str, nn.Module], target: Target) -> nn.Mo
         if sub is not None and any(isinstance(x, (nn.Linear, nn.modules.conv._ConvNd)) for x in sub.modules()):
             return None
     return None
+
+
+def _unit_bias(t: Target) -> nn.Parameter | None:
+    """The bias of the units whose weight rows ``t`` holds (``bias``, ``bias_ih_l0``, ...), if any."""
+    bias = getattr(t.module, t.attr.replace("weight", "bias", 1), None)
+    return bias if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == t.shape[0] else None

@@ -31,6 +31,7 @@ class Sparsifier:
         if not self.targets:
             raise ValueError(f"sparsity.targets selects no weights of {type(model).__name__}")
         self.method = get_method(config.method)(self.targets, config.method_config(), config.target_density, seed)
+        self.method.attach(model)
         self.finalized = False
 
     # -- the step protocol (see methods/base.py) ----------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from ..targets import Target
 
@@ -72,6 +73,10 @@ class SparsityMethod:
         self.target_density = target_density
         self.seed = seed
         self.total_steps = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once with the whole model right after construction, for methods that need more
+        than their targets (e.g. L0 channel gates pairing with a following BatchNorm)."""
 
     @classmethod
     def config_error(cls, config: MethodConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:

@@ -175,6 +175,12 @@ class L0(SparsityMethod):
         """Only ``penalty`` control runs without a target density."""
         return config.control != "penalty"
 
+    @classmethod
+    def config_error(cls, config: L0Config, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
+        if target_density is None and cls.needs_target(config):
+            return ("target_density",), f"l0 with control {config.control!r} needs a target_density in (0, 1]"
+        return None
+
     def __init__(self, targets: list[Target], config: L0Config, target_density: float | None, seed: int = 0):
         super().__init__(targets, config, target_density, seed)
         cfg = self.config = config

@@ -10,6 +10,15 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture()
+def one_thread():
+    """Small recurrent kernels run ~10x slower when two intra-op threads fight over a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def fmnist_full():
     from hf_sparse.data import load_data

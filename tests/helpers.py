@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
@@ -49,3 +53,15 @@ def mask_digest(masks: list[torch.Tensor]) -> str:
     for m in masks:
         h.update(m.to(torch.uint8).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_two_processes(worker: str, out_dir, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``tests/<worker>`` under ``accelerate launch`` with 2 CPU processes (gloo), as DESIGN.md §7 says."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "tests" / worker), str(out_dir)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)

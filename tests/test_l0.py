@@ -442,17 +442,10 @@ def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
 
 def test_gates_identical_on_two_ranks(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(repo / "tests" / "dist_l0_worker.py"), str(tmp_path)]
-    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo, timeout=600)
+    from tests.helpers import launch_two_processes
+
+    proc = launch_two_processes("dist_l0_worker.py", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]) == set(TRAINER_CONFIGS)

@@ -24,13 +24,7 @@ from tests.helpers import fast_sparsity, tiny_args
 STEPS = 20  # tests.helpers.FAST_SPARSITY prunes within 20 steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small recurrent kernels run ~10x slower when two intra-op threads fight over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

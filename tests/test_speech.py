@@ -32,13 +32,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SPEECH_RECIPES = ["fsdd_gru_dense", "fsdd_gru_gradual", "fsdd_lstm_dense", "fsddctc_gru_dense", "fsddctc_gru_gradual"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small recurrent kernels run ~10x slower when two intra-op threads fight over a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls, cell="gru", conv=(16,), bidirectional=True, **kw):

@@ -1,9 +1,10 @@
-"""L0 gates on LeNet-300-100 / Fashion-MNIST: a penalty sweep against constrained (and augmented) control.
+"""L0 gates on Fashion-MNIST: a penalty sweep against constrained (and augmented) control.
 
 The penalty form (Louizos et al. 2018) buys *some* density for each lambda; the constrained form
 (Gallego-Posada et al. 2022) and the augmented Lagrangian (Wang et al. 2020) are given the density.
-Each row is one recipe trained through the same code path as ``hf-sparse train`` (one run after
-another, same seed and batches), with only one key changed:
+Each row is one recipe trained through the same code path as ``hf-sparse train`` (same seed and
+batches as its dense row), with only one key changed (``--model lenet300``; ``lenet5`` has the
+dense and constrained recipes):
 
 * dense:        ``recipes/fmnist_lenet300_dense.yaml``
 * penalty:      ``recipes/fmnist_lenet300_l0_penalty.yaml``     ``--set sparsity.params.penalty=LAMBDA``
@@ -11,17 +12,22 @@ another, same seed and batches), with only one key changed:
 * augmented:    ``recipes/fmnist_lenet300_l0_augmented.yaml``   ``--set sparsity.target_density=T``
 
 Prints a Markdown table (achieved density from the final hard masks, test accuracy, the gap to the
-dense run) and writes it, with the raw numbers as JSON, into ``--out``.
+dense run of the same seed) and writes it, with the raw numbers as JSON, into ``--out``. ``--jobs 2``
+runs two recipes at a time in separate processes (give each one thread: ``OMP_NUM_THREADS=1``).
 
     OMP_NUM_THREADS=1 python bench/bench_l0.py [--targets 0.5 0.2 0.1 0.05] [--penalties 0.05 0.2 0.5 2]
         [--controls constrained augmented] [--epochs 10] [--out runs/bench_l0]
+    OMP_NUM_THREADS=1 python bench/bench_l0.py --model lenet5 --targets 0.02 --penalties --controls constrained
+        --seeds 0 1 --jobs 2 --out runs/bench_l0_lenet5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from hf_sparse.recipe import load_recipe
@@ -29,22 +35,28 @@ from hf_sparse.run import make_trainer, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
-    "dense": "fmnist_lenet300_dense.yaml",
-    "penalty": "fmnist_lenet300_l0_penalty.yaml",
-    "constrained": "fmnist_lenet300_l0_constrained.yaml",
-    "augmented": "fmnist_lenet300_l0_augmented.yaml",
+    "lenet300": {
+        "dense": "fmnist_lenet300_dense.yaml",
+        "penalty": "fmnist_lenet300_l0_penalty.yaml",
+        "constrained": "fmnist_lenet300_l0_constrained.yaml",
+        "augmented": "fmnist_lenet300_l0_augmented.yaml",
+    },
+    "lenet5": {
+        "dense": "fmnist_lenet5_dense.yaml",
+        "constrained": "fmnist_lenet5_l0_constrained.yaml",
+    },
 }
 
 
-def run(kind: str, out: Path, overrides: list[str]) -> dict:
-    recipe = load_recipe(REPO / "recipes" / RECIPES[kind], overrides)
+def run(recipe_file: str, kind: str, out: Path, overrides: list[str]) -> dict:
+    recipe = load_recipe(REPO / "recipes" / recipe_file, overrides)
     trainer = make_trainer(prepare_run(recipe, out))
     started = time.perf_counter()
     trainer.train()
     runtime = time.perf_counter() - started
     ev = trainer.evaluate()
     row = {"kind": kind, "overrides": overrides, "accuracy": ev["eval_accuracy"], "train_s": runtime,
-           "density": 1.0, "target": recipe.sparsity.target_density}
+           "density": 1.0, "target": recipe.sparsity.target_density, "seed": recipe.training.get("seed", 42)}
     if trainer.sparsifier is not None:
         row["density"] = trainer.sparsifier.density()
         row["per_layer"] = {k: v["density"] for k, v in trainer.sparsifier.per_layer().items()}
@@ -53,28 +65,33 @@ def run(kind: str, out: Path, overrides: list[str]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    dense = next((r["accuracy"] for r in rows if r["kind"] == "dense"), None)
-    lines = ["| control | setting | target density | achieved density | accuracy | vs dense | train s |",
-             "|---|---|---|---|---|---|---|"]
+    dense = {r["seed"]: r["accuracy"] for r in rows if r["kind"] == "dense"}
+    lines = ["| control | setting | seed | target density | achieved density | accuracy | vs dense | train s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setting = r.get("setting", "")
         target = "-" if r["target"] is None else f"{r['target']:g}"
-        gap = "-" if dense is None or r["kind"] == "dense" else f"{100 * (r['accuracy'] - dense):+.2f} pt"
-        lines.append(f"| {r['kind']} | {setting} | {target} | {r['density']:.4f} | {r['accuracy']:.4f} | {gap} "
-                     f"| {r['train_s']:.0f} |")
+        ref = dense.get(r["seed"])
+        gap = "-" if ref is None or r["kind"] == "dense" else f"{100 * (r['accuracy'] - ref):+.2f} pt"
+        lines.append(f"| {r['kind']} | {setting} | {r['seed']} | {target} | {r['density']:.4f} | {r['accuracy']:.4f} "
+                     f"| {gap} | {r['train_s']:.0f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(RECIPES), default="lenet300")
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
     ap.add_argument("--penalties", type=float, nargs="*", default=[0.05, 0.2, 0.5, 2.0])
     ap.add_argument("--controls", nargs="*", default=["constrained", "augmented"],
                     choices=["constrained", "augmented"])
     ap.add_argument("--epochs", type=float, default=None, help="override training.num_train_epochs everywhere")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override training.seed (one row each)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--out", default="runs/bench_l0")
     args = ap.parse_args()
+    recipes = RECIPES[args.model]
     out = Path(args.out)
     common = ["training.disable_tqdm=true", "training.logging_steps=1000"]
     if args.epochs is not None:
@@ -82,14 +99,27 @@ def main() -> None:
     plan = [] if args.no_dense else [("dense", "", [])]
     plan += [("penalty", f"lambda={lam:g}", [f"sparsity.params.penalty={lam}"]) for lam in args.penalties]
     plan += [(c, f"target={t:g}", [f"sparsity.target_density={t}"]) for c in args.controls for t in args.targets]
-    rows = []
-    for kind, setting, sets in plan:
-        name = f"{kind}-{setting.replace('=', '')}" if setting else kind
-        row = run(kind, out / name, [*common, *sets])
-        row["setting"] = setting
-        rows.append(row)
-        print(f"{kind:12s} {setting:14s} density={row['density']:.4f} accuracy={row['accuracy']:.4f} "
-              f"({row['train_s']:.0f} s)", flush=True)
+    missing = sorted({kind for kind, _, _ in plan} - set(recipes))
+    if missing:
+        ap.error(f"--model {args.model} has no recipe for {', '.join(missing)}")
+    seeds = [None] if args.seeds is None else args.seeds
+    jobs = []
+    for seed in seeds:
+        for kind, setting, sets in plan:
+            name = f"{kind}-{setting.replace('=', '')}" if setting else kind
+            if seed is not None:
+                name, sets = f"{name}-seed{seed}", [*sets, f"training.seed={seed}"]
+            jobs.append((kind, setting, out / name, [*common, *sets]))
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per run: no shared torch state
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = [pool.submit(run, recipes[kind], kind, path, sets) for kind, _, path, sets in jobs]
+        rows = []
+        for (kind, setting, _, _), future in zip(jobs, futures):
+            row = future.result()
+            row["setting"] = setting
+            rows.append(row)
+            print(f"{kind:12s} {setting:14s} seed={row['seed']} density={row['density']:.4f} "
+                  f"accuracy={row['accuracy']:.4f} ({row['train_s']:.0f} s)", flush=True)
     text = table(rows)
     print(text)
     out.mkdir(parents=True, exist_ok=True)

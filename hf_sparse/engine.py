@@ -66,29 +66,34 @@ class Sparsifier:
                            "shape": list(t.shape), "layer_type": t.layer_type}
         return out
 
-    def density(self) -> float:
-        """Kept fraction of all targeted weights under the current hard masks."""
-        layers = self.per_layer().values()
-        return sum(v["nonzero"] for v in layers) / sum(v["numel"] for v in layers)
+    def density(self, layers: dict[str, dict[str, Any]] | None = None) -> float:
+        """Kept fraction of all targeted weights under the current hard masks (or ``layers``)."""
+        layers = self.per_layer() if layers is None else layers
+        return sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values())
 
     def log_metrics(self) -> dict[str, float]:
         """Scalars for Trainer's logs: global and per-layer density, and the method's own state."""
         layers = self.per_layer()
-        logs = {"sparsity/density": sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values())}
+        logs = {"sparsity/density": self.density(layers)}
         logs.update({f"sparsity/density/{name}": v["density"] for name, v in layers.items()})
         logs.update({f"sparsity/{self.config.method}/{k}": float(v) for k, v in self.method.metrics().items()})
         return logs
 
     def report(self, model: nn.Module) -> dict[str, Any]:
-        """The sparsity facts of ``results.json`` and ``sparsity.json``."""
+        """The sparsity facts of ``results.json`` and ``sparsity.json``.
+
+        ``method_metrics`` is the method's own final state (e.g. L0's gate-count density for
+        ``count: gates``, DNS's splice count); ``achieved_density`` always counts weights.
+        """
         layers = self.per_layer()
         return {
             "method": self.config.method,
             "target_density": self.config.target_density,
-            "achieved_density": sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values()),
+            "achieved_density": self.density(layers),
             "model_density": model_density(model),
             "per_layer": layers,
             "structure": self.method.structure(),
+            "method_metrics": {k: float(v) for k, v in self.method.metrics().items()},
             "hf_sparse_version": __version__,
         }
 
@@ -117,4 +122,4 @@ def dense_report(model: nn.Module) -> dict[str, Any]:
     """``report`` for a run without sparsity: every density is 1.0 (or what the weights say)."""
     return {"method": "none", "target_density": None, "achieved_density": 1.0,
             "model_density": model_density(model), "per_layer": {}, "structure": None,
-            "hf_sparse_version": __version__}
+            "method_metrics": {}, "hf_sparse_version": __version__}

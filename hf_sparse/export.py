@@ -308,6 +308,7 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         "achieved_density": achieved,
         "model_density": report.get("model_density"),
         "per_layer": layers,
+        "method_metrics": report.get("method_metrics") or {},
         "purged": purge_info,
         "eval": dict(eval_metrics) if eval_metrics else None,
         "dense_reference": dict(dense_reference) if dense_reference else None,

@@ -9,6 +9,7 @@ key path, and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -154,6 +155,22 @@ class _KeyedError(ValueError):
 
 
 # -- reading YAML with positions --------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+
+    YAML 1.1 also reads yes/no/on/off as booleans, which turns transformers' own option values
+    (``save_strategy: no``, ``--set training.eval_strategy=no``) into ``False``.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _positions(node: yaml.Node, source: str, prefix: Loc = ()) -> dict[Loc, tuple[int, int]]:
     """Map each key path to the 1-based (line, column) where it is written; reject duplicate keys."""
     pos: dict[Loc, tuple[int, int]] = {prefix: (node.start_mark.line + 1, node.start_mark.column + 1)}
@@ -192,7 +209,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set expects dotted.key=value, got {text!r}", "<command line>")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
     except yaml.YAMLError as e:
         raise RecipeError(f"cannot parse value {raw!r}: {e.problem}", "<command line>", tuple(key.split("."))) from None
     return key.split("."), value
@@ -220,8 +237,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_from_text(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise RecipeError(f"invalid YAML: {e.problem}", source, (), mark.line + 1, mark.column + 1) from None

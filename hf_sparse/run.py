@@ -97,6 +97,7 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
         "achieved_density": report["achieved_density"],
         "model_density": report["model_density"],
         "per_layer": {name: v["density"] for name, v in report["per_layer"].items()},
+        "method_metrics": report["method_metrics"],
         "eval": {k.removeprefix("eval_"): v for k, v in metrics.items()},
         "train_runtime_s": runtime,
         "train_steps": train_output.global_step,

@@ -1,7 +1,12 @@
-"""Run under ``accelerate launch`` with 2 processes: train every method, record mask digests per step.
+"""Run under ``accelerate launch`` with 2 processes: train a suite of sparsity configs and record,
+after every step, a digest of the hard masks and one of the method's whole state (masks, scores,
+gate logits, multipliers...).
 
-Each rank writes ``<out>/rank<r>.json``: {method: [digest after step 1, step 2, ...]}, plus the
-final achieved density. tests/test_distributed.py compares the ranks.
+    dist_worker.py methods OUT   every registered method (tests/test_distributed.py)
+    dist_worker.py l0 OUT        the l0 configurations of tests/test_l0.py
+
+Each rank writes ``OUT/rank<r>.json``: {config: {"masks": [...], "state": [...], "density", "world_size"}}.
+The tests compare the two ranks.
 """
 
 from __future__ import annotations
@@ -16,30 +21,43 @@ from transformers import TrainerCallback
 from hf_sparse.data import load_data
 from hf_sparse.methods import METHODS
 from hf_sparse.recipe import DataConfig
-from tests.helpers import fast_sparsity, make_trainer, mask_digest
+from tests.helpers import fast_sparsity, make_trainer, mask_digest, state_digest
 
 
-class RecordMasks(TrainerCallback):
-    def __init__(self, trainer, log: list):
-        self.trainer, self.log = trainer, log
+def suite(name: str) -> tuple[dict[str, dict], int]:
+    """(config name -> sparsity section, steps to train)."""
+    if name == "methods":
+        return {method: fast_sparsity(method) for method in METHODS}, 12
+    if name == "l0":
+        from tests.test_l0 import TRAINER_CONFIGS
+
+        return TRAINER_CONFIGS, 10
+    raise SystemExit(f"unknown suite {name!r}")
+
+
+class RecordState(TrainerCallback):
+    def __init__(self, trainer, record: dict):
+        self.trainer, self.record = trainer, record
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.log.append(mask_digest(self.trainer.sparsifier.method.hard_masks()))
+        method = self.trainer.sparsifier.method
+        self.record["masks"].append(mask_digest(method.hard_masks()))
+        self.record["state"].append(state_digest(method.state_dict()))
 
 
-def main(out: Path) -> None:
+def main(suite_name: str, out: Path) -> None:
     torch.set_num_threads(1)
     data = load_data(DataConfig(name="fashion_mnist", max_train_samples=640, max_eval_samples=64))
+    configs, steps = suite(suite_name)
     record, rank = {}, 0
-    for method in sorted(METHODS):
-        trainer = make_trainer(data, out / method, fast_sparsity(method), max_steps=12,
-                               per_device_train_batch_size=16, ddp_backend="gloo")
-        digests: list[str] = []
-        trainer.add_callback(RecordMasks(trainer, digests))
+    for name, sparsity in sorted(configs.items()):
+        trainer = make_trainer(data, out / name, sparsity, max_steps=steps, per_device_train_batch_size=16,
+                               ddp_backend="gloo")
+        record[name] = {"masks": [], "state": []}
+        trainer.add_callback(RecordState(trainer, record[name]))
         trainer.train()
         rank = trainer.args.process_index
-        record[method] = {"digests": digests, "density": trainer.sparsifier.density(),
-                          "world_size": trainer.args.world_size}
+        record[name].update(density=trainer.sparsifier.density(), world_size=trainer.args.world_size)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -47,4 +65,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(sys.argv[1], Path(sys.argv[2]))

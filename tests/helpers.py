@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
@@ -58,10 +59,32 @@ def mask_digest(masks: list[torch.Tensor]) -> str:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def launch_two_processes(worker: str, out_dir, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run ``tests/<worker>`` under ``accelerate launch`` with 2 CPU processes (gloo), as DESIGN.md §7 says."""
+def state_digest(state: Any) -> str:
+    """SHA-256 over every tensor and plain value of a (nested) ``state_dict``."""
+    h = hashlib.sha256()
+
+    def visit(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(str(k).encode())
+                visit(x[k])
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                visit(item)
+        else:
+            h.update(repr(x).encode())
+
+    visit(state)
+    return h.hexdigest()
+
+
+def launch_two_processes(suite: str, out_dir, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo),
+    as DESIGN.md §7 says."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "tests" / worker), str(out_dir)]
+           str(REPO / "tests" / "dist_worker.py"), suite, str(out_dir)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)

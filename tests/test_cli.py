@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=512", "data.max_eval_samples=256", "training.num_train_epochs=1",
         "training.per_device_train_batch_size=32", "training.disable_tqdm=true"]
 RESULT_KEYS = {"method", "target_density", "achieved_density", "model_density", "per_layer", "eval",
-               "train_runtime_s", "train_steps", "world_size", "hf_sparse_version"}
+               "train_runtime_s", "train_steps", "world_size", "hf_sparse_version", "method_metrics"}
 
 
 def test_train_writes_the_run_directory(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Two real processes through ``accelerate launch``: masks identical on both ranks after every step."""
+"""Two real processes through ``accelerate launch``: masks and method state identical on both ranks
+after every step."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from tests.helpers import launch_two_processes
 
 
 def test_masks_identical_on_two_ranks(tmp_path):
-    proc = launch_two_processes("dist_worker.py", tmp_path)
+    proc = launch_two_processes("methods", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]) == set(METHODS)
     for method in METHODS:
         a, b = ranks[0][method], ranks[1][method]
         assert a["world_size"] == 2
-        assert len(a["digests"]) == 12
-        assert a["digests"] == b["digests"], method
+        assert len(a["masks"]) == len(a["state"]) == 12
+        assert a["masks"] == b["masks"], method
+        assert a["state"] == b["state"], method  # scores, thresholds, multipliers: bit-identical
         assert a["density"] == b["density"] and a["density"] < 1.0, method

@@ -445,14 +445,14 @@ def test_gates_identical_on_two_ranks(tmp_path):
 
     from tests.helpers import launch_two_processes
 
-    proc = launch_two_processes("dist_l0_worker.py", tmp_path, timeout=600)
+    proc = launch_two_processes("l0", tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert set(ranks[0]) == set(TRAINER_CONFIGS)
     for name in TRAINER_CONFIGS:
         a, b = ranks[0][name], ranks[1][name]
-        assert a["world_size"] == 2 and len(a["gates"]) == 10
-        assert a["gates"] == b["gates"], name  # log_alpha bit-identical after every step
+        assert a["world_size"] == 2 and len(a["state"]) == 10
+        assert a["state"] == b["state"], name  # log_alpha, weights, multipliers bit-identical after every step
         assert a["masks"] == b["masks"], name
 
 
@@ -466,6 +466,9 @@ def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
     trainer.train()
     structure = trainer.sparsifier.method.structure()
     assert [len(structure[n]) for n in ("fc1.weight", "fc2.weight")] == [16, 8]  # half of (32, 16) units
+    # results.json/sparsity.json carry the unit density; achieved_density counts weights
+    report = trainer.sparsifier.report(trainer.model)
+    assert report["method_metrics"]["hard_density"] == 0.5
     folder = trainer.save_sparse_model(tmp_path / "model", format="purged")
     small = load_sparse(folder)
     assert small.fc1.out_features == 16 and small.fc2.out_features == 8

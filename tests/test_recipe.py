@@ -94,6 +94,15 @@ def test_yaml_is_loaded_safely(tmp_path):
         recipe_from_text("model: !!python/object/apply:os.system ['echo pwned']\n")
 
 
+def test_yes_no_on_off_stay_strings(tmp_path):
+    """YAML 1.2 booleans: transformers' ``save_strategy: no`` must not become False."""
+    r = load_recipe(write(tmp_path, GOOD.replace("  learning_rate: 0.001\n",
+                                                 "  learning_rate: 0.001\n  save_strategy: no\n  bf16: false\n")),
+                    ["training.eval_strategy=no", "training.use_cpu=true"])
+    assert r.training["save_strategy"] == "no" and r.training["eval_strategy"] == "no"
+    assert r.training["bf16"] is False and r.training["use_cpu"] is True
+
+
 def test_bad_override_is_named_as_such(tmp_path):
     with pytest.raises(RecipeError, match=r"\(--set\): sparsity.target_density: .*less than or equal to 1"):
         load_recipe(write(tmp_path, GOOD), ["sparsity.target_density=2"])

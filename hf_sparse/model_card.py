@@ -2,7 +2,7 @@
 
 The front matter is built from ``ModelCardData``/``EvalResult`` so it is exactly what the Hub
 parses (tags, datasets, ``model-index`` metrics); the body comes from the Jinja template in
-``model_cards/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
+``hf_sparse/templates/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-#: The template lives at the repository root (``model_cards/``) so it can be edited without code.
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "sparse_model.md"
+#: Package data, so a wheel install renders cards too; edit it without touching code.
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "sparse_model.md"
 #: Written where the repo id is not known yet; ``hub.push_to_hub`` substitutes the real id in the pushed copy.
 REPO_PLACEHOLDER = "<repo_id>"
 #: hf_sparse's task names (``DataBundle.task``) that differ from the Hub's pipeline tags.

@@ -1,10 +1,11 @@
-"""Dense vs gmp / gradual / dns on LeNet-300-100 + Fashion-MNIST, side by side in one process.
+"""Dense vs sparsity methods on LeNet-300-100 + Fashion-MNIST, side by side in one process.
 
 Every variant starts from the same initial weights and sees the same batches. For each batch the
 variants take one training step each (forward, backward, the method's hooks, Adam step) in
 rotating order, so the CPU's fast and slow phases hit all of them alike. The script reports the
 median per-step time ratio to dense, and the achieved density and test accuracy after training.
-Hyper-parameters and sparsity settings are read from recipes/fmnist_lenet300_<method>.yaml.
+Hyper-parameters and sparsity settings are read from recipes/fmnist_lenet300_<variant>.yaml
+(variants: gmp, gradual, dns, l0_constrained, l0_augmented, autoprune, ...).
 
     python bench/bench_engine.py [--epochs 10] [--density 0.1] [--methods gmp gradual dns]
 """
@@ -59,12 +60,14 @@ def main() -> None:
     for name in ["dense", *args.methods]:
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(model.parameters(), lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         sp = None
         if name != "dense":
             recipe = load_recipe(REPO / f"recipes/fmnist_lenet300_{name}.yaml", [f"sparsity.target_density={args.density}"])
             sp = Sparsifier(model, recipe.sparsity, seed=tr["seed"])
             sp.setup(total)
+            for group in sp.method.param_groups(tr["learning_rate"]):  # gates, auxiliary masks
+                opt.add_param_group(group)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         variants[name] = (model, opt, sched, sp)
 
     def step(name, batch, i) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -110,8 +111,9 @@ def main() -> None:
             if seed is not None:
                 name, sets = f"{name}-seed{seed}", [*sets, f"training.seed={seed}"]
             jobs.append((kind, setting, out / name, [*common, *sets]))
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter per run: no shared torch state
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+    context = multiprocessing.get_context("spawn")
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}  # one interpreter per run
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context, **fresh) as pool:
         futures = [pool.submit(run, recipes[kind], kind, path, sets) for kind, _, path, sets in jobs]
         rows = []
         for (kind, setting, _, _), future in zip(jobs, futures):

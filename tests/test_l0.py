@@ -97,6 +97,34 @@ def test_expected_l0_by_hand():
     assert float(hc.expected_l0(la)) == pytest.approx(0.831822 + 0.400975 + 0.999991, abs=1e-5)
 
 
+def _noise_hitting(stretched_value: float, near: float) -> torch.Tensor:
+    """Float32 noise values (log_alpha = 0) whose stretched sample is exactly ``stretched_value``."""
+    bits = torch.tensor(near, dtype=torch.float32).view(torch.int32).item()
+    cand = torch.arange(bits - 200_000, bits + 200_000, dtype=torch.int32).view(torch.float32)
+    s = cand.mul(1.0 / hc.BETA).sigmoid()
+    return cand[s * (hc.ZETA - hc.GAMMA) + hc.GAMMA == stretched_value]
+
+
+def test_sample_slope_equals_autograd_and_keeps_the_inside_value_at_the_clamp_ends():
+    """The hot path's dz/dlog_alpha is autograd's through the same arithmetic; where the stretched
+    sample is exactly 0 or 1 (float32 hits those) it is the inside derivative, where torch's clamp
+    gives 0. Pinned, because changing it changes every trained result."""
+    ends = torch.cat([_noise_hitting(1.0, math.log(11) * hc.BETA), _noise_hitting(0.0, -math.log(11) * hc.BETA)])
+    assert len(ends) >= 2
+    noise = torch.cat([ends, hc.logistic_noise(hc.sample_uniform((4000,), step_generator(0, 0, "t")))])
+    log_alpha = torch.cat([torch.zeros(len(ends)), torch.linspace(-6, 6, 4000)]).requires_grad_()
+    z_ref = (torch.add(noise, log_alpha).mul(1.0 / hc.BETA).sigmoid() * (hc.ZETA - hc.GAMMA) + hc.GAMMA).clamp(0, 1)
+    z_ref.sum().backward()
+    z, slope = hc.sample_and_slope(log_alpha.detach(), noise)
+    assert torch.equal(z, z_ref.detach())
+    n = len(ends)
+    s = noise[:n].mul(1.0 / hc.BETA).sigmoid()
+    torch.testing.assert_close(slope[:n], (hc.ZETA - hc.GAMMA) / hc.BETA * s * (1 - s), rtol=1e-6, atol=0)
+    assert torch.all(log_alpha.grad[:n] == 0)  # torch's clamp: no gradient at exactly min or max
+    torch.testing.assert_close(slope[n:], log_alpha.grad[n:], rtol=1e-6, atol=0)
+    assert (slope[n:] == 0).any() and (slope[n:] > 0).any()  # clamped and open samples are covered
+
+
 def test_init_and_fp32_under_autocast():
     la = hc.init_log_alpha((100_000,), 0.2, step_generator(0, 0))
     assert float(la.mean()) == pytest.approx(math.log(0.8 / 0.2), abs=1e-3)

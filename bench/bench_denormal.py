@@ -1,8 +1,9 @@
 """Why pruned weights' optimizer state matters on CPU: ``sqrt`` over normal, zero and subnormal floats.
 
 Masked gradients leave Adam's second moment ``v`` of a pruned weight to decay by ``beta2`` per
-step: it turns subnormal and, in float32, stays there (``v * beta2`` rounds back to ``v``). This times ``v.sqrt().add_(eps)`` (Adam's denominator) over
-each kind of value, side by side, and counts the steps until ``v`` leaves the normal range.
+step: it turns subnormal and, in float32, stays there (``v * beta2`` rounds back to ``v``). This
+times ``v.sqrt().add_(eps)`` (Adam's denominator) over each kind of value, side by side, and
+counts the steps until ``v`` leaves the normal range and until it stops changing.
 
     OMP_NUM_THREADS=1 python bench/bench_denormal.py [--numel 2000000] [--beta2 0.999] [--v0 1e-4]
 """

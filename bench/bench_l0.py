@@ -57,7 +57,7 @@ def run(recipe_file: str, kind: str, out: Path, overrides: list[str]) -> dict:
     runtime = time.perf_counter() - started
     ev = trainer.evaluate()
     row = {"kind": kind, "overrides": overrides, "accuracy": ev["eval_accuracy"], "train_s": runtime,
-           "density": 1.0, "target": recipe.sparsity.target_density, "seed": recipe.training.get("seed", 42)}
+           "density": 1.0, "target": recipe.sparsity.target_density, "seed": trainer.args.seed}
     if trainer.sparsifier is not None:
         row["density"] = trainer.sparsifier.density()
         row["per_layer"] = {k: v["density"] for k, v in trainer.sparsifier.per_layer().items()}

@@ -76,8 +76,12 @@ class Sparsifier:
         layers = self.per_layer()
         logs = {"sparsity/density": self.density(layers)}
         logs.update({f"sparsity/density/{name}": v["density"] for name, v in layers.items()})
-        logs.update({f"sparsity/{self.config.method}/{k}": float(v) for k, v in self.method.metrics().items()})
+        logs.update({f"sparsity/{self.config.method}/{k}": v for k, v in self.method_metrics().items()})
         return logs
+
+    def method_metrics(self) -> dict[str, float]:
+        """The method's own numbers (thresholds, counts, multipliers, L0's gate-count density)."""
+        return {k: float(v) for k, v in self.method.metrics().items()}
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """The sparsity facts of ``results.json`` and ``sparsity.json``.
@@ -93,7 +97,7 @@ class Sparsifier:
             "model_density": model_density(model),
             "per_layer": layers,
             "structure": self.method.structure(),
-            "method_metrics": {k: float(v) for k, v in self.method.metrics().items()},
+            "method_metrics": self.method_metrics(),
             "hf_sparse_version": __version__,
         }
 

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from hf_sparse.data import load_data
 from hf_sparse.methods import METHODS
 from hf_sparse.recipe import DataConfig
-from tests.helpers import fast_sparsity, make_trainer, mask_digest, state_digest
+from tests.helpers import fast_sparsity, make_trainer, state_digest
 
 
 def suite(name: str) -> tuple[dict[str, dict], int]:
@@ -41,7 +41,7 @@ class RecordState(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         method = self.trainer.sparsifier.method
-        self.record["masks"].append(mask_digest(method.hard_masks()))
+        self.record["masks"].append(state_digest(method.hard_masks()))
         self.record["state"].append(state_digest(method.state_dict()))
 
 

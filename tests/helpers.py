@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -49,13 +50,6 @@ def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_over
                          compute_metrics=data.compute_metrics, sparsity=sparsity)
 
 
-def mask_digest(masks: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for m in masks:
-        h.update(m.to(torch.uint8).cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,11 +74,13 @@ def state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
-def launch_two_processes(suite: str, out_dir, timeout: int = 900) -> subprocess.CompletedProcess:
+def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
     """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo),
-    as DESIGN.md §7 says."""
+    as DESIGN.md §7 says, and return what ranks 0 and 1 recorded."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "tests" / "dist_worker.py"), suite, str(out_dir)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]

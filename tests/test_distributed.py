@@ -3,16 +3,12 @@ after every step."""
 
 from __future__ import annotations
 
-import json
-
 from hf_sparse.methods import METHODS
-from tests.helpers import launch_two_processes
+from tests.helpers import two_rank_records
 
 
 def test_masks_identical_on_two_ranks(tmp_path):
-    proc = launch_two_processes("methods", tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_rank_records("methods", tmp_path)
     assert set(ranks[0]) == set(METHODS)
     for method in METHODS:
         a, b = ranks[0][method], ranks[1][method]

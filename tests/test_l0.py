@@ -469,13 +469,9 @@ def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
 
 
 def test_gates_identical_on_two_ranks(tmp_path):
-    import json
+    from tests.helpers import two_rank_records
 
-    from tests.helpers import launch_two_processes
-
-    proc = launch_two_processes("l0", tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = two_rank_records("l0", tmp_path, timeout=600)
     assert set(ranks[0]) == set(TRAINER_CONFIGS)
     for name in TRAINER_CONFIGS:
         a, b = ranks[0][name], ranks[1][name]

@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from hf_sparse.recipe import load_recipe
-from hf_sparse.run import make_trainer, prepare_run
+from hf_sparse.training.recipe import load_recipe
+from hf_sparse.training.run import make_trainer, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]
 

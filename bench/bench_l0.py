@@ -31,8 +31,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from hf_sparse.recipe import load_recipe
-from hf_sparse.run import make_trainer, prepare_run
+from hf_sparse.training.recipe import load_recipe
+from hf_sparse.training.run import make_trainer, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {

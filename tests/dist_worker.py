@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from hf_sparse.data import load_data
 from hf_sparse.methods import METHODS
-from hf_sparse.recipe import DataConfig
+from hf_sparse.training.recipe import DataConfig
 from tests.helpers import fast_sparsity, make_trainer, state_digest
 
 

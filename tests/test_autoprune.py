@@ -8,8 +8,8 @@ from torch import nn
 
 from hf_sparse.methods import get_method
 from hf_sparse.methods.base import optimizer_states
-from hf_sparse.recipe import RecipeError, recipe_from_text
-from hf_sparse.targets import resolve_targets
+from hf_sparse.methods.targets import resolve_targets
+from hf_sparse.training.recipe import RecipeError, recipe_from_text
 from tests.helpers import make_trainer
 
 AutoPrune = get_method("autoprune")

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
-from hf_sparse.export import (
+from hf_sparse.checkpoint.save_and_load import (
     BITMASK_WEIGHTS,
     CheckpointError,
     inspect_checkpoint,
@@ -21,7 +21,7 @@ from hf_sparse.export import (
     save_sparse_checkpoint,
     unpack_tensor,
 )
-from hf_sparse.export_cli import add_subcommands
+from hf_sparse.cli.checkpoint import add_subcommands
 from hf_sparse.models.build import TimmClassifier
 from hf_sparse.models.lenet import LeNetConfig, LeNetForImageClassification
 

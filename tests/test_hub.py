@@ -6,8 +6,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, snapshot_download
 
-from hf_sparse.export import CheckpointError, load_sparse, save_sparse_checkpoint
-from hf_sparse.hub import HubError, push_to_hub
+from hf_sparse.checkpoint.hub import HubError, push_to_hub
+from hf_sparse.checkpoint.save_and_load import CheckpointError, load_sparse, save_sparse_checkpoint
 from tests.conftest import HUB_TOKEN
 from tests.hub_server import closed_endpoint
 from tests.test_export import RECIPE, X_MNIST, folder_hashes, logits, sparse_lenet, sparse_timm

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_sparse.constraints import AugmentedLagrangianController, LagrangianController
 from hf_sparse.methods import get_method
 from hf_sparse.methods import hard_concrete as hc
 from hf_sparse.methods.base import step_generator
-from hf_sparse.targets import resolve_targets
+from hf_sparse.methods.constraints import AugmentedLagrangianController, LagrangianController
+from hf_sparse.methods.targets import resolve_targets
 
 L0 = get_method("l0")
 
@@ -366,7 +366,7 @@ def conv_bn_model() -> nn.Sequential:
 
 
 def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
-    from hf_sparse.targets import TargetSpec
+    from hf_sparse.methods.targets import TargetSpec
 
     model = conv_bn_model()
     conv, bn, head = model[0], model[1], model[4]
@@ -481,7 +481,7 @@ def test_gates_identical_on_two_ranks(tmp_path):
 
 
 def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
-    from hf_sparse.export import load_sparse
+    from hf_sparse.checkpoint.save_and_load import load_sparse
     from tests.helpers import make_trainer
 
     sparsity = {"method": "l0", "target_density": 0.5, "targets": {"exclude": ["classifier.*"]},

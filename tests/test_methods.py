@@ -10,7 +10,7 @@ from torch import nn
 
 from hf_sparse.methods import get_method
 from hf_sparse.methods.base import step_generator
-from hf_sparse.targets import resolve_targets
+from hf_sparse.methods.targets import resolve_targets
 
 
 def linear_with(weights: list[float]) -> nn.Linear:

@@ -7,7 +7,7 @@ import torch
 
 from hf_sparse.models import build_model
 from hf_sparse.models.build import TimmClassifier
-from hf_sparse.recipe import ModelConfig
+from hf_sparse.training.recipe import ModelConfig
 from tests.helpers import make_trainer
 
 SOURCES = {

@@ -18,7 +18,7 @@ from hf_sparse import SparseTrainer
 from hf_sparse.data import load_data
 from hf_sparse.methods import METHODS
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
-from hf_sparse.recipe import DataConfig
+from hf_sparse.training.recipe import DataConfig
 from tests.helpers import fast_sparsity, tiny_args
 
 STEPS = 20  # tests.helpers.FAST_SPARSITY prunes within 20 steps

@@ -26,7 +26,7 @@ from hf_sparse.data.speech import (
 from hf_sparse.models import build_model
 from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
-from hf_sparse.recipe import DataConfig, ModelConfig, load_recipe
+from hf_sparse.training.recipe import DataConfig, ModelConfig, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SPEECH_RECIPES = ["fsdd_gru_dense", "fsdd_gru_gradual", "fsdd_lstm_dense", "fsddctc_gru_dense", "fsddctc_gru_gradual"]

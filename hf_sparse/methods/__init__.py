@@ -21,6 +21,6 @@ def get_method(name: str) -> type[SparsityMethod]:
 
 
 # Importing the modules registers the methods.
-from . import autoprune, gmp, gradual, l0, surgery  # noqa: E402,F401
+from . import autoprune, dns, gmp, gradual, l0  # noqa: E402,F401
 
 __all__ = ["METHODS", "MaskedMethod", "MethodConfig", "SparsityMethod", "get_method", "register_method"]

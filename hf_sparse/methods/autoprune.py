@@ -47,11 +47,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..constraints import LagrangianController
-from ..targets import Target
 from . import register_method
 from .base import MethodConfig, SparsityMethod, optimizer_states
-from .schedule import resolve_step
+from .constraints import LagrangianController
+from .schedules import resolve_step
+from .targets import Target
 
 _GATES = {"LSTM": 4, "GRU": 3}
 

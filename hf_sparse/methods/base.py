@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..targets import Target
+from .targets import Target
 
 
 class MethodConfig(BaseModel):

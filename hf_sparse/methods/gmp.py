@@ -16,7 +16,7 @@ from pydantic import Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig
-from .schedule import resolve_step, topk_mask
+from .schedules import resolve_step, topk_mask
 
 
 class GMPConfig(MethodConfig):

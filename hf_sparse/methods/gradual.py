@@ -23,7 +23,7 @@ from pydantic import Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig
-from .schedule import kth_largest, resolve_step, topk_mask
+from .schedules import kth_largest, resolve_step, topk_mask
 
 
 class GradualConfig(MethodConfig):

@@ -60,11 +60,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..constraints import AugmentedLagrangianController, LagrangianController
-from ..targets import Target
 from . import hard_concrete as hc
 from . import register_method
 from .base import MethodConfig, SparsityMethod, step_generator
+from .constraints import AugmentedLagrangianController, LagrangianController
+from .targets import Target
 
 _RECURRENT = re.compile(r"^weight_(?:ih|hh)_(l\d+(?:_reverse)?)$")
 

@@ -16,12 +16,12 @@ from typing import Any
 from torch import nn
 from transformers import TrainingArguments, set_seed
 
-from . import __version__
-from .data import DataBundle, DataError, load_data
-from .engine import dense_report
-from .models import build_model
+from .. import __version__
+from ..data import DataBundle, DataError, load_data
+from ..methods.targets import TargetSpec, unmatched_patterns
+from ..models import build_model
 from .recipe import Recipe, RecipeError
-from .targets import TargetSpec, unmatched_patterns
+from .sparsifier import dense_report
 
 #: TrainingArguments defaults where hf_sparse differs from transformers (a recipe can override them).
 TRAINING_DEFAULTS: dict[str, Any] = {"report_to": "none", "save_strategy": "no", "logging_steps": 50}
@@ -53,7 +53,7 @@ def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
         field = e.key or ("hub_id" if recipe.data.hub_id else "path" if recipe.data.path else "name")
         raise recipe.error(("data", field), str(e)) from None
     except KeyError:
-        from .data import DATA_SOURCES
+        from ..data import DATA_SOURCES
 
         raise recipe.error(("data", "name"), f"unknown data source {recipe.data.name!r}; "
                                              f"known: {', '.join(sorted(DATA_SOURCES))}") from None
@@ -110,7 +110,7 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
                                   dataset=run.data.card_name or None, task=run.data.task)
         export = run.recipe.export
         if export.push_to_hub:
-            from .hub import push_to_hub
+            from ..checkpoint.hub import push_to_hub
 
             results["hub_commit"] = push_to_hub(out / "model", export.hub_model_id, private=export.private,
                                                 revision=export.revision)

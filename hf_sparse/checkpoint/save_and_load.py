@@ -51,7 +51,7 @@ class CheckpointError(ValueError):
 
 def hf_sparse_version() -> str:
     try:
-        from . import __version__
+        from .. import __version__
 
         return __version__
     except ImportError:  # a partial checkout without the package's __init__ exports
@@ -365,7 +365,7 @@ def _transformers_class(sparsity: dict, config: dict) -> type:
     """The model class: the recorded one (only from transformers or hf_sparse), else the config's architecture."""
     import transformers
 
-    from . import models  # noqa: F401  (registers hf_sparse's models with the Auto classes)
+    from .. import models  # noqa: F401  (registers hf_sparse's models with the Auto classes)
 
     qualname = sparsity.get("model_class") or ""
     module, _, cls = qualname.rpartition(".")

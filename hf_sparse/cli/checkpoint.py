@@ -1,6 +1,6 @@
 """``hf-sparse export | inspect | push``: the checkpoint subcommands, registered into the main CLI.
 
-``cli.py`` calls :func:`add_subcommands`; each subcommand's function takes the parsed arguments
+``hf_sparse.cli`` calls :func:`add_subcommands`; each subcommand's function takes the parsed arguments
 and returns the exit status: 0 on success, 2 for bad input (one message on stderr, nothing
 written), 1 when a push fails or ``inspect`` finds tensors that disagree with ``sparsity.json``.
 """
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .export import (
+from ..checkpoint.hub import HubError, push_to_hub
+from ..checkpoint.save_and_load import (
     FORMATS,
     SPARSITY_FILE,
     CheckpointError,
@@ -25,7 +26,6 @@ from .export import (
     read_state_dict,
     save_sparse_checkpoint,
 )
-from .hub import HubError, push_to_hub
 
 
 def _fail(command: str, message: str, status: int = 2) -> int:

@@ -2,7 +2,7 @@
 
 The front matter is built from ``ModelCardData``/``EvalResult`` so it is exactly what the Hub
 parses (tags, datasets, ``model-index`` metrics); the body comes from the Jinja template in
-``hf_sparse/templates/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
+``hf_sparse/checkpoint/templates/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
 """
 
 from __future__ import annotations

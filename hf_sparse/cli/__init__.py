@@ -1,4 +1,4 @@
-"""``hf-sparse``: train from a recipe, validate a recipe, and (export_cli) export/inspect/push."""
+"""``hf-sparse``: train or validate a recipe; export, inspect and push checkpoints."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .export_cli import add_subcommands
-from .recipe import RecipeError, load_recipe
+from ..training.recipe import RecipeError, load_recipe
+from .checkpoint import add_subcommands
 
 
 def _train(args: argparse.Namespace) -> int:
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .run import execute_run, prepare_run, summary_table
+    from ..training.run import execute_run, prepare_run, summary_table
 
     recipe = load_recipe(args.recipe, args.set)
     output_dir = Path(args.output_dir or recipe.training.get("output_dir") or f"runs/{Path(args.recipe).stem}")
@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .run import prepare_run
+    from ..training.run import prepare_run
 
     recipe = load_recipe(args.recipe, args.set)
     prepare_run(recipe, "unused-output-dir")

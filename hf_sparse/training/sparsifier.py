@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
-from .methods import get_method
+from .. import __version__
+from ..methods import get_method
+from ..methods.targets import TargetSpec, resolve_targets
 from .recipe import SparsityConfig
-from .targets import TargetSpec, resolve_targets
 
 
 class Sparsifier:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from .targets import LAYER_TYPES
+from ..methods.targets import LAYER_TYPES
 
 Loc = tuple[str | int, ...]
 
@@ -88,7 +88,7 @@ class SparsityConfig(_Section):
 
     @model_validator(mode="after")
     def _known_method(self):
-        from .methods import METHODS
+        from ..methods import METHODS
 
         if self.method == "none":
             return self
@@ -108,7 +108,7 @@ class SparsityConfig(_Section):
         return self
 
     def method_config(self):
-        from .methods import METHODS
+        from ..methods import METHODS
 
         return METHODS[self.method].Config(**self.params)
 

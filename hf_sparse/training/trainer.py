@@ -25,8 +25,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .engine import Sparsifier
 from .recipe import Recipe, SparsityConfig, load_recipe
+from .sparsifier import Sparsifier
 
 SPARSITY_STATE = "sparsity_state.pt"
 
@@ -129,8 +129,8 @@ class SparseTrainer(Trainer):
 
         Training is over once this is called: the method's final hard masks are written first.
         """
-        from .engine import dense_report
-        from .export import save_sparse_checkpoint
+        from ..checkpoint.save_and_load import save_sparse_checkpoint
+        from .sparsifier import dense_report
 
         if self.sparsifier is not None:
             self.sparsifier.finalize()
@@ -151,8 +151,8 @@ class SparseTrainer(Trainer):
         ``repo_id`` defaults to ``args.hub_model_id``. Returns the commit URL; a failure raises
         ``hf_sparse.hub.HubError`` and leaves the local checkpoint untouched.
         """
-        from .hub import DEFAULT_COMMIT_MESSAGE
-        from .hub import push_to_hub as push_folder
+        from ..checkpoint.hub import DEFAULT_COMMIT_MESSAGE
+        from ..checkpoint.hub import push_to_hub as push_folder
 
         repo_id = repo_id or self.args.hub_model_id
         if not repo_id:

@@ -1,0 +1,1 @@
+"""The training half: recipes, the Sparsifier that drives a method, SparseTrainer and the run."""

@@ -2,7 +2,7 @@
 after every step, a digest of the hard masks and one of the method's whole state (masks, scores,
 gate logits, multipliers...).
 
-    dist_worker.py methods OUT   every registered method (tests/test_distributed.py)
+    dist_worker.py methods OUT   every registered (method, granularity) pair (tests/test_distributed.py)
     dist_worker.py l0 OUT        the l0 configurations of tests/test_l0.py
 
 Each rank writes ``OUT/rank<r>.json``: {config: {"masks": [...], "state": [...], "density", "world_size"}}.
@@ -19,15 +19,14 @@ import torch
 from transformers import TrainerCallback
 
 from hf_sparse.data import load_data
-from hf_sparse.methods import METHODS
 from hf_sparse.training.recipe import DataConfig
-from tests.helpers import fast_sparsity, make_trainer, state_digest
+from tests.helpers import fast_sparsity, make_trainer, method_granularities, state_digest
 
 
 def suite(name: str) -> tuple[dict[str, dict], int]:
     """(config name -> sparsity section, steps to train)."""
     if name == "methods":
-        return {method: fast_sparsity(method) for method in METHODS}, 12
+        return {f"{m}/{g}": fast_sparsity(m, g) for m, g in method_granularities()}, 12
     if name == "l0":
         from tests.test_l0 import TRAINER_CONFIGS
 

@@ -40,8 +40,26 @@ FAST_SPARSITY = {
 }
 
 
-def fast_sparsity(method: str) -> dict:
-    return FAST_SPARSITY.get(method, {"method": method, "target_density": 0.3})
+#: The ``sparsity.granularity`` settings every method is tested at (N:M fixes the density at N/M).
+GRANULARITIES = {"unstructured": {}, "block": {"granularity": "block", "block_shape": [4, 4]},
+                 "2:4": {"granularity": "2:4"}, "channel": {"granularity": "channel"}}
+
+
+def method_granularities() -> list[tuple[str, str]]:
+    """Every registered (method, granularity) pair, e.g. ``("dns", "2:4")``."""
+    from hf_sparse.methods import METHODS
+    from hf_sparse.methods.granularity import Granularity
+
+    return [(m, g) for m in sorted(METHODS) for g, extra in GRANULARITIES.items()
+            if Granularity.parse(extra.get("granularity", "unstructured"), extra.get("block_shape")).kind
+            in METHODS[m].granularities]
+
+
+def fast_sparsity(method: str, granularity: str = "unstructured") -> dict:
+    sparsity = {**FAST_SPARSITY.get(method, {"method": method, "target_density": 0.3}), **GRANULARITIES[granularity]}
+    if granularity == "2:4":
+        sparsity.pop("target_density")
+    return sparsity
 
 
 def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_overrides) -> SparseTrainer:

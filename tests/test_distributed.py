@@ -3,14 +3,14 @@ after every step."""
 
 from __future__ import annotations
 
-from hf_sparse.methods import METHODS
-from tests.helpers import two_rank_records
+from tests.helpers import method_granularities, two_rank_records
 
 
 def test_masks_identical_on_two_ranks(tmp_path):
     ranks = two_rank_records("methods", tmp_path)
-    assert set(ranks[0]) == set(METHODS)
-    for method in METHODS:
+    pairs = [f"{m}/{g}" for m, g in method_granularities()]
+    assert set(ranks[0]) == set(pairs)
+    for method in pairs:
         a, b = ranks[0][method], ranks[1][method]
         assert a["world_size"] == 2
         assert len(a["masks"]) == len(a["state"]) == 12

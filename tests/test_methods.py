@@ -33,7 +33,7 @@ def test_gmp_cubic_schedule_values():
     # s_t = s_f + (s_i - s_f)(1 - t/3)^3 with s_f = 0.75, s_i = 0: densities 1, 1-0.75*(1-8/27), 1-0.75*(1-1/27), 0.25
     expected = [1.0, 1 - (0.75 - 0.75 * 8 / 27), 1 - (0.75 - 0.75 / 27), 0.25, 0.25]
     assert [m.density_at(t) for t in range(5)] == pytest.approx(expected)
-    assert [m.is_update_step(t) for t in range(5)] == [True, True, True, True, False]
+    assert [m.schedule.window.is_update_step(t) for t in range(5)] == [True, True, True, True, False]
 
 
 def test_gmp_prunes_smallest_magnitudes_exactly():
@@ -58,7 +58,7 @@ def test_gradual_threshold_formula_and_monotone_masks():
     m = method_on(layer, "gradual", None, 10, start_itr=0, ramp_itr=2, end_itr=4, freq=1,
                   start_slope=0.1, ramp_slope=0.2)
     # eps = theta (itr+1)/freq before ramp; (theta (ramp-start+1) + phi (itr-ramp+1))/freq after
-    assert [m.threshold(i, 0.1, 0.2) for i in range(5)] == pytest.approx([0.1, 0.2, 0.5, 0.7, 0.9])
+    assert [m.eps(i, 0.1, 0.2) for i in range(5)] == pytest.approx([0.1, 0.2, 0.5, 0.7, 0.9])
     survivors = []
     for itr in range(5):
         m.after_step(itr, None)
@@ -117,8 +117,12 @@ def test_dns_surgery_probability_and_shared_draws():
     draws = [m.runs_surgery(i) for i in range(2000, 4000)]
     expected = sum(m.surgery_probability(i) for i in range(2000, 4000))
     assert abs(sum(draws) - expected) < 4 * math.sqrt(expected)
-    # the draw for an iteration is a function of (seed, iteration): the same in every process / resume
-    assert all(m.runs_surgery(i) == m.runs_surgery(i) for i in range(100))
+    # the draw for an iteration is a function of (seed, iteration): another process (or a resumed
+    # run) building the method afresh makes the same choices, and they are u < sigma(iter)
+    other = method_on(linear_with([3.0, 4.0]), "dns", None, 10_000, gamma=1e-3, power=1.0, iter_stop=10_000)
+    assert [other.runs_surgery(i) for i in range(2000, 4000)] == draws
+    u = [torch.rand((), generator=step_generator(0, i, "dns")).item() for i in range(2000, 2100)]
+    assert draws[:100] == [x < m.surgery_probability(i) for x, i in zip(u, range(2000, 2100))]
     assert torch.equal(torch.rand(3, generator=step_generator(0, 7, "x")), torch.rand(3, generator=step_generator(0, 7, "x")))
 
 

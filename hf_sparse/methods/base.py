@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from .granularity import UNSTRUCTURED, Granularity, GroupGrid, build_grids
 from .targets import Target
 
 
@@ -60,23 +61,36 @@ def optimizer_states(optimizer: torch.optim.Optimizer | None, param: torch.Tenso
 
 
 class SparsityMethod:
-    """Base class. Subclasses set ``name``/``Config`` and are registered with ``@register_method``."""
+    """Base class. Subclasses set ``name``/``Config`` and are registered with ``@register_method``.
+
+    A method sees its targets through group grids (:mod:`.granularity`): one grid per layer (or
+    per target), whose groups are single weights, blocks, N:M runs or output units, so the same
+    method code serves every granularity it lists in ``granularities``.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: "required", "optional" or "unused": how the method treats ``sparsity.target_density``.
     target_density_mode: ClassVar[str] = "optional"
+    #: Values of ``sparsity.granularity`` (kinds) the method implements.
+    granularities: ClassVar[tuple[str, ...]] = ("unstructured", "block", "n:m", "channel")
+    #: Whether Trainer's weight decay may act on the targeted weights.
+    weight_decay_on_targets: bool = True
 
-    def __init__(self, targets: list[Target], config: MethodConfig, target_density: float | None, seed: int = 0):
+    def __init__(self, targets: list[Target], config: MethodConfig, target_density: float | None, seed: int = 0,
+                 granularity: Granularity = UNSTRUCTURED, model: nn.Module | None = None):
+        """``model`` (optional) lets channel grids pair with the BatchNorm that follows a layer."""
         self.targets = targets
         self.config = config
-        self.target_density = target_density
+        self.granularity = granularity
+        self.target_density = granularity.fixed_density or target_density
         self.seed = seed
         self.total_steps = 0
+        self.grids = self.build_grids(model)
+        self._members = {id(m.target.param): (g, m) for g in self.grids for m in g.weights}
 
-    def attach(self, model: nn.Module) -> None:
-        """Called once with the whole model right after construction, for methods that need more
-        than their targets (e.g. L0 channel gates pairing with a following BatchNorm)."""
+    def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
+        return build_grids(self.targets, self.granularity, model)
 
     @classmethod
     def config_error(cls, config: MethodConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
@@ -108,17 +122,28 @@ class SparsityMethod:
                 t.param.mul_(m)
 
     # -- reporting ---------------------------------------------------------------------------
+    def group_masks(self) -> list[torch.Tensor]:
+        """Boolean keep-masks, one per grid (group-shaped), as the weights would be exported now."""
+        return [g.reduce([(m.param.detach() != 0).float() for m in g.weights], "max") > 0 for g in self.grids]
+
     def hard_masks(self) -> list[torch.Tensor]:
-        """Boolean keep-masks, one per target, as the weights would be exported now."""
-        return [t.param.detach() != 0 for t in self.targets]
+        """Boolean keep-masks, one per target (full shape)."""
+        full = {}
+        for g, keep in zip(self.grids, self.group_masks()):
+            for m in g.weights:
+                full[id(m.target.param)] = m.full(keep)
+        return [full[id(t.param)] for t in self.targets]
 
     def metrics(self) -> dict[str, float]:
         """Method-specific numbers for Trainer's logs (thresholds, counts, multipliers...)."""
         return {}
 
     def structure(self) -> dict[str, list[int]] | None:
-        """For structured methods: target name -> indices of surviving output units/channels."""
-        return None
+        """Channel granularity: target name -> indices of surviving output units/channels."""
+        if not self.granularity.structured:
+            return None
+        return {m.target.name: torch.nonzero(keep).flatten().tolist()
+                for g, keep in zip(self.grids, self.group_masks()) for m in g.weights}
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -129,20 +154,33 @@ class SparsityMethod:
 
 
 class MaskedMethod(SparsityMethod):
-    """A method whose whole state is one boolean keep-mask per target (DNS, GMP, Narang)."""
+    """A method whose state is one boolean mask per grid (DNS, GMP, Narang).
 
-    def __init__(self, targets, config, target_density, seed=0):
-        super().__init__(targets, config, target_density, seed)
-        self.masks = [torch.ones_like(t.param, dtype=torch.bool) for t in targets]
-        self.keep = [torch.ones_like(t.param) for t in targets]
+    The mask of a grid covers its weights and their companions (unit biases, BatchNorm affine
+    parameters at channel granularity), so a pruned unit emits exactly zero.
+    """
+
+    def __init__(self, targets, config, target_density, seed=0, granularity=UNSTRUCTURED, model=None):
+        super().__init__(targets, config, target_density, seed, granularity, model)
+        self.masks = [torch.ones(g.shape, dtype=torch.bool, device=g.members[0].param.device) for g in self.grids]
+        self.covered = [m for g in self.grids for m in g.members]  # every tensor a mask acts on
+        self._factors: list[torch.Tensor] = []
+        self.masks_changed()
 
     def masks_changed(self) -> None:
-        """Refresh the float copies of the masks (multiplying by a float mask is ~4x faster than by a bool one)."""
-        for k, m in zip(self.keep, self.masks):
-            k.copy_(m)
+        """Refresh the float mask of each covered tensor (a float multiply is ~4x faster than a bool one)."""
+        self._factors = [m.expand(mask.to(m.param.dtype)) for g, mask in zip(self.grids, self.masks)
+                         for m in g.members]
 
-    def hard_masks(self) -> list[torch.Tensor]:
+    def group_masks(self) -> list[torch.Tensor]:
         return [m.clone() for m in self.masks]
+
+    def group_scores(self, how: str, values: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per-grid group scores of ``values`` (default: the weights the targets hold now)."""
+        if values is None:
+            return [g.score([m.param.detach() for m in g.weights], how) for g in self.grids]
+        by_param = dict(zip((id(m.target.param) for m in self.covered), values))
+        return [g.score([by_param[id(m.target.param)] for m in g.weights], how) for g in self.grids]
 
     @torch.no_grad()
     def mask_grads(self) -> None:
@@ -151,9 +189,9 @@ class MaskedMethod(SparsityMethod):
         Without this, a 10%-dense model's gradient norm is mostly made of pruned positions and
         clipping shrinks the updates of the weights that are actually kept.
         """
-        for t, k in zip(self.targets, self.keep):
-            if t.param.grad is not None:
-                t.param.grad.mul_(k)
+        for m, f in zip(self.covered, self._factors):
+            if m.param.grad is not None:
+                m.param.grad.mul_(f)
 
     @torch.no_grad()
     def zero_masked(self) -> None:
@@ -165,13 +203,13 @@ class MaskedMethod(SparsityMethod):
         exactly zero puts Adam's ``sqrt`` on zeros, which runs ~5x slower than on normal floats on
         CPU (measured; it made a whole gmp training step ~25% slower than dense).
         """
-        for t, k in zip(self.targets, self.keep):
-            t.param.mul_(k)
+        for m, f in zip(self.covered, self._factors):
+            m.param.mul_(f)
 
     def state_dict(self) -> dict[str, Any]:
         return {"masks": [m.clone() for m in self.masks]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for m, saved in zip(self.masks, state["masks"]):
+        for m, saved in zip(self.masks, state["masks"], strict=True):
             m.copy_(saved)
         self.masks_changed()

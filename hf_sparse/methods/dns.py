@@ -17,19 +17,27 @@ at the first surgery ``recalibrate_every`` or more iterations after the last ref
 last surgery, at ``iter_stop``, always runs and keeps exactly the ``round(d * n)`` largest weights,
 so each layer ends at density d.
 
-Effective weights: between steps the target holds ``W * T``; the method keeps the dense W. After
-backward the dense W is written back so the optimizer updates it; after the step it is saved
-again and ``W * T`` written for the next forward (and for evaluation).
+Granularity: T is one bit per group (:mod:`.granularity`) and ``|W|`` above is the group's mean
+``|w|``, so the statistics, thresholds and band keep the units of a weight. With N:M every surgery
+keeps the N largest dense weights of every M (the band cannot hold N of M), still splicing.
+The paper's names ``start_iter`` and ``iter_stop`` (``stop_fraction``) are accepted for
+``start_step`` and ``end_step`` (``end_fraction``).
+
+Effective weights: between steps the target holds ``W * T``; the method keeps the dense W (and,
+at channel granularity, the dense biases and BatchNorm parameters of each unit) in a
+:class:`~.reparam.RealWeights`. After backward the dense values are written back so the optimizer
+updates them; after the step they are saved again and ``W * T`` written for the next forward.
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig, step_generator
-from .schedules import kth_largest, resolve_step, topk_mask
+from .reparam import RealWeights
+from .schedules import StepWindow
 
 
 class DNSConfig(MethodConfig):
@@ -37,10 +45,14 @@ class DNSConfig(MethodConfig):
     gamma: float = Field(1e-4, ge=0, description="surgery probability (1 + gamma * iter) ** -power")
     power: float = Field(1.0, ge=0, description="exponent of the surgery probability")
     band: tuple[float, float] = Field((0.9, 1.1), description="(a, b) = band * t: prune below a, splice above b")
-    start_iter: int | None = Field(None, ge=0, description="first surgery (statistics taken here); default start_fraction")
-    iter_stop: int | None = Field(None, ge=0, description="last surgery; default stop_fraction of the run")
-    start_fraction: float = Field(0.0, ge=0, le=1, description="start_iter as a fraction of the optimizer steps")
-    stop_fraction: float = Field(0.75, ge=0, le=1, description="iter_stop as a fraction of the optimizer steps")
+    start_step: int | None = Field(None, ge=0, validation_alias=AliasChoices("start_step", "start_iter"),
+                                   description="first surgery, statistics taken here (paper: start_iter); "
+                                               "default start_fraction")
+    end_step: int | None = Field(None, ge=0, validation_alias=AliasChoices("end_step", "iter_stop"),
+                                 description="last surgery (paper: iter_stop); default end_fraction of the run")
+    start_fraction: float = Field(0.0, ge=0, le=1, description="start_step as a fraction of the optimizer steps")
+    end_fraction: float = Field(0.75, ge=0, le=1, validation_alias=AliasChoices("end_fraction", "stop_fraction"),
+                                description="end_step as a fraction of the optimizer steps")
     recalibrate_every: int = Field(100, ge=1, description="target mode: iterations between threshold refreshes")
 
 
@@ -50,69 +62,65 @@ class DynamicNetworkSurgery(MaskedMethod):
     Config = DNSConfig
     target_density_mode = "optional"
 
-    def __init__(self, targets, config, target_density, seed=0):
-        super().__init__(targets, config, target_density, seed)
-        self.dense = [t.param.detach().clone() for t in targets]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real = RealWeights([m.target for m in self.covered])
         self.ever_pruned = [torch.zeros_like(m) for m in self.masks]
-        self.t = torch.zeros(len(targets), dtype=torch.float64)
+        self.t = torch.zeros(len(self.grids), dtype=torch.float64)
         self.surgeries = 0
         self.calibrated_at = -1  # target mode: iteration of the last threshold refresh
 
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
         c = self.config
-        self.start = resolve_step(c.start_iter, c.start_fraction, total_steps)
-        self.stop = max(self.start, resolve_step(c.iter_stop, c.stop_fraction, total_steps))
+        self.window = StepWindow.resolve(total_steps, c.start_step, c.start_fraction, c.end_step, c.end_fraction)
+        self.real.follow()
 
     def surgery_probability(self, itr: int) -> float:
         return (1.0 + self.config.gamma * itr) ** -self.config.power
 
     def runs_surgery(self, itr: int) -> bool:
         """Whether surgery happens after iteration ``itr``: the paper's random schedule, same on every rank."""
-        if itr < self.start or itr > self.stop:
+        if not self.window.contains(itr):
             return False
-        if itr in (self.start, self.stop) and self.target_density is not None:
+        if itr in (self.window.start, self.window.end) and self.target_density is not None:
             return True
         u = torch.rand((), generator=step_generator(self.seed, itr, "dns")).item()
         return u < self.surgery_probability(itr)
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        for t, w in zip(self.targets, self.dense):
-            t.param.copy_(w)  # the gradient w.r.t. W*T now updates the dense W
+        self.real.restore()  # the gradient w.r.t. W*T now updates the dense W
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
-        for t, w in zip(self.targets, self.dense):
-            w.copy_(t.param)
+        self.real.store()
         if self.runs_surgery(step):
-            self.set_thresholds(step)
-            self.surgery(final=self.target_density is not None and step == self.stop)
-        for t, w, k in zip(self.targets, self.dense, self.keep):
-            torch.mul(w, k, out=t.param)
+            scores = self.group_scores("mean", self.real.values)
+            self.set_thresholds(step, scores)
+            self.surgery(scores, final=self.target_density is not None and step == self.window.end)
+        self.real.write(self._factors)
 
-    def set_thresholds(self, step: int) -> None:
+    def set_thresholds(self, step: int, scores: list[torch.Tensor]) -> None:
         if self.target_density is None:
             if self.surgeries == 0:
-                for i, w in enumerate(self.dense):
-                    a = w.abs()
+                for i, a in enumerate(scores):
                     self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
         elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
-            for i, w in enumerate(self.dense):
-                self.t[i] = kth_largest(w.abs(), round(self.target_density * w.numel()))
+            for i, (g, a) in enumerate(zip(self.grids, scores)):
+                self.t[i] = g.threshold(a, self.target_density)
             self.calibrated_at = step
 
-    def surgery(self, final: bool = False) -> None:
+    def surgery(self, scores: list[torch.Tensor], final: bool = False) -> None:
         lo, hi = self.config.band
-        for i, (w, m, k, ever) in enumerate(zip(self.dense, self.masks, self.keep, self.ever_pruned)):
-            a = w.abs()
-            if final:
-                new = topk_mask(a, round(self.target_density * a.numel()))
+        for i, (g, a, m, ever) in enumerate(zip(self.grids, scores, self.masks, self.ever_pruned)):
+            if final or g.granularity.kind == "n:m":
+                new = g.select(a, self.target_density)
             else:
                 # T stays 1 while |W| > a = lo*t and becomes 1 once |W| > b = hi*t: one comparison
-                # against a per-weight threshold (lo*t where kept, hi*t where pruned) does both.
+                # against a per-group threshold (lo*t where kept, hi*t where pruned) does both.
                 t = float(self.t[i])
-                new = a > k.mul((lo - hi) * t).add_(hi * t)
+                new = a > m.to(a.dtype).mul_((lo - hi) * t).add_(hi * t)
             ever |= ~new
             m.copy_(new)
         self.masks_changed()
@@ -120,27 +128,29 @@ class DynamicNetworkSurgery(MaskedMethod):
 
     def finalize(self) -> None:
         super().finalize()
-        for w, t in zip(self.dense, self.targets):
-            w.copy_(t.param)
+        self.real.store()
+
+    def _weights(self, flags: list[torch.Tensor]) -> int:
+        return int(sum(float((g.sizes * f).sum()) for g, f in zip(self.grids, flags)))
 
     def spliced(self) -> int:
         """Weights that surgery pruned at some point and that are kept now: spliced back."""
-        return int(sum((e & m).sum() for e, m in zip(self.ever_pruned, self.masks)))
+        return self._weights([e & m for e, m in zip(self.ever_pruned, self.masks)])
 
     def metrics(self) -> dict[str, float]:
         return {"spliced": self.spliced(), "surgeries": self.surgeries,
-                "pruned_now": int(sum((~m).sum() for m in self.masks)), "threshold_mean": float(self.t.mean())}
+                "pruned_now": self._weights([~m for m in self.masks]), "threshold_mean": float(self.t.mean())}
 
     def state_dict(self):
-        return {**super().state_dict(), "dense": [w.clone() for w in self.dense],
+        return {**super().state_dict(), "dense": self.real.state_dict(),
                 "ever_pruned": [e.clone() for e in self.ever_pruned], "t": self.t.clone(),
                 "surgeries": self.surgeries, "calibrated_at": self.calibrated_at}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        for dst, key in ((self.dense, "dense"), (self.ever_pruned, "ever_pruned")):
-            for d, s in zip(dst, state[key]):
-                d.copy_(s)
+        self.real.load_state_dict(state["dense"])
+        for d, s in zip(self.ever_pruned, state["ever_pruned"], strict=True):
+            d.copy_(s)
         self.t.copy_(state["t"])
         self.surgeries = int(state["surgeries"])
         self.calibrated_at = int(state["calibrated_at"])

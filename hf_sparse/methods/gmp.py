@@ -2,9 +2,11 @@
 
 Sparsity follows the cubic schedule ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t_end - t0))**3``,
 applied every ``frequency`` steps from ``t0`` to ``t_end`` (and always exactly at ``t_end``). At each
-update the smallest-magnitude weights are pruned, per layer or globally, keeping exactly
-``round(density * n)`` weights, so the final density is the target to the weight. Pruned weights
-are held at zero after every optimizer step.
+update the lowest-scoring groups are pruned, per layer or globally, keeping ``density * n`` weights
+(exactly ``round(density * n)`` when groups are single weights), so the final density is the
+target. A group's score is the mean ``|w|`` of its weights (the L1 norm per weight, fair to the
+smaller edge blocks); N:M keeps the largest of every M. Pruned weights are held at zero after
+every optimizer step.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from pydantic import Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig
-from .schedules import resolve_step, topk_mask
+from .granularity import keep_top
+from .schedules import CubicSchedule, StepWindow
 
 
 class GMPConfig(MethodConfig):
@@ -26,7 +29,7 @@ class GMPConfig(MethodConfig):
     start_fraction: float = Field(0.1, ge=0, le=1, description="t0 as a fraction of the optimizer steps")
     end_fraction: float = Field(0.75, ge=0, le=1, description="t_end as a fraction of the optimizer steps")
     frequency: int = Field(50, ge=1, description="steps between mask updates (Zhu & Gupta's delta t)")
-    scope: Literal["layer", "global"] = Field("layer", description="rank magnitudes per layer or across all targets")
+    scope: Literal["layer", "global"] = Field("layer", description="rank scores per layer or across all targets")
 
 
 @register_method
@@ -38,38 +41,26 @@ class GradualMagnitudePruning(MaskedMethod):
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
         c = self.config
-        self.t0 = resolve_step(c.start_step, c.start_fraction, total_steps)
-        self.t_end = max(self.t0, resolve_step(c.end_step, c.end_fraction, total_steps))
+        window = StepWindow.resolve(total_steps, c.start_step, c.start_fraction, c.end_step, c.end_fraction,
+                                    c.frequency)
+        self.schedule = CubicSchedule(1.0 - c.initial_sparsity, self.target_density, window)
 
     def density_at(self, step: int) -> float:
         """Scheduled density after optimizer step ``step`` (0-based)."""
-        s_f, s_i = 1.0 - self.target_density, self.config.initial_sparsity
-        if step >= self.t_end:
-            return 1.0 - s_f
-        progress = 0.0 if self.t_end == self.t0 else (step - self.t0) / (self.t_end - self.t0)
-        return 1.0 - (s_f + (s_i - s_f) * (1.0 - progress) ** 3)
-
-    def is_update_step(self, step: int) -> bool:
-        return step == self.t_end or (self.t0 <= step < self.t_end and (step - self.t0) % self.config.frequency == 0)
+        return self.schedule(step)
 
     def after_backward(self, step: int) -> None:
         self.mask_grads()
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer) -> None:
-        if self.is_update_step(step):
+        if self.schedule.window.is_update_step(step):
             self.prune_to(self.density_at(step))
         self.zero_masked()
 
     @torch.no_grad()
     def prune_to(self, density: float) -> None:
-        scores = [t.param.detach().abs() for t in self.targets]
-        if self.config.scope == "layer":
-            for mask, s in zip(self.masks, scores):
-                mask.copy_(topk_mask(s, round(density * s.numel())))
-        else:
-            flat = torch.cat([s.flatten() for s in scores])
-            keep = topk_mask(flat, round(density * flat.numel())).split([s.numel() for s in scores])
-            for mask, k in zip(self.masks, keep):
-                mask.copy_(k.view_as(mask))
+        new = keep_top(self.grids, self.group_scores("mean"), density, self.config.scope)
+        for mask, k in zip(self.masks, new):
+            mask.copy_(k)
         self.masks_changed()

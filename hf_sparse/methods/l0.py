@@ -1,9 +1,10 @@
 """``l0``: Hard Concrete L0 gates, controlled by a penalty, a constraint or an augmented Lagrangian.
 
-Each gate multiplies a weight (``unstructured``), an output unit (``channel``/``neuron``: a conv
-output channel, a Linear output unit, or a recurrent hidden unit, whose gate covers its rows in
-every gate block of both ``weight_ih`` and ``weight_hh``), or a rank-1 component of a factorised
-Linear ``W = P diag(z) Q`` (``factorized``, Wang et al. 2020; P and Q from an SVD of W).
+Each gate multiplies one group of :mod:`.granularity` - a weight (``unstructured``), a block, a
+weight under an N:M rule, an output unit (``channel``: a conv output channel, a Linear output unit,
+or a recurrent hidden unit, whose gate covers its rows in every gate block of both ``weight_ih``
+and ``weight_hh`` and its biases) - or a rank-1 component of a factorised Linear
+``W = P diag(z) Q`` (``factorized``, Wang et al. 2020; P and Q from an SVD of W).
 
 How the sparsity level is controlled (``control``):
 
@@ -38,13 +39,13 @@ The method keeps the real dense weights ``W`` (and ``P``, ``Q`` when factorised)
 Hard masks that meet the target
 -------------------------------
 The expected density is what the constraint controls; the exported model needs hard 0/1 gates.
-Gates that have not polarised make the two differ. So for the last ``freeze_fraction`` of
-training the gates are *frozen* to a hard mask and only the weights train (adapting to it). The
-mask keeps, in each gated layer, the ``k`` gates with the largest ``log_alpha``. Under ``penalty``,
+Gates that have not polarised make the two differ. So from ``freeze_fraction`` of the run on the
+gates are *frozen* to a hard mask and only the weights train (adapting to it). The mask keeps, in each gated layer, the ``k`` gates with the largest ``log_alpha``. Under ``penalty``,
 ``k = round(E[L0])`` (Wang et al.'s rule). Under ``constrained``/``augmented`` the mask spends
 exactly the target budget: per layer (``constraint: layer``), or split over the layers in
 proportion to their ``E[L0]`` (``model``), so the hard mask is consistent with the constraint
-whether it was still slightly violated or held with slack when the gates froze. Before the freeze,
+whether it was still slightly violated or held with slack when the gates froze. Under N:M the mask
+keeps the N gates with the largest ``log_alpha`` of every M. Before the freeze,
 evaluation uses the deterministic (median) gate of :mod:`.hard_concrete`; after it (and in the
 exported model), the binary mask.
 """
@@ -52,7 +53,6 @@ exported model), the binary mask.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -64,18 +64,16 @@ from . import hard_concrete as hc
 from . import register_method
 from .base import MethodConfig, SparsityMethod, step_generator
 from .constraints import AugmentedLagrangianController, LagrangianController
+from .granularity import GroupGrid, Member, build_grids, nm_mask
+from .reparam import RealWeights
+from .schedules import LinearWarmup, resolve_step
 from .targets import Target
-
-_RECURRENT = re.compile(r"^weight_(?:ih|hh)_(l\d+(?:_reverse)?)$")
 
 
 class L0Config(MethodConfig):
     control: Literal["penalty", "constrained", "augmented"] = Field(
         "constrained", description="penalty: loss + penalty*E[L0]/N; constrained: E[density] <= target by dual "
                                    "ascent; augmented: Wang et al.'s lambda1*(s-t) + lambda2*(s-t)^2")
-    granularity: Literal["unstructured", "channel", "neuron", "factorized"] = Field(
-        "unstructured", description="a gate per weight; per output channel/unit/hidden unit (channel and neuron "
-                                    "are the same); or per rank-1 component of W = P diag(z) Q (2-D weights)")
     constraint: Literal["model", "layer"] = Field(
         "model", description="constrained/augmented: one constraint on the whole model, or one per gated layer")
     count: Literal["weights", "gates"] = Field(
@@ -93,64 +91,30 @@ class L0Config(MethodConfig):
     temperature: float = Field(hc.BETA, gt=0, le=1, description="Hard Concrete temperature beta")
     target_warmup: float = Field(0.0, ge=0, le=1, description="constrained/augmented: fraction of training over which "
                                                               "the target ramps linearly from density 1")
-    freeze_fraction: float = Field(0.1, ge=0, lt=1, description="final fraction of training with the gates frozen "
-                                                                "to the hard mask while the weights adapt")
+    freeze_fraction: float = Field(0.9, gt=0, le=1, description="the gates are frozen to the hard mask from this "
+                                                                "fraction of the run on, while the weights adapt")
     batchnorm: bool = Field(True, description="channel gates: where a BatchNorm follows the gated layer, gate the "
                                               "BatchNorm's affine output instead (it would undo a gate in front of it)")
 
     @model_validator(mode="after")
     def _warmup_before_freeze(self):
-        if self.target_warmup + self.freeze_fraction > 1:
-            raise ValueError("target_warmup + freeze_fraction must be <= 1: the target must be reached "
+        if self.target_warmup > self.freeze_fraction:
+            raise ValueError("target_warmup must be <= freeze_fraction: the target must be reached "
                              "before the gates freeze")
         return self
 
 
 @dataclass
-class _Gated:
-    """One tensor a gate acts on - a target weight, its unit's bias, a BatchNorm's weight or bias."""
-
-    param: nn.Parameter
-    real: torch.Tensor  # the trained value; between hooks the parameter holds W*z or the evaluation value
-    scaled: bool = True  # False: trains ungated (its gate acts after a BatchNorm), zeroed with its unit at eval
-
-
-@dataclass
-class _Member:
-    """One target under a gate group: its weight first, then (unit gates) its units' other tensors."""
-
-    target: Target
-    tensors: list[_Gated]  # empty when factorised (P, Q are the real parameters)
-    blocks: int = 1  # recurrent gate blocks (3 for GRU, 4 for LSTM): a unit's gate repeats per block
-    norm: nn.Module | None = None  # the BatchNorm the gate acts after, if any
-
-    @property
-    def weight(self) -> torch.Tensor | None:
-        return self.tensors[0].real if self.tensors else None
-
-    def expand(self, z: torch.Tensor, structured: bool, ndim: int | None = None) -> torch.Tensor:
-        """The gate tensor broadcast to a tensor of this member (the weight unless ``ndim`` says)."""
-        if not structured:
-            return z
-        ndim = self.target.param.dim() if ndim is None else ndim
-        return z.repeat(self.blocks).view(-1, *([1] * (ndim - 1)))
-
-    def reduce(self, t: torch.Tensor, structured: bool) -> torch.Tensor:
-        """Adjoint of :meth:`expand`: sum a tensor of this member onto the gates."""
-        if not structured:
-            return t
-        return t.reshape(t.shape[0], -1).sum(1).view(self.blocks, -1).sum(0)
-
-
-@dataclass
 class _Gates:
-    """The gates of one layer: their logits, the targets they control and what each costs."""
+    """The gates of one grid: their logits, the tensors they scale and what each gate costs."""
 
     name: str
     log_alpha: nn.Parameter
-    members: list[_Member]
-    cost: float  # density units per gate
-    total: float  # density units of the whole group
+    grid: GroupGrid
+    real: RealWeights | None  # the real values of the grid's tensors (None when factorised)
+    cost: float  # density units per gate (the mean, when gates cost different amounts)
+    total: float  # density units of the whole grid
+    sizes: torch.Tensor | None = None  # per-gate cost when not uniform (ragged edge blocks)
     P: nn.Parameter | None = None
     Q: nn.Parameter | None = None
     noise: torch.Tensor | None = field(default=None, repr=False)  # this step's logistic noise
@@ -161,6 +125,20 @@ class _Gates:
     def num(self) -> int:
         return self.log_alpha.numel()
 
+    @property
+    def paired(self) -> bool:
+        """Whether the gates act after a BatchNorm (the layer itself then trains ungated)."""
+        return any(m.role == "norm" for m in self.grid.members)
+
+    def scaled(self, member: Member) -> bool:
+        return member.role == "norm" or not self.paired
+
+    def expected(self, beta: float) -> torch.Tensor:
+        """Expected density units (differentiable in log_alpha)."""
+        if self.sizes is None:
+            return self.cost * hc.expected_l0(self.log_alpha, beta)
+        return (hc.prob_nonzero(self.log_alpha, beta) * self.sizes).sum()
+
 
 @register_method
 class L0(SparsityMethod):
@@ -169,80 +147,53 @@ class L0(SparsityMethod):
     name = "l0"
     Config = L0Config
     target_density_mode = "optional"
-
-    @classmethod
-    def needs_target(cls, config: L0Config) -> bool:
-        """Only ``penalty`` control runs without a target density."""
-        return config.control != "penalty"
+    granularities = ("unstructured", "block", "n:m", "channel", "factorized")
 
     @classmethod
     def config_error(cls, config: L0Config, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
-        if target_density is None and cls.needs_target(config):
+        if target_density is None and config.control != "penalty":
             return ("target_density",), f"l0 with control {config.control!r} needs a target_density in (0, 1]"
         return None
 
-    def __init__(self, targets: list[Target], config: L0Config, target_density: float | None, seed: int = 0):
-        super().__init__(targets, config, target_density, seed)
-        cfg = self.config = config
-        if self.needs_target(cfg) and target_density is None:
-            raise ValueError(f"l0 with control {cfg.control!r} needs sparsity.target_density")
-        self.structured = cfg.granularity in ("channel", "neuron")
-        self.factorized = cfg.granularity == "factorized"
-        self.groups = self._build_groups(targets)
-        n = len(self.groups) if cfg.constraint == "layer" else 1
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.factorized = self.granularity.kind == "factorized"
+        gen = step_generator(self.seed, 0, "l0-init")
+        self.gates = [self._factorized_gates(g.weights[0].target, gen) if self.factorized else self._gates(g, gen)
+                      for g in self.grids]
+        n = len(self.gates) if cfg.constraint == "layer" else 1
         self.controller: LagrangianController | AugmentedLagrangianController | None = None
         if cfg.control == "constrained":
             self.controller = LagrangianController(n, cfg.dual_lr, cfg.dual_restarts)
         elif cfg.control == "augmented":
             self.controller = AugmentedLagrangianController(n, cfg.dual_lr)
         self.frozen = False
-        self.keep: list[torch.Tensor] | None = None
+        self.masks: list[torch.Tensor] | None = None  # the frozen hard gates, one per grid
         self.freeze_step = 0
-        self.warmup_steps = 0
+        self.target_schedule = LinearWarmup(1.0, float(self.target_density or 1.0), 0)
         self._violation: torch.Tensor | None = None
         self._la_before: list[torch.Tensor] | None = None
         self._holds = "real"  # what the targets hold now: "real" W, "train" W*z or "eval" W*z_eval
 
-    # -- construction --------------------------------------------------------------------------
-    def _build_groups(self, targets: list[Target]) -> list[_Gates]:
-        cfg = self.config
-        gen = step_generator(self.seed, 0, "l0-init")
-        # Structured recurrent weights: weight_ih_lK and weight_hh_lK share their hidden units' gates.
-        clusters: dict[Any, list[Target]] = {}
-        for t in targets:
-            m = _RECURRENT.match(t.attr)
-            key = (id(t.module), m.group(1)) if (self.structured and t.is_recurrent and m) else (id(t), None)
-            clusters.setdefault(key, []).append(t)
-        groups = []
-        for members in clusters.values():
-            first = members[0]
-            if self.factorized:
-                groups.append(self._factorized_group(first, gen))
-                continue
-            if self.structured:
-                units = first.module.hidden_size if first.is_recurrent else first.shape[0]
-                shape: tuple[int, ...] = (units,)
-                blocks = [t.shape[0] // units for t in members]
-            else:
-                shape, blocks = tuple(first.shape), [1]
-            mem = []
-            for t, b in zip(members, blocks):
-                # a unit gate removes the whole unit: its bias too, else the unit would still emit it
-                params = [t.param] + ([bias] if self.structured and (bias := _unit_bias(t)) is not None else [])
-                mem.append(_Member(t, [_Gated(q, q.detach().clone()) for q in params], b))
-            numel = sum(t.numel() for t in members)
-            num = math.prod(shape)
-            la = nn.Parameter(hc.init_log_alpha(shape, cfg.init_drop_rate, gen).to(first.param.device))
-            cost, total = (1.0, float(num)) if cfg.count == "gates" else (numel / num, float(numel))
-            groups.append(_Gates(first.name, la, mem, cost, total))
-        return groups
+    def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
+        return build_grids(self.targets, self.granularity, model, self.config.batchnorm)
 
-    def _factorized_group(self, t: Target, gen: torch.Generator) -> _Gates:
+    # -- construction --------------------------------------------------------------------------
+    def _gates(self, grid: GroupGrid, gen: torch.Generator) -> _Gates:
+        device = grid.members[0].param.device
+        la = nn.Parameter(hc.init_log_alpha(grid.shape, self.config.init_drop_rate, gen).to(device))
+        real = RealWeights([m.target for m in grid.members])
+        if self.config.count == "gates":
+            return _Gates(grid.name, la, grid, real, 1.0, float(grid.num))
+        sizes = None if grid.uniform else grid.sizes
+        return _Gates(grid.name, la, grid, real, grid.numel / grid.num, float(grid.numel), sizes)
+
+    def _factorized_gates(self, t: Target, gen: torch.Generator) -> _Gates:
         if t.param.dim() != 2:
             raise ValueError(f"factorized gates need 2-D weights; {t.name} has shape {tuple(t.shape)}")
         with torch.no_grad():
-            w = t.param.detach().float()
-            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            U, S, Vh = torch.linalg.svd(t.param.detach().float(), full_matrices=False)
             root = S.sqrt()
             P = nn.Parameter((U * root).to(t.param.dtype))
             Q = nn.Parameter((root[:, None] * Vh).to(t.param.dtype))
@@ -250,97 +201,72 @@ class L0(SparsityMethod):
         out, inp = t.shape
         la = nn.Parameter(hc.init_log_alpha((r,), self.config.init_drop_rate, gen).to(t.param.device))
         cost, total = (1.0, float(r)) if self.config.count == "gates" else (float(out + inp), float(out * inp))
-        return _Gates(t.name, la, [_Member(t, [])], cost, total, P, Q)
+        return _Gates(t.name, la, self.grids[self.targets.index(t)], None, cost, total, None, P, Q)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
-        self.freeze_step = total_steps - round(self.config.freeze_fraction * total_steps)
-        self.warmup_steps = round(self.config.target_warmup * total_steps)
+        cfg = self.config
+        self.freeze_step = resolve_step(None, cfg.freeze_fraction, total_steps)
+        warmup = resolve_step(None, cfg.target_warmup, total_steps)
+        self.target_schedule = LinearWarmup(1.0, float(self.target_density or 1.0), warmup)
         with torch.no_grad():  # follow the model if it moved after the method was built
-            for g in self.groups:
-                dev = g.members[0].target.param.device
+            for g in self.gates:
+                dev = g.grid.members[0].param.device
                 for p in (g.log_alpha, g.P, g.Q):
                     if p is not None and p.device != dev:
                         p.data = p.data.to(dev)
-                for m in g.members:
-                    for t in m.tensors:
-                        if t.real.device != t.param.device:
-                            t.real = t.real.to(t.param.device)
+                if g.real is not None:
+                    g.real.follow()
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        groups = [{"params": [g.log_alpha for g in self.groups], "lr": self.config.gate_lr, "weight_decay": 0.0}]
+        groups = [{"params": [g.log_alpha for g in self.gates], "lr": self.config.gate_lr, "weight_decay": 0.0}]
         if self.factorized:
-            groups.append({"params": [p for g in self.groups for p in (g.P, g.Q)], "lr": lr, "weight_decay": 0.0})
+            groups.append({"params": [p for g in self.gates for p in (g.P, g.Q)], "lr": lr, "weight_decay": 0.0})
         return groups
-
-    def attach(self, model: nn.Module) -> None:
-        """Pair channel gates with the BatchNorm that normalises the gated layer's output.
-
-        A gate in front of a BatchNorm has no effect in training (``BN(z x) = BN(x)`` for
-        ``z > 0``), so the loss could not tell the gates apart. Where a layer's parent registers an
-        affine BatchNorm of matching width after it (before any other Conv/Linear) - the
-        timm/torchvision convention - the gate multiplies that BatchNorm's weight and bias instead
-        (the gate then acts after the normalisation) and the layer trains ungated; the evaluation
-        and final weights zero the pruned output channels of the layer itself, too. Call once,
-        right after construction (before ``load_state_dict``); a no-op unless ``granularity`` is
-        channel/neuron.
-        """
-        if not (self.structured and self.config.batchnorm):
-            return
-        modules = dict(model.named_modules())
-        for g in self.groups:
-            for m in g.members:
-                norm = None if m.norm is not None or m.target.is_recurrent else _following_batchnorm(modules, m.target)
-                if norm is not None:
-                    m.norm = norm
-                    for t in m.tensors:
-                        t.scaled = False
-                    m.tensors += [_Gated(q, q.detach().clone()) for q in (norm.weight, norm.bias)]
 
     def before_forward(self, step: int) -> None:
         gen = None if self.frozen else step_generator(self.seed, step, "l0")
-        for i, g in enumerate(self.groups):
+        for i, g in enumerate(self.gates):
             if self.frozen:
-                g.z, g.slope = self.keep[i].to(torch.float32), None
+                g.z, g.slope = self.masks[i].to(torch.float32), None
             else:
                 g.noise = hc.logistic_noise(hc.sample_uniform(g.log_alpha.shape, gen)).to(g.log_alpha.device)
                 g.z, g.slope = hc.sample_and_slope(g.log_alpha, g.noise, self.config.temperature)
-        self._write([g.z for g in self.groups], train=True)
+        self._write([g.z for g in self.gates], train=True)
         self._holds = "train"
 
     def after_backward(self, step: int) -> None:
         if self._holds != "train":
             return
-        dz = []  # dL/dz per group: the chain rule through W * z (or P diag(z) Q)
+        dz = []  # dL/dz per grid: the chain rule through W * z (or P diag(z) Q)
         with torch.no_grad():
-            for g in self.groups:
+            for g in self.gates:
                 if self.factorized:
                     dz.append(self._factorized_backward(g))
                     continue
                 total = torch.zeros_like(g.z)
-                for m in g.members:
-                    for t in m.tensors:
-                        grad = t.param.grad
-                        if t.scaled and grad is not None:
-                            total += m.reduce(t.real.float() * grad.float(), self.structured)
-                            grad.mul_(m.expand(g.z, self.structured, grad.dim()).to(grad.dtype))
-                        t.param.data.copy_(t.real)
+                for member, real in zip(g.grid.members, g.real.values):
+                    grad = member.param.grad
+                    if g.scaled(member) and grad is not None:
+                        total += member.tiling.reduce(real.float() * grad.float(), "sum")
+                        grad.mul_(member.expand(g.z).to(grad.dtype))
+                g.real.restore()
                 dz.append(total)
         self._holds = "real"
         if self.frozen:
-            for g in self.groups:
+            for g in self.gates:
                 g.log_alpha.grad = None  # Trainer zeroes only the model's grads: no stale gate updates
             return
         reg_grads = self._regulariser_gradients(step)
-        for g, d, r in zip(self.groups, dz, reg_grads):
+        for g, d, r in zip(self.gates, dz, reg_grads):
             g.log_alpha.grad = d * g.slope + r
         if self.config.gate_lr_schedule == "constant":
-            self._la_before = [g.log_alpha.detach().clone() for g in self.groups]
+            self._la_before = [g.log_alpha.detach().clone() for g in self.gates]
 
     def _factorized_backward(self, g: _Gates) -> torch.Tensor:
         """dL/dP = g Q^T diag(z), dL/dQ = diag(z) P^T g, dL/dz_k = (P^T g Q^T)_kk; W itself does not train."""
-        p = g.members[0].target.param
+        p = g.grid.weights[0].param
         if p.grad is None:
             g.P.grad, g.Q.grad = torch.zeros_like(g.P), torch.zeros_like(g.Q)
             return torch.zeros_like(g.z)
@@ -353,7 +279,7 @@ class L0(SparsityMethod):
 
     def _regulariser_gradients(self, step: int) -> list[torch.Tensor]:
         """Autograd on the penalty / Lagrangian term of ``log_alpha``; keeps the constraint values."""
-        las = [g.log_alpha for g in self.groups]
+        las = [g.log_alpha for g in self.gates]
         with torch.enable_grad():
             reg, self._violation = self._regulariser(step)
             grads = torch.autograd.grad(reg, las, allow_unused=True)
@@ -362,13 +288,12 @@ class L0(SparsityMethod):
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         with torch.no_grad():
             if self._holds == "real":
-                for g in self.groups:
-                    for m in g.members:
-                        for t in m.tensors:
-                            t.real.copy_(t.param.data)
+                for g in self.gates:
+                    if g.real is not None:
+                        g.real.store()
             if not self.frozen:
                 self._unschedule_gate_step(optimizer)
-                for g in self.groups:
+                for g in self.gates:
                     hc.clamp_(g.log_alpha)
                 if self.controller is not None and self._violation is not None:
                     self.controller.step(self._violation)
@@ -388,13 +313,13 @@ class L0(SparsityMethod):
         before, self._la_before = self._la_before, None
         if before is None or optimizer is None:
             return
-        first = self.groups[0].log_alpha
+        first = self.gates[0].log_alpha
         group = next((pg for pg in optimizer.param_groups if any(p is first for p in pg["params"])), None)
         lr = None if group is None else group.get("lr")
         if not isinstance(lr, (int, float)) or lr <= 0 or lr == self.config.gate_lr:
             return  # not found, an lr-free optimizer, a zero-lr warm-up step, or nothing to undo
         scale = self.config.gate_lr / lr
-        for g, b in zip(self.groups, before):
+        for g, b in zip(self.gates, before):
             g.log_alpha.copy_(b + scale * (g.log_alpha - b))
 
     def finalize(self) -> None:
@@ -403,27 +328,24 @@ class L0(SparsityMethod):
         self._write_eval()
         if self.factorized:
             with torch.no_grad():  # a component the mask drops is exactly zero
-                for g, k in zip(self.groups, self.keep):
+                for g, k in zip(self.gates, self.masks):
                     g.P.mul_(k.to(g.P.dtype))
                     g.Q.mul_(k.to(g.Q.dtype)[:, None])
 
     # -- the regulariser -------------------------------------------------------------------------
     def _target(self, step: int) -> float:
         """Target density at ``step``: linear from 1 during warm-up, then the recipe's target."""
-        t = float(self.target_density)
-        if self.warmup_steps <= 0 or step + 1 >= self.warmup_steps:
-            return t
-        return 1.0 - (1.0 - t) * (step + 1) / self.warmup_steps
+        return self.target_schedule(step)
 
     def _expected(self) -> list[torch.Tensor]:
-        """Expected density units per group (differentiable in log_alpha)."""
-        return [g.cost * hc.expected_l0(g.log_alpha, self.config.temperature) for g in self.groups]
+        """Expected density units per grid (differentiable in log_alpha)."""
+        return [g.expected(self.config.temperature) for g in self.gates]
 
     def _regulariser(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(term added to the loss, constraint values measured now for the dual step)."""
         cfg = self.config
         expected = self._expected()
-        totals = torch.tensor([g.total for g in self.groups], device=expected[0].device)
+        totals = torch.tensor([g.total for g in self.gates], device=expected[0].device)
         if cfg.control == "penalty":
             return cfg.penalty * torch.stack(expected).sum() / totals.sum(), None
         if cfg.constraint == "model":
@@ -438,20 +360,25 @@ class L0(SparsityMethod):
     # -- masks -------------------------------------------------------------------------------
     @torch.no_grad()
     def _freeze(self) -> None:
-        """Fix each group's hard mask: its top-k gates by log_alpha, k from :meth:`hard_counts`."""
-        self.keep = []
-        for g, k in zip(self.groups, self.hard_counts()):
-            order = torch.argsort(g.log_alpha.detach().flatten(), descending=True, stable=True)
-            keep = torch.zeros(g.num, dtype=torch.bool, device=g.log_alpha.device)
+        """Fix each grid's hard mask: its top-k gates by log_alpha, k from :meth:`hard_counts`
+        (N:M: the N largest of every M)."""
+        self.masks = []
+        for g, k in zip(self.gates, self.hard_counts()):
+            la = g.log_alpha.detach()
+            if self.granularity.kind == "n:m":
+                self.masks.append(nm_mask(la, self.granularity))
+                continue
+            order = torch.argsort(la.flatten(), descending=True, stable=True)
+            keep = torch.zeros(g.num, dtype=torch.bool, device=la.device)
             keep[order[:k]] = True
-            self.keep.append(keep.view(g.log_alpha.shape))
+            self.masks.append(keep.view(la.shape))
         self.frozen = True
 
     @torch.no_grad()
     def hard_counts(self) -> list[int]:
-        """How many gates each group keeps in the hard mask.
+        """How many gates each grid keeps in the hard mask.
 
-        ``penalty``: ``round(E[L0])`` per group (Wang et al.'s rule). ``constrained``/``augmented``:
+        ``penalty``: ``round(E[L0])`` per grid (Wang et al.'s rule). ``constrained``/``augmented``:
         the hard mask spends exactly the target budget - per layer for ``constraint: layer``; for
         ``model``, split over the layers in proportion to their ``E[L0]``, which keeps the allocation
         the gates learnt. A constraint that holds with slack (the loss no longer asks for more
@@ -459,68 +386,59 @@ class L0(SparsityMethod):
         when the gates freeze yields a mask that satisfies it.
         """
         cfg = self.config
-        expected = [float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.groups]
+        expected = [float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.gates]
         if cfg.control == "penalty":
-            return [min(g.num, round(e)) for g, e in zip(self.groups, expected)]
+            return [min(g.num, round(e)) for g, e in zip(self.gates, expected)]
         t = float(self.target_density)
         if cfg.constraint == "layer":
-            return [_spend([g], [1.0], t * g.total)[0] for g in self.groups]
-        return _spend(self.groups, expected, t * sum(g.total for g in self.groups))
+            return [_spend([g], [1.0], t * g.total)[0] for g in self.gates]
+        return _spend(self.gates, expected, t * sum(g.total for g in self.gates))
 
     def _eval_gates(self) -> list[torch.Tensor]:
         if self.frozen:
-            return [k.to(torch.float32) for k in self.keep]
-        return [hc.deterministic(g.log_alpha.detach(), self.config.temperature) for g in self.groups]
+            return [k.to(torch.float32) for k in self.masks]
+        return [hc.deterministic(g.log_alpha.detach(), self.config.temperature) for g in self.gates]
 
     def _write(self, gates: list[torch.Tensor], train: bool = False) -> None:
-        """Write ``W * z`` (or ``P diag(z) Q``) into every target, one gate tensor per group.
+        """Write ``W * z`` (or ``P diag(z) Q``) into every target, one gate tensor per grid.
 
         A layer paired with a BatchNorm trains ungated (the gate scales the BatchNorm's weight and
         bias); for evaluation its closed channels are zeroed as well.
         """
         with torch.no_grad():
-            for g, z in zip(self.groups, gates):
-                for m in g.members:
-                    if self.factorized:
-                        p = m.target.param
-                        p.data.copy_(((g.P.float() * z) @ g.Q.float()).to(p.dtype))
-                    for t in m.tensors:
-                        if t.scaled:
-                            t.param.data.copy_(t.real * m.expand(z, self.structured, t.real.dim()).to(t.real.dtype))
-                        elif train:
-                            t.param.data.copy_(t.real)
-                        else:
-                            t.param.data.copy_(t.real * m.expand((z > 0).to(t.real.dtype), True, t.real.dim()))
+            for g, z in zip(self.gates, gates):
+                if self.factorized:
+                    p = g.grid.weights[0].param
+                    p.data.copy_(((g.P.float() * z) @ g.Q.float()).to(p.dtype))
+                    continue
+                factors = []
+                for member, real in zip(g.grid.members, g.real.values):
+                    if g.scaled(member):
+                        factors.append(member.expand(z).to(real.dtype))
+                    else:
+                        factors.append(None if train else member.expand((z > 0).to(real.dtype)))
+                g.real.write(factors)
 
     def _write_eval(self) -> None:
         self._write(self._eval_gates())
         self._holds = "eval"
 
-    def _open(self) -> list[torch.Tensor]:
+    def group_masks(self) -> list[torch.Tensor]:
         """Boolean open gates as they would be exported now."""
         return [z > 0 for z in self._eval_gates()]
 
     def hard_masks(self) -> list[torch.Tensor]:
-        masks: dict[int, torch.Tensor] = {}
-        for g, open_ in zip(self.groups, self._open()):
-            for m in g.members:
-                p = m.target.param
-                if self.factorized:
-                    masks[id(m.target)] = p.detach() != 0
-                else:
-                    masks[id(m.target)] = m.expand(open_, self.structured).expand(p.shape).clone()
-        return [masks[id(t)] for t in self.targets]
+        if self.factorized:
+            return [t.param.detach() != 0 for t in self.targets]
+        return super().hard_masks()
 
     def structure(self) -> dict[str, list[int]] | None:
-        if not self.structured:
-            return None
-        return {m.target.name: torch.nonzero(open_).flatten().tolist()
-                for g, open_ in zip(self.groups, self._open()) for m in g.members}
+        return None if self.factorized else super().structure()
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Factorised granularity: ``name -> (P', Q')`` with only the open components, ``W = P' Q'``."""
         out = {}
-        for g, z in zip(self.groups, self._eval_gates()):
+        for g, z in zip(self.gates, self._eval_gates()):
             k = z > 0
             out[g.name] = ((g.P.detach() * z)[:, k], g.Q.detach()[k])
         return out
@@ -529,10 +447,12 @@ class L0(SparsityMethod):
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         cfg = self.config
-        total = sum(g.total for g in self.groups)
+        total = sum(g.total for g in self.gates)
+        opened = [o.float() if g.sizes is None else o.float() * g.sizes / g.cost
+                  for g, o in zip(self.gates, self.group_masks())]
         out = {
             "expected_density": float(sum(self._expected())) / total,
-            "hard_density": sum(float(o.sum()) * g.cost for g, o in zip(self.groups, self._open())) / total,
+            "hard_density": sum(float(o.sum()) * g.cost for g, o in zip(self.gates, opened)) / total,
             "frozen": float(self.frozen),
         }
         if cfg.control == "penalty":
@@ -541,7 +461,7 @@ class L0(SparsityMethod):
         step = max(self.controller.steps - 1, 0)
         out["target_density"] = self._target(step)
         expected = torch.stack(self._expected()).double()
-        totals = torch.tensor([g.total for g in self.groups], dtype=torch.float64)
+        totals = torch.tensor([g.total for g in self.gates], dtype=torch.float64)
         density = (expected.sum() / totals.sum()).reshape(1) if cfg.constraint == "model" else expected / totals
         out["violation"] = float((density - out["target_density"]).max())
         if isinstance(self.controller, LagrangianController):
@@ -554,33 +474,29 @@ class L0(SparsityMethod):
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "log_alpha": [g.log_alpha.detach().clone() for g in self.groups],
-            "tensors": [[[t.real.clone() for t in m.tensors] for m in g.members] for g in self.groups],
-            "P": [None if g.P is None else g.P.detach().clone() for g in self.groups],
-            "Q": [None if g.Q is None else g.Q.detach().clone() for g in self.groups],
+            "log_alpha": [g.log_alpha.detach().clone() for g in self.gates],
+            "real": [None if g.real is None else g.real.state_dict() for g in self.gates],
+            "P": [None if g.P is None else g.P.detach().clone() for g in self.gates],
+            "Q": [None if g.Q is None else g.Q.detach().clone() for g in self.gates],
             "frozen": self.frozen,
-            "keep": None if self.keep is None else [k.clone() for k in self.keep],
+            "masks": None if self.masks is None else [k.clone() for k in self.masks],
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["log_alpha"]) != len(self.groups):
-            raise ValueError(f"l0 state has {len(state['log_alpha'])} gate groups, the model has {len(self.groups)}")
+        if len(state["log_alpha"]) != len(self.gates):
+            raise ValueError(f"l0 state has {len(state['log_alpha'])} gate grids, the model has {len(self.gates)}")
         with torch.no_grad():  # copy into the existing tensors: the optimizer holds references to them
-            for i, g in enumerate(self.groups):
+            for i, g in enumerate(self.gates):
                 g.log_alpha.copy_(state["log_alpha"][i])
-                for m, saved in zip(g.members, state["tensors"][i]):
-                    if len(saved) != len(m.tensors):
-                        raise ValueError(f"l0 state holds {len(saved)} gated tensors for {m.target.name}, the model "
-                                         f"{len(m.tensors)}: was attach(model) called in one run and not the other?")
-                    for t, value in zip(m.tensors, saved):
-                        t.real.copy_(value)
+                if g.real is not None:
+                    g.real.load_state_dict(state["real"][i])
                 for p, saved in ((g.P, state["P"][i]), (g.Q, state["Q"][i])):
                     if p is not None:
                         p.copy_(saved)
         self.frozen = bool(state["frozen"])
-        self.keep = None if state["keep"] is None else [
-            k.to(g.log_alpha.device) for k, g in zip(state["keep"], self.groups)]
+        self.masks = None if state["masks"] is None else [
+            k.to(g.log_alpha.device) for k, g in zip(state["masks"], self.gates)]
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
         self._violation = None
@@ -615,30 +531,3 @@ def _spend(groups: list[_Gates], weights: list[float], budget: float) -> list[in
             ints[i] += 1
             spent += groups[i].cost
     return ints
-
-
-def _following_batchnorm(modules: dict[str, nn.Module], target: Target) -> nn.Module | None:
-    """The affine BatchNorm registered after ``target``'s layer in the same parent, if nothing with
-    weights (a Conv/Linear) comes between them and its width matches the layer's output channels."""
-    path = target.name.rpartition(".")[0]
-    if not path:
-        return None
-    parent_name, _, child = path.rpartition(".")
-    parent = modules.get(parent_name)
-    if parent is None or child not in parent._modules:
-        return None
-    names = list(parent._modules)
-    for name in names[names.index(child) + 1:]:
-        sub = parent._modules[name]
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            ok = sub.affine and sub.num_features == target.shape[0]
-            return sub if ok else None
-        if sub is not None and any(isinstance(x, (nn.Linear, nn.modules.conv._ConvNd)) for x in sub.modules()):
-            return None
-    return None
-
-
-def _unit_bias(t: Target) -> nn.Parameter | None:
-    """The bias of the units whose weight rows ``t`` holds (``bias``, ``bias_ih_l0``, ...), if any."""
-    bias = getattr(t.module, t.attr.replace("weight", "bias", 1), None)
-    return bias if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == t.shape[0] else None

@@ -1,8 +1,12 @@
-"""Step arithmetic shared by the scheduled methods."""
+"""Schedules as small objects: when a method acts and how its target moves over a run.
+
+Each resolves fractions of the run against Trainer's ``max_steps`` once, in the method's ``setup``;
+an explicit step always wins over a fraction. Steps are 0-based counts of optimizer steps taken.
+"""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
 
 def resolve_step(step: int | None, fraction: float, total_steps: int) -> int:
@@ -10,16 +14,82 @@ def resolve_step(step: int | None, fraction: float, total_steps: int) -> int:
     return step if step is not None else int(round(fraction * total_steps))
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask keeping exactly the ``k`` largest ``scores`` (ties broken by index, deterministically)."""
-    flat = scores.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask.view_as(scores)
+@dataclass(frozen=True)
+class StepWindow:
+    """Steps ``start..end`` with an update every ``frequency`` steps (and always at ``end``)."""
+
+    start: int
+    end: int
+    frequency: int = 1
+
+    @classmethod
+    def resolve(cls, total_steps: int, start_step: int | None, start_fraction: float, end_step: int | None,
+                end_fraction: float, frequency: int = 1) -> StepWindow:
+        start = resolve_step(start_step, start_fraction, total_steps)
+        return cls(start, max(start, resolve_step(end_step, end_fraction, total_steps)), frequency)
+
+    def is_update_step(self, step: int) -> bool:
+        return step == self.end or (self.start <= step < self.end and (step - self.start) % self.frequency == 0)
+
+    def contains(self, step: int) -> bool:
+        return self.start <= step <= self.end
+
+    def progress(self, t: float) -> float:
+        """Fraction of the window elapsed at time ``t``, clamped to [0, 1]."""
+        span = self.end - self.start
+        return 1.0 if span <= 0 else min(1.0, max(0.0, (t - self.start) / span))
 
 
-def kth_largest(scores: torch.Tensor, k: int) -> float:
-    """The k-th largest value (k >= 1): keeping ``scores >= it`` keeps about k entries."""
-    flat = scores.flatten()
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values) if k > 0 else float("inf")
+@dataclass(frozen=True)
+class CubicSchedule:
+    """Zhu & Gupta's (2017) cubic: ``s_t = s_f + (s_i - s_f) * (1 - progress)**3``, as a density."""
+
+    initial_density: float
+    final_density: float
+    window: StepWindow
+
+    def __call__(self, t: float) -> float:
+        s_i, s_f = 1.0 - self.initial_density, 1.0 - self.final_density
+        return 1.0 - (s_f + (s_i - s_f) * (1.0 - self.window.progress(t)) ** 3)
+
+
+@dataclass(frozen=True)
+class NarangThreshold:
+    """Narang et al.'s (2017) two-slope threshold over ``start <= itr <= end``, slope change at ``ramp``:
+
+        eps = theta * (itr - start + 1) / freq                                   itr < ramp
+        eps = (theta * (ramp - start + 1) + phi * (itr - ramp + 1)) / freq       itr >= ramp
+
+    with ``theta = 2 q freq / (2 (ramp - start) + 3 (end - ramp))`` from the layer's percentile
+    ``q`` of ``|W|``, and ``phi = ramp_ratio * theta``.
+    """
+
+    start: int
+    ramp: int
+    end: int
+    freq: int
+
+    def slopes(self, q: float, ramp_ratio: float, theta: float | None = None,
+               phi: float | None = None) -> tuple[float, float]:
+        """(theta, phi): the paper's heuristic, unless given."""
+        theta = theta or 2 * q * self.freq / max(2 * (self.ramp - self.start) + 3 * (self.end - self.ramp), 1)
+        return theta, phi or ramp_ratio * theta
+
+    def __call__(self, itr: int, theta: float, phi: float) -> float:
+        if itr < self.ramp:
+            return theta * (itr - self.start + 1) / self.freq
+        return (theta * (self.ramp - self.start + 1) + phi * (itr - self.ramp + 1)) / self.freq
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """A value ramping linearly from ``initial`` to ``final`` over the first ``steps`` steps."""
+
+    initial: float
+    final: float
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        if self.steps <= 0 or step + 1 >= self.steps:
+            return self.final
+        return self.initial - (self.initial - self.final) * (step + 1) / self.steps

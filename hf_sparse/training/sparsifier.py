@@ -30,9 +30,18 @@ class Sparsifier:
         self.targets = resolve_targets(model, spec)
         if not self.targets:
             raise ValueError(f"sparsity.targets selects no weights of {type(model).__name__}")
-        self.method = get_method(config.method)(self.targets, config.method_config(), config.target_density, seed)
-        self.method.attach(model)
+        self.method = get_method(config.method)(self.targets, config.method_config(), config.target_density, seed,
+                                                granularity=config.granularity_spec(), model=model)
         self.finalized = False
+
+    # -- what Trainer's optimizer needs ---------------------------------------------------------
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The method's own trainable tensors (gates, auxiliary masks) as extra optimizer param groups."""
+        return self.method.param_groups(lr)
+
+    def no_decay_parameter_names(self) -> set[str]:
+        """Targeted weights that Trainer's weight decay must leave alone (the method says so)."""
+        return set() if self.method.weight_decay_on_targets else {t.name for t in self.targets}
 
     # -- the step protocol (see methods/base.py) ----------------------------------------------
     def setup(self, total_steps: int) -> None:
@@ -71,11 +80,17 @@ class Sparsifier:
         layers = self.per_layer() if layers is None else layers
         return sum(v["nonzero"] for v in layers.values()) / sum(v["numel"] for v in layers.values())
 
-    def log_metrics(self) -> dict[str, float]:
-        """Scalars for Trainer's logs: global and per-layer density, and the method's own state."""
+    def log_metrics(self, per_layer: bool = False) -> dict[str, float]:
+        """Scalars for Trainer's logs: the global density and the method's own state.
+
+        ``per_layer=True`` gives the per-layer densities instead: one key per target, too many for
+        a console line (a ghostnet has 95), so SparseTrainer sends them to the ``report_to``
+        backends (TensorBoard...) only.
+        """
         layers = self.per_layer()
+        if per_layer:
+            return {f"sparsity/density/{name}": v["density"] for name, v in layers.items()}
         logs = {"sparsity/density": self.density(layers)}
-        logs.update({f"sparsity/density/{name}": v["density"] for name, v in layers.items()})
         logs.update({f"sparsity/{self.config.method}/{k}": v for k, v in self.method_metrics().items()})
         return logs
 

@@ -85,22 +85,28 @@ class SparseTrainer(Trainer):
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.sparsifier is not None:
-            for group in self.sparsifier.method.param_groups(self.args.learning_rate):
+            for group in self.sparsifier.param_groups(self.args.learning_rate):
                 optimizer.add_param_group(group)
         return optimizer
 
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
-        if self.sparsifier is not None and not getattr(self.sparsifier.method, "weight_decay_on_targets", True):
-            excluded = {t.name for t in self.sparsifier.targets}
+        if self.sparsifier is not None:
+            excluded = self.sparsifier.no_decay_parameter_names()
             names = [n for n in names if n not in excluded]
         return names
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self.sparsifier is not None and "loss" in logs:
+        training_log = self.sparsifier is not None and "loss" in logs
+        if training_log:
             logs = {**logs, **self.sparsifier.log_metrics()}
         super().log(logs, *args, **kwargs)
+        if training_log:  # per-layer densities: to the report_to backends, not the console or log_history
+            layers = self.sparsifier.log_metrics(per_layer=True)
+            for callback in self.callback_handler.callbacks:
+                if type(callback).__module__.startswith("transformers.integrations"):
+                    callback.on_log(self.args, self.state, self.control, logs=layers)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial, *args, **kwargs) -> None:

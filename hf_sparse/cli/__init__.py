@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..training.recipe import RecipeError, load_recipe
 from .checkpoint import add_subcommands
+from .compare import add_subcommand as add_compare_subcommand
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=_validate)
 
     add_subcommands(sub)
+    add_compare_subcommand(sub)
     return parser
 
 

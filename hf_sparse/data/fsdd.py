@@ -17,8 +17,10 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import struct
 import tarfile
 import wave
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,14 @@ class Recording:
 # -- reading the recordings --------------------------------------------------------------------
 def _decode_wav(raw: bytes, name: str) -> tuple[np.ndarray, int]:
     """Mono float32 in [-1, 1) and the sampling rate; 8/16/32-bit PCM, channels averaged."""
-    with wave.open(io.BytesIO(raw)) as w:
-        rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
-        frames = w.readframes(n)
+    try:
+        with wave.open(io.BytesIO(raw)) as w:
+            rate, channels, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+            frames = w.readframes(n)
+    except (wave.Error, EOFError, struct.error, ValueError) as e:
+        raise DataError(f"{name}: not a readable WAV file ({e or type(e).__name__})") from None
+    if len(frames) != n * channels * width or channels < 1:
+        raise DataError(f"{name}: the WAV header claims {n} frames but the file is cut short")
     if width == 1:
         x = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):
@@ -76,11 +83,15 @@ def _read_folder(folder: str, stamp: float) -> tuple[dict[str, np.ndarray], int]
     audio, rates = {}, set()
     archive = _find_archive(path)
     if archive is not None:
-        with tarfile.open(archive) as tf:
-            for member in tf:
-                if member.isfile() and member.name.endswith(".wav"):
-                    audio[member.name], rate = _decode_wav(tf.extractfile(member).read(), member.name)
-                    rates.add(rate)
+        try:
+            with tarfile.open(archive) as tf:
+                for member in tf:
+                    if member.isfile() and member.name.endswith(".wav"):
+                        audio[member.name], rate = _decode_wav(tf.extractfile(member).read(),
+                                                               f"{archive}:{member.name}")
+                        rates.add(rate)
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{archive}: not a readable tar.gz archive ({e or type(e).__name__})") from None
     elif (path / "recordings").is_dir():
         for f in sorted((path / "recordings").glob("*.wav")):
             audio[f"recordings/{f.name}"], rate = _decode_wav(f.read_bytes(), str(f))
@@ -117,12 +128,18 @@ def read_fsdd(folder: str | Path | None = None) -> tuple[list[Recording], dict[s
     audio, rate = _read_folder(str(folder.resolve()), source.stat().st_mtime if source.exists() else 0.0)
     meta = folder / "metadata.csv"
     if meta.exists():
-        with open(meta, newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(meta, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise DataError(f"{meta}: not a readable CSV file ({e})") from None
         missing = {"file", "digit", "speaker", "take"} - set(rows[0] if rows else {})
         if missing:
             raise DataError(f"{meta} lacks the columns {', '.join(sorted(missing))}")
-        recs = [Recording(r["file"], int(r["digit"]), r["speaker"], int(r["take"])) for r in rows]
+        try:
+            recs = [Recording(r["file"], int(r["digit"]), r["speaker"], int(r["take"])) for r in rows]
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{meta}: digit and take must be integers ({e})") from None
         absent = [r.file for r in recs if r.file not in audio]
         if absent:
             raise DataError(f"{meta} lists {len(absent)} files the recordings lack, e.g. {absent[0]}")

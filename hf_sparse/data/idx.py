@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import struct
+import zlib
 from pathlib import Path
 
 import datasets
@@ -25,14 +27,30 @@ IDX_FILES = {
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Decode one (optionally gzipped) idx file: a big-endian header, then uint8 data."""
+    """Decode one (optionally gzipped) idx file: a big-endian header, then uint8 data.
+
+    A file that is not gzip, is cut short, or holds fewer items than its header claims raises
+    DataError naming the file and what is wrong.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz ends in EOFError
+        reason = "it ends early (truncated)" if isinstance(e, EOFError) else str(e) or type(e).__name__
+        raise DataError(f"{path}: cannot decompress: {reason}") from None
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an idx header")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != 0x08:
+    if zero != 0 or dtype != 0x08 or ndim == 0:
         raise DataError(f"{path}: not a uint8 idx file")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: the header is cut short ({len(raw)} bytes for {ndim} dimensions)")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    expected, held = math.prod(shape), len(raw) - 4 - 4 * ndim
+    if held != expected:
+        raise DataError(f"{path}: the header claims shape {list(shape)} ({expected} bytes of data) "
+                        f"but the file holds {held}")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -44,6 +62,10 @@ def images_to_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Datase
     arrays ~10x faster than ``Array3D`` rows; the collator restores the image shape.
     """
     n = len(images)
+    if n != len(labels):
+        raise DataError(f"{n} images but {len(labels)} labels")
+    if n == 0:
+        raise DataError("the split holds no images")
     table = pa.table({
         "pixel_values": pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), images[0].size),
         "labels": pa.array(labels.astype(np.int64)),
@@ -52,8 +74,6 @@ def images_to_dataset(images: np.ndarray, labels: np.ndarray) -> datasets.Datase
         "pixel_values": datasets.Sequence(datasets.Value("uint8"), length=images[0].size),
         "labels": datasets.Value("int64"),
     })
-    if n != len(labels):
-        raise DataError(f"{n} images but {len(labels)} labels")
     return datasets.Dataset(InMemoryTable(table), info=datasets.DatasetInfo(features=features)).with_format("numpy")
 
 
@@ -65,8 +85,14 @@ def load_idx_folder(folder: str | Path) -> tuple[datasets.DatasetDict, tuple[int
         raise DataError(f"{folder} lacks the idx files {', '.join(missing)}")
     splits = {}
     for split in ("train", "test"):
-        images = read_idx(folder / IDX_FILES[f"{split}_images"])
-        labels = read_idx(folder / IDX_FILES[f"{split}_labels"])
+        image_file, label_file = folder / IDX_FILES[f"{split}_images"], folder / IDX_FILES[f"{split}_labels"]
+        images, labels = read_idx(image_file), read_idx(label_file)
+        if images.ndim != 3:
+            raise DataError(f"{image_file}: images must have 3 dimensions (count, height, width), got {images.ndim}")
+        if labels.ndim != 1:
+            raise DataError(f"{label_file}: labels must have 1 dimension, got {labels.ndim}")
+        if len(images) != len(labels):
+            raise DataError(f"{label_file}: {len(labels)} labels for the {len(images)} images of {image_file.name}")
         splits[split] = images_to_dataset(images[:, None], labels)
     return datasets.DatasetDict(splits), (1, *images.shape[1:])
 

@@ -8,7 +8,9 @@ key path, and what is allowed.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -70,6 +72,8 @@ class DataConfig(_Section):
     max_train_samples: PositiveInt | None = Field(None, description="use only this many training examples")
     max_eval_samples: PositiveInt | None = Field(None, description="use only this many evaluation examples")
     seed: int = Field(0, description="seed for subsampling and generated data")
+    image_size: PositiveInt | None = Field(None, description="resize images to this many pixels a side (default: as stored)")
+    channels: PositiveInt | None = Field(None, description="image channels the model reads: 3 replicates grey images to RGB")
 
 
 class TargetsConfig(_Section):
@@ -78,6 +82,7 @@ class TargetsConfig(_Section):
     exclude: list[str] = Field(default_factory=list, description="patterns to leave dense (e.g. the classifier head)")
     layer_types: list[Literal[tuple(LAYER_TYPES)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(LAYER_TYPES), description="module types whose weights qualify")
+    include_head: bool = Field(False, description="also sparsify the output head (classifier/lm_head), dense by default")
 
 
 class SparsityConfig(_Section):
@@ -85,16 +90,32 @@ class SparsityConfig(_Section):
     target_density: float | None = Field(None, gt=0, le=1, description="kept fraction of the targeted weights")
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
     params: dict[str, Any] = Field(default_factory=dict, description="the method's own parameters")
+    granularity: str = Field("unstructured", description="what is kept or removed together: unstructured, block "
+                                                         "(with block_shape), 'N:M' such as '2:4', channel")
+    block_shape: list[int] | None = Field(None, description="granularity block: [rows, cols] of each block")
+
+    def granularity_spec(self):
+        """The parsed :class:`~hf_sparse.methods.granularity.Granularity`."""
+        from ..methods.granularity import Granularity
+
+        return Granularity.parse(self.granularity, self.block_shape)
 
     @model_validator(mode="after")
     def _known_method(self):
         from ..methods import METHODS
 
         if self.method == "none":
+            # set to something other than the default (a saved recipe.yaml spells out the defaults)
+            ignored = [k for k in ("target_density", "targets", "params", "granularity", "block_shape")
+                       if k in self.model_fields_set and getattr(self, k) != type(self)().__dict__[k]]
+            if ignored:
+                raise _KeyedError((ignored[0],), "method 'none' trains dense, so this would be ignored; "
+                                                 "remove it or choose a sparsity method")
             return self
         if self.method not in METHODS:
             raise _KeyedError(("method",), f"unknown method {self.method!r}; allowed: none, {', '.join(sorted(METHODS))}")
         cls = METHODS[self.method]
+        self._check_granularity(cls)
         if cls.target_density_mode == "required" and self.target_density is None:
             raise _KeyedError(("target_density",), f"method {self.method!r} needs a target_density in (0, 1]")
         try:
@@ -102,7 +123,7 @@ class SparsityConfig(_Section):
         except ValidationError as e:
             err = e.errors()[0]
             raise _KeyedError(("params", *err["loc"]), _describe(err, cls.Config)) from None
-        problem = cls.config_error(config, self.target_density)
+        problem = cls.config_error(config, self.target_density) or _schedule_order_error(config, self.params)
         if problem:
             raise _KeyedError(*problem)
         return self
@@ -111,6 +132,40 @@ class SparsityConfig(_Section):
         from ..methods import METHODS
 
         return METHODS[self.method].Config(**self.params)
+
+    def _check_granularity(self, cls) -> None:
+        """Granularity errors, located; N:M sets the target density to N/M."""
+        try:
+            spec = self.granularity_spec()
+        except ValueError as e:
+            key = "block_shape" if "block_shape" in str(e) and self.block_shape is not None else "granularity"
+            raise _KeyedError((key,), str(e)) from None
+        if spec.kind not in cls.granularities:
+            raise _KeyedError(("granularity",), f"method {self.method!r} has no {spec.kind!r} granularity; "
+                                                f"allowed: {', '.join(cls.granularities)}")
+        if spec.fixed_density is not None:
+            if self.target_density is not None and abs(self.target_density - spec.fixed_density) > 1e-9:
+                raise _KeyedError(("target_density",), f"granularity {self.granularity!r} fixes the density at "
+                                                       f"{spec.fixed_density:g}; remove target_density or set it so")
+            self.target_density = spec.fixed_density
+            if self.params.get("scope") == "global":
+                raise _KeyedError(("params", "scope"), "N:M selects within each run of M weights; scope 'global' "
+                                                       "has no meaning with it")
+
+
+def _schedule_order_error(config: BaseModel, written: dict[str, Any]) -> tuple[Loc, str] | None:
+    """A schedule that ends before it starts (``start_X`` after ``end_X``/``stop_X``/``X_stop``)."""
+    values = config.model_dump()
+    for start, first in values.items():
+        if not start.startswith("start_") or not isinstance(first, (int, float)):
+            continue
+        stem = start.removeprefix("start_")
+        for end in (f"end_{stem}", f"stop_{stem}", f"{stem}_stop", f"{stem}_end"):
+            last = values.get(end)
+            if isinstance(last, (int, float)) and not isinstance(last, bool) and first > last:
+                key = end if end in written and start not in written else start
+                return ("params", key), f"the schedule is reversed: {start}={first} comes after {end}={last}"
+    return None
 
 
 class ExportConfig(_Section):
@@ -155,106 +210,263 @@ class _KeyedError(ValueError):
 
 
 # -- reading YAML with positions --------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+#: Bounds on what one recipe may expand to: nesting depth and the number of nodes after aliases.
+#: A real recipe has a few dozen nodes; the bounds stop "billion laughs" files and self-references.
+MAX_DEPTH = 50
+MAX_NODES = 10_000
 
-    YAML 1.1 also reads yes/no/on/off as booleans, which turns transformers' own option values
-    (``save_strategy: no``, ``--set training.eval_strategy=no``) into ``False``.
+_YAML = "tag:yaml.org,2002:"
+_ALLOWED_TAGS = {_YAML + t for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge")}
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with the YAML 1.2 core schema for scalars.
+
+    Booleans: only true/false (YAML 1.1 also reads yes/no/on/off, which turns transformers' own
+    option values such as ``save_strategy: no`` into ``False``). Numbers: ``1e-4`` is a float (1.1
+    wants a dot), ``0o17``/``0x1f`` are ints, ``010`` is ten; no sexagesimal, no timestamps. The same
+    rules apply to recipe files and to ``--set`` values.
     """
 
 
+_REPLACED = {_YAML + t for t in ("bool", "int", "float", "timestamp")}
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _REPLACED]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+_Loader.add_implicit_resolver(_YAML + "bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver(_YAML + "int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _YAML + "float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
-def _positions(node: yaml.Node, source: str, prefix: Loc = ()) -> dict[Loc, tuple[int, int]]:
-    """Map each key path to the 1-based (line, column) where it is written; reject duplicate keys."""
-    pos: dict[Loc, tuple[int, int]] = {prefix: (node.start_mark.line + 1, node.start_mark.column + 1)}
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                raise RecipeError(f"duplicate key {key!r}", source, prefix + (key,),
-                                  line=key_node.start_mark.line + 1, col=key_node.start_mark.column + 1)
-            seen.add(key)
-            pos.update(_positions(value_node, source, prefix + (key,)))
-            pos[prefix + (key,)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            pos.update(_positions(item, source, prefix + (i,)))
-    return pos
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    sign = -1 if text.startswith("-") else 1
+    digits = text.lstrip("+-")
+    if digits[:2] in ("0o", "0x"):
+        return sign * int(digits[2:], 8 if digits[1] == "o" else 16)
+    return sign * int(digits, 10)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node)
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+    return special[text.lower()] if text.lower() in special else float(text)
+
+
+_Loader.add_constructor(_YAML + "int", _construct_int)
+_Loader.add_constructor(_YAML + "float", _construct_float)
+
+
+def decode_recipe(raw: bytes, source: str) -> str:
+    """UTF-8 text (UTF-16/32 when the file starts with their byte-order mark, as YAML allows)."""
+    boms = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+            (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+    encoding = next((enc for bom, enc in boms if raw.startswith(bom)), None)
+    if encoding is None and b"\0" in raw:
+        at = raw.index(b"\0")
+        raise RecipeError("the file holds NUL bytes (UTF-16 without a byte-order mark?); save the recipe as UTF-8",
+                          source, (), raw.count(b"\n", 0, at) + 1, at - (raw.rfind(b"\n", 0, at) + 1) + 1)
+    encoding = encoding or "utf-8"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise RecipeError(f"not {encoding.upper().removesuffix('-SIG')} text (byte 0x{raw[e.start]:02x} cannot be "
+                          "decoded); save the recipe as UTF-8", source, (), line, col) from None
+
+
+def _mark(node_or_mark) -> tuple[int, int]:
+    mark = getattr(node_or_mark, "start_mark", node_or_mark)
+    return mark.line + 1, mark.column + 1
+
+
+def _check_depth(text: str, source: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH before PyYAML's recursive composer sees it."""
+    opening = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+               yaml.FlowSequenceStartToken)
+    closing = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+    depth = 0
+    for token in yaml.scan(text, Loader=_Loader):
+        if isinstance(token, opening):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise RecipeError(f"nested more than {MAX_DEPTH} levels deep", source, (), *_mark(token))
+        elif isinstance(token, closing):
+            depth -= 1
+
+
+class _Walk:
+    """One pass over the composed node graph: positions of every key path, and the safety checks.
+
+    Aliases are followed (the constructed data holds their expansion), so the walk counts every
+    node it expands and stops at MAX_NODES; a node met again inside itself is a self-reference.
+    """
+
+    def __init__(self, source: str):
+        self.source, self.count, self.pos = source, 0, {}
+        self.active: set[int] = set()
+        self.scalars = _Loader("")
+
+    def error(self, message: str, key: Loc, node) -> RecipeError:
+        return RecipeError(message, self.source, key, *_mark(node))
+
+    def visit(self, node: yaml.Node, key: Loc) -> None:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise self.error(f"the recipe expands to more than {MAX_NODES} values (YAML aliases?)", key, node)
+        if id(node) in self.active:
+            raise self.error("a YAML alias refers to a node that contains it", key, node)
+        if node.tag not in _ALLOWED_TAGS:
+            raise self.error(f"YAML tag {node.tag!r} is not allowed in a recipe", key, node)
+        self.pos.setdefault(key, _mark(node))
+        if isinstance(node, yaml.ScalarNode):
+            self._check_scalar(node, key)
+            return
+        self.active.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                if key_node.tag == _YAML + "merge":
+                    self.visit(value_node, key)
+                    continue
+                if not (isinstance(key_node, yaml.ScalarNode) and key_node.tag == _YAML + "str"):
+                    shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
+                    raise self.error(f"keys must be strings, got {shown!r}; quote it", key, key_node)
+                if key_node.value in seen:
+                    raise self.error(f"duplicate key {key_node.value!r}", key + (key_node.value,), key_node)
+                seen.add(key_node.value)
+                self.visit(value_node, key + (key_node.value,))
+                self.pos[key + (key_node.value,)] = _mark(key_node)
+        else:
+            for i, item in enumerate(node.value):
+                self.visit(item, key + (i,))
+        self.active.discard(id(node))
+
+    def _check_scalar(self, node: yaml.ScalarNode, key: Loc) -> None:
+        try:
+            self.scalars.yaml_constructors[node.tag](self.scalars, node)
+        except (ValueError, TypeError, OverflowError, yaml.YAMLError) as e:
+            raise self.error(f"invalid {node.tag.removeprefix(_YAML)} {_short(node.value)}: {_short(str(e))}", key,
+                             node) from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to one readable line."""
+    text = value if isinstance(value, str) and not value.startswith("'") else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def compose_recipe(text: str, source: str) -> tuple[Any, dict[Loc, tuple[int, int]]]:
+    """Parse recipe text safely: (data, position of every key path). Raises RecipeError."""
+    try:
+        _check_depth(text, source)
+        node = yaml.compose(text, Loader=_Loader)
+        if node is None:
+            raise RecipeError("the recipe is empty; it needs at least a model section", source, (), 1, 1)
+        walk = _Walk(source)
+        walk.visit(node, ())
+        loader = _Loader("")
+        try:
+            data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise RecipeError(f"invalid YAML: {e.problem or e.context}", source, (), *_mark(mark)) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, other control codes)
+        line = text.count("\n", 0, e.position) + 1
+        col = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise RecipeError(f"invalid YAML: character #x{code:04x} is not allowed in a recipe", source, (),
+                          line, col) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"invalid YAML: {e}", source, (), 1, 1) from None
+    except RecursionError:
+        raise RecipeError(f"nested more than {MAX_DEPTH} levels deep", source, (), 1, 1) from None
+    return data, walk.pos
+
+
+def _check_finite(data: Any, key: Loc, source: str, positions: dict) -> None:
+    """Refuse NaN and infinities anywhere: no recipe value means anything as one."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise _located(f"must be a finite number, got {data!r}", source, key, positions)
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_finite(v, key + (k,), source, positions)
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _check_finite(v, key + (i,), source, positions)
 
 
 def _located(message: str, source: str, key: Loc, positions: dict) -> RecipeError:
     """Attach the closest written position: the key itself, else its nearest written parent."""
     for n in range(len(key), -1, -1):
         where = positions.get(key[:n])
-        if where == "--set":
-            return RecipeError(message, f"{source} (--set)", key)
+        if isinstance(where, str):  # written by a --set argument
+            return RecipeError(message, f"{source} (--set {where})", key)
         if where:
             return RecipeError(message, source, key, *where)
-    return RecipeError(message, source, key)
+    return RecipeError(message, source, key, 1, 1)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar/list)."""
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, with the recipe's scalar rules)."""
     if "=" not in text:
         raise RecipeError(f"--set expects dotted.key=value, got {text!r}", "<command line>")
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set expects dotted.key=value, got {text!r}", "<command line>")
+    source = f"<command line> (--set {text})"
+    if raw == "":
+        return key.split("."), ""
     try:
-        value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise RecipeError(f"cannot parse value {raw!r}: {e.problem}", "<command line>", tuple(key.split("."))) from None
+        value, _ = compose_recipe(raw, source)
+    except RecipeError as e:
+        if e.message.startswith("the recipe is empty"):  # a comment or blank: YAML's null
+            return key.split("."), None
+        raise RecipeError(e.message.replace("a recipe", "a --set value"), source, tuple(key.split("."))) from None
     return key.split("."), value
 
 
-def _apply_override(data: dict, keys: list[str], value: Any, positions: dict, source: str) -> None:
+def _apply_override(data: dict, keys: list[str], value: Any, positions: dict, source: str, text: str) -> None:
     node = data
     for i, k in enumerate(keys[:-1]):
         if not isinstance(node.get(k, {}), dict):
-            raise RecipeError(f"cannot set below {k!r}: it is not a mapping", f"{source} (--set)", tuple(keys[: i + 1]))
+            raise RecipeError(f"cannot set below {k!r}: it is not a mapping", f"{source} (--set {text})",
+                              tuple(keys[: i + 1]))
         node = node.setdefault(k, {})
+        positions.setdefault(tuple(keys[: i + 1]), text)  # a section the override creates is the override's
     node[keys[-1]] = value
-    positions[tuple(keys)] = "--set"
+    for key in [k for k in positions if k[: len(keys)] == tuple(keys)]:
+        del positions[key]  # what the file wrote below this key is gone
+    positions[tuple(keys)] = text
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises :class:`RecipeError`."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise RecipeError(f"cannot read recipe: {e.strerror}", source) from None
-    return recipe_from_text(text, source, overrides)
+    return recipe_from_text(decode_recipe(raw, source), source, overrides)
 
 
 def recipe_from_text(text: str, source: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
-    try:
-        node = yaml.compose(text, Loader=_Loader)
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise RecipeError(f"invalid YAML: {e.problem}", source, (), mark.line + 1, mark.column + 1) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"invalid YAML: {e}", source) from None
-    if data is None:
-        data, node_positions = {}, {}
-    else:
-        node_positions = _positions(node, source)
+    data, node_positions = compose_recipe(text, source)
     if not isinstance(data, dict):
         raise RecipeError("a recipe is a mapping with keys model, data, training, sparsity, export", source, (), 1, 1)
     for item in overrides or []:
         keys, value = parse_override(item)
-        _apply_override(data, keys, value, node_positions, source)
-    recipe = validate_dict(data, source, node_positions)
-    return recipe
+        _apply_override(data, keys, value, node_positions, source, item)
+    _check_finite(data, (), source, node_positions)
+    return validate_dict(data, source, node_positions)
 
 
 def validate_dict(data: dict, source: str = "<recipe>", positions: dict | None = None) -> Recipe:
@@ -270,7 +482,7 @@ def validate_dict(data: dict, source: str = "<recipe>", positions: dict | None =
             raise _located(ctx_err.message, source, loc + ctx_err.key, positions) from None
         raise _located(_describe(err, Recipe, loc), source, loc, positions) from None
     except TypeError as e:  # e.g. a top-level key that is not a string
-        raise RecipeError(str(e), source) from None
+        raise _located(str(e), source, (), positions) from None
     _check_training_args(recipe.training, source, positions)
     recipe._source, recipe._positions = source, positions
     return recipe

@@ -1,0 +1,110 @@
+"""Dense torch layers vs the sparse runtime (hf_sparse.runtime), side by side in one process.
+
+Cases: nn.GRU / nn.LSTM (input size = hidden, ``--steps`` time steps, weight_ih and weight_hh
+pruned alike) and nn.Linear (hidden x hidden), at hidden 512/1024, densities 0.2/0.1/0.05,
+unstructured or block-pruned (16x16, 8x8 blocks kept at random), batch 1 and 8, 1 and 2 intra-op
+threads (torch's dense kernels use them; the runtime's kernels run on one thread). Each case
+alternates dense and runtime calls on the same input (order swapped every pair) for
+``--budget`` seconds and reports the median per-pair ratio dense/runtime and the largest
+absolute output difference.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py [--kinds gru,lstm,linear]
+        [--hidden 512,1024] [--densities 0.2,0.1,0.05] [--structures unstructured,16x16,8x8]
+        [--batches 1,8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_sparse.runtime import to_sparse_runtime  # noqa: E402
+from hf_sparse.runtime.speed import paired_timing  # noqa: E402
+
+
+@torch.no_grad()
+def prune_(module: nn.Module, density: float, block: int, gen: torch.Generator) -> None:
+    """Zero each weight matrix at random to ``density``, entry by entry or in ``block x block`` blocks."""
+    for name, p in module.named_parameters():
+        if not name.startswith("weight"):
+            continue
+        rows, cols = p.shape
+        if block == 1:
+            keep = torch.rand(rows, cols, generator=gen) < density
+        else:
+            keep = torch.rand(rows // block, cols // block, generator=gen) < density
+            keep = keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        p.mul_(keep)
+
+
+def build(kind: str, hidden: int) -> nn.Module:
+    if kind == "gru":
+        return nn.GRU(hidden, hidden)
+    if kind == "lstm":
+        return nn.LSTM(hidden, hidden)
+    return nn.Linear(hidden, hidden)
+
+
+def run_case(kind: str, hidden: int, density: float, structure: str, batch: int, threads: int, steps: int,
+             budget: float) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    block = 1 if structure == "unstructured" else int(structure.split("x")[0])
+    dense = build(kind, hidden).eval()
+    prune_(dense, density, block, gen)
+    runtime = to_sparse_runtime(dense)
+    x = torch.randn(batch, hidden) if kind == "linear" else torch.randn(steps, batch, hidden)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        ref, out = dense(x), runtime(x)
+        ref, out = (ref[0], out[0]) if kind != "linear" else (ref, out)
+        diff = float((ref - out).abs().max())
+        timing = paired_timing(lambda: dense(x), lambda: runtime(x), budget_s=budget)
+    fmt = ",".join(sorted({f for e in runtime.sparse_runtime_report for f in e["formats"].values()})) or "-"
+    return {"kind": kind, "hidden": hidden, "density": density, "structure": structure, "batch": batch,
+            "threads": threads, "steps": steps if kind != "linear" else None, "format": fmt,
+            "converted": all(e["converted"] for e in runtime.sparse_runtime_report),
+            "dense_ms": timing["dense_ms"], "runtime_ms": timing["runtime_ms"], "speedup": timing["speedup"],
+            "pairs": timing["pairs"], "max_abs_diff": diff}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", default="gru,lstm,linear")
+    ap.add_argument("--hidden", default="512,1024")
+    ap.add_argument("--densities", default="0.2,0.1,0.05")
+    ap.add_argument("--structures", default="unstructured,16x16,8x8")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--steps", type=int, default=100, help="time steps of the recurrent cases")
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds of paired timing per case")
+    ap.add_argument("--out", type=Path, help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    grid = itertools.product(args.kinds.split(","), [int(h) for h in args.hidden.split(",")],
+                             [float(d) for d in args.densities.split(",")], args.structures.split(","),
+                             [int(b) for b in args.batches.split(",")], [int(t) for t in args.threads.split(",")])
+    rows = []
+    print("| layer | hidden | density | structure | batch | threads | format | dense ms | runtime ms "
+          "| speed-up | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for case in grid:
+        row = run_case(*case, steps=args.steps, budget=args.budget)
+        rows.append(row)
+        print(f"| {row['kind']} | {row['hidden']} | {row['density']} | {row['structure']} | {row['batch']} "
+              f"| {row['threads']} | {row['format'] if row['converted'] else 'dense (fallback)'} "
+              f"| {row['dense_ms']:.3f} | {row['runtime_ms']:.3f} | {row['speedup']:.2f}x "
+              f"| {row['max_abs_diff']:.1e} |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

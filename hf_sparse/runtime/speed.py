@@ -1,0 +1,68 @@
+"""Paired timing of a dense model against its sparse runtime, for benchmarks and model cards.
+
+The CPU drifts between fast and slow phases, so timing one variant after the other measures the
+drift: the two run alternately (one call each, the order swapped every pair) on the same input,
+and the figure is the median of the per-pair ratios dense / runtime.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def paired_timing(dense: Callable[[], Any], sparse: Callable[[], Any], *, budget_s: float = 0.3,
+                  min_pairs: int = 5, max_pairs: int = 1000, warmup: int = 2) -> dict[str, float]:
+    """Alternate ``dense()`` and ``sparse()`` for about ``budget_s`` seconds; medians and pair count."""
+    for _ in range(warmup):
+        dense()
+        sparse()
+    times: dict[str, list[float]] = {"dense": [], "sparse": []}
+    ratios: list[float] = []
+    start = time.perf_counter()
+    pair = 0
+    while pair < max_pairs and (pair < min_pairs or time.perf_counter() - start < budget_s):
+        order = (("dense", dense), ("sparse", sparse)) if pair % 2 == 0 else (("sparse", sparse), ("dense", dense))
+        took = {}
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            took[name] = time.perf_counter() - t
+            times[name].append(took[name])
+        ratios.append(took["dense"] / took["sparse"])
+        pair += 1
+    return {"speedup": statistics.median(ratios), "dense_ms": 1e3 * statistics.median(times["dense"]),
+            "runtime_ms": 1e3 * statistics.median(times["sparse"]), "pairs": pair}
+
+
+def example_inputs(model: nn.Module, frames: int = 100) -> dict[str, torch.Tensor] | None:
+    """A batch-1 input for a model from its config (images, speech features), or None if unknown."""
+    config = getattr(model, "config", None)
+    name = getattr(model, "main_input_name", None)
+    if config is None:
+        return None
+    if name == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        return {"pixel_values": torch.randn(1, getattr(config, "num_channels", 3), size, size)}
+    if name == "input_features" and hasattr(config, "num_mel_bins"):
+        return {"input_features": torch.randn(1, frames, config.num_mel_bins)}
+    return None
+
+
+def measure_runtime_speedup(model: nn.Module, runtime_model: nn.Module, inputs: dict[str, torch.Tensor], *,
+                            budget_s: float = 0.3) -> dict[str, Any]:
+    """Batch-1 CPU latency of ``model`` vs ``runtime_model`` on ``inputs``, with the conditions."""
+    model.eval()
+    with torch.no_grad():
+        timing = paired_timing(lambda: model(**inputs), lambda: runtime_model(**inputs), budget_s=budget_s)
+    shapes = {k: list(v.shape) for k, v in inputs.items()}
+    return {"speedup": round(timing["speedup"], 3), "dense_ms": round(timing["dense_ms"], 4),
+            "runtime_ms": round(timing["runtime_ms"], 4), "pairs": timing["pairs"],
+            "input_shapes": shapes, "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
+            "torch": torch.__version__}

@@ -16,13 +16,17 @@ from hf_sparse.methods import get_method
 from hf_sparse.methods import hard_concrete as hc
 from hf_sparse.methods.base import step_generator
 from hf_sparse.methods.constraints import AugmentedLagrangianController, LagrangianController
+from hf_sparse.methods.granularity import Granularity
 from hf_sparse.methods.targets import resolve_targets
+from hf_sparse.training.recipe import RecipeError, recipe_from_text
 
 L0 = get_method("l0")
 
 
-def l0_on(model: nn.Module, target_density=0.3, total_steps=100, **params):
-    m = L0(resolve_targets(model), L0.Config(**params), target_density, seed=0)
+def l0_on(model: nn.Module, target_density=0.3, total_steps=100, granularity="unstructured", **params):
+    """L0 over every target of ``model`` (``model`` is passed, so channel gates pair with a BatchNorm)."""
+    m = L0(resolve_targets(model), L0.Config(**params), target_density, seed=0,
+           granularity=Granularity.parse(granularity), model=model)
     m.setup(total_steps)
     return m
 
@@ -188,7 +192,11 @@ def test_gradient_mapping_equals_autograd(granularity, control):
     layer = nn.Linear(5, 4)
     m = l0_on(layer, 0.2, 100, granularity=granularity, control=control, penalty=0.7, dual_lr=0.3)
     m.controller is not None and m.controller.multipliers.fill_(1.5)  # a nonzero multiplier
-    (g,) = m.groups
+    (g,) = m.gates
+    if granularity == "neuron":  # the unit gate covers the weight's rows and the unit's bias
+        assert [(mm.target.name, mm.role) for mm in g.grid.members] == [("weight", "weight"), ("bias", "bias")]
+    elif granularity == "unstructured":  # one gate per weight; the bias stays ungated
+        assert [(mm.target.name, mm.role) for mm in g.grid.members] == [("weight", "weight")]
     with torch.no_grad():  # move the gates off their init so every term matters
         g.log_alpha.copy_(torch.linspace(-1.5, 2.0, g.num).view(g.log_alpha.shape))
     x, y = torch.randn(7, 5), torch.randn(7, 4)
@@ -201,9 +209,9 @@ def test_gradient_mapping_equals_autograd(granularity, control):
         P, Q = g.P.detach().clone().requires_grad_(), g.Q.detach().clone().requires_grad_()
         w_eff, real = (P * z) @ Q, [P, Q]
     else:
-        W = g.members[0].weight.clone().requires_grad_()
+        W = g.real.values[0].clone().requires_grad_()
         w_eff, real = W * (z[:, None] if granularity == "neuron" else z), [W]
-    bias = (g.members[0].tensors[1].real if granularity == "neuron" else layer.bias).detach().clone().requires_grad_()
+    bias = (g.real.values[1] if granularity == "neuron" else layer.bias).detach().clone().requires_grad_()
     b_eff = bias * z if granularity == "neuron" else bias  # a unit gate covers the unit's bias too
     loss = F.mse_loss(F.linear(x, w_eff, b_eff), y)
     dens = g.cost * hc.expected_l0(la) / g.total
@@ -217,15 +225,17 @@ def test_gradient_mapping_equals_autograd(granularity, control):
     got = [g.P.grad, g.Q.grad] if granularity == "factorized" else [layer.weight.grad]
     for a, b in zip(got + [g.log_alpha.grad, layer.bias.grad], expected):
         assert torch.allclose(a, b, atol=1e-6)
-    if granularity != "factorized":  # the optimizer now sees the real weight
-        assert torch.equal(layer.weight.detach(), g.members[0].weight)
+    if granularity != "factorized":  # the optimizer now sees the real weight (and bias)
+        assert torch.equal(layer.weight.detach(), g.real.values[0])
+        assert torch.equal(layer.bias.detach(), bias.detach())
 
 
 # -- granularities on tiny models ------------------------------------------------------------------
 def test_unstructured_constrained_meets_target_and_writes_zeros():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3))
-    m = l0_on(model, 0.25, 150, gate_lr=0.1, dual_lr=0.5, freeze_fraction=0.2)
+    m = l0_on(model, 0.25, 150, gate_lr=0.1, dual_lr=0.5, freeze_fraction=0.8)
+    assert m.freeze_step == 120
     run_steps(model, m, data_for((32, 12), (32, 3)), 150)
     assert m.frozen
     m.finalize()
@@ -241,8 +251,9 @@ def test_channel_gates_on_conv_prune_whole_output_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3))
     m = l0_on(model, 0.5, 80, granularity="channel", constraint="layer", count="gates", gate_lr=0.2,
-              dual_lr=1.0, freeze_fraction=0.25)
-    assert [tuple(g.log_alpha.shape) for g in m.groups] == [(8,), (6,)]
+              dual_lr=1.0, freeze_fraction=0.75)
+    assert m.freeze_step == 60
+    assert [tuple(g.log_alpha.shape) for g in m.gates] == [(8,), (6,)]
     run_steps(model, m, data_for((4, 2, 7, 7), (4, 6, 3, 3)), 80)
     m.finalize()
     structure = m.structure()
@@ -260,9 +271,14 @@ def test_neuron_gates_on_recurrent_hidden_units(rnn):
     model = rnn(4, 6, num_layers=2, bidirectional=True)
     blocks = 3 if rnn is nn.GRU else 4
     m = l0_on(model, 0.5, 40, granularity="neuron", freeze_fraction=0.5)
-    # one gate group per (layer, direction), shared by weight_ih and weight_hh
-    assert len(m.groups) == 4 and all(len(g.members) == 2 and g.num == 6 for g in m.groups)
-    assert m.groups[0].cost == (blocks * 6 * 4 + blocks * 6 * 6) / 6
+    # one gate grid per (layer, direction), shared by weight_ih and weight_hh (and their biases)
+    assert len(m.gates) == 4 and all(g.num == 6 for g in m.gates)
+    assert [[(mm.target.attr, mm.role) for mm in g.grid.members] for g in m.gates][1] == [
+        ("weight_ih_l0_reverse", "weight"), ("weight_hh_l0_reverse", "weight"),
+        ("bias_ih_l0_reverse", "bias"), ("bias_hh_l0_reverse", "bias")]
+    assert all([mm.role for mm in g.grid.members] == ["weight", "weight", "bias", "bias"] for g in m.gates)
+    assert m.gates[0].cost == (blocks * 6 * 4 + blocks * 6 * 6) / 6
+    assert m.gates[2].cost == (blocks * 6 * 12 + blocks * 6 * 6) / 6  # layer 1 reads both directions
     run_steps(model, m, data_for((5, 3, 4), (5, 3, 12)), 40)
     m.finalize()
     structure = m.structure()
@@ -284,7 +300,7 @@ def test_factorized_gates_drop_rank_one_components():
     layer = nn.Linear(10, 8)
     w0 = layer.weight.detach().clone()
     m = l0_on(layer, 0.5, 60, granularity="factorized", count="gates", gate_lr=0.2, dual_lr=1.0)
-    (g,) = m.groups
+    (g,) = m.gates
     assert torch.allclose(g.P @ g.Q, w0, atol=1e-5)  # SVD init reproduces W
     run_steps(layer, m, data_for((16, 10), (16, 8)), 60)
     m.finalize()
@@ -305,15 +321,45 @@ def test_penalty_strength_orders_density():
     assert densities[1] < densities[0] - 0.2
 
 
+L0_RECIPE = """
+model: {source: hf_sparse, name: lenet5}
+sparsity:
+  method: l0
+SPARSITY"""
+
+
+def l0_recipe_error(sparsity: str) -> str:
+    with pytest.raises(RecipeError) as err:
+        recipe_from_text(L0_RECIPE.replace("SPARSITY", sparsity), "r.yaml")
+    return str(err.value)
+
+
 def test_constrained_needs_target_and_config_validates():
-    with pytest.raises(ValueError, match="target_density"):
-        L0(resolve_targets(nn.Linear(3, 2)), L0.Config(control="augmented"), None)
+    for control in ("constrained", "augmented"):
+        key, message = L0.config_error(L0.Config(control=control), None)
+        assert key == ("target_density",) and "target_density" in message
+        assert "r.yaml:" in (e := l0_recipe_error(f"  params: {{control: {control}}}\n"))
+        assert "sparsity.target_density:" in e and control in e
+    assert L0.config_error(L0.Config(control="penalty"), None) is None
+    assert L0.config_error(L0.Config(), 0.5) is None
+    # the target must be reached before the gates freeze
     with pytest.raises(ValueError, match="freeze"):
-        L0.Config(target_warmup=0.8, freeze_fraction=0.3)
+        L0.Config(target_warmup=0.8, freeze_fraction=0.7)
+    assert L0.Config(target_warmup=0.7, freeze_fraction=0.7).freeze_fraction == 0.7
+    e = l0_recipe_error("  target_density: 0.5\n  params: {target_warmup: 0.8, freeze_fraction: 0.7}\n")
+    assert "sparsity.params:" in e and "freeze_fraction" in e
+    # granularity is a sparsity key, not a method param; an unknown one is located there
     with pytest.raises(ValueError):
-        L0.Config(granularity="block")
+        L0.Config(granularity="channel")
+    e = l0_recipe_error("  target_density: 0.5\n  params: {granularity: channel}\n")
+    assert "sparsity.params.granularity:" in e and "unknown key" in e
+    e = l0_recipe_error("  target_density: 0.5\n  granularity: diagonal\n")
+    assert "sparsity.granularity:" in e and "unknown granularity" in e
+    for spelling in ("unstructured", "neuron", "factorized", "2:4"):
+        recipe_from_text(L0_RECIPE.replace("SPARSITY", f"  granularity: '{spelling}'\n  params: {{control: penalty}}\n"),
+                         "r.yaml")
     with pytest.raises(ValueError, match="2-D"):
-        L0(resolve_targets(nn.Conv2d(2, 3, 3)), L0.Config(granularity="factorized"), 0.5)
+        L0(resolve_targets(nn.Conv2d(2, 3, 3)), L0.Config(), 0.5, granularity=Granularity.parse("factorized"))
 
 
 def test_satisfied_constraint_never_moves_multiplier():
@@ -324,26 +370,29 @@ def test_satisfied_constraint_never_moves_multiplier():
 
 
 # -- state ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("params", [
-    {"control": "constrained", "constraint": "layer"},
-    {"control": "augmented", "target_warmup": 0.3},
-    {"control": "penalty", "granularity": "factorized"},
+@pytest.mark.parametrize("granularity, params", [
+    ("unstructured", {"control": "constrained", "constraint": "layer"}),
+    ("unstructured", {"control": "augmented", "target_warmup": 0.3}),
+    ("factorized", {"control": "penalty"}),
+    ("channel", {"control": "constrained"}),
 ])
-def test_state_dict_round_trip_resumes_exactly(params):
+def test_state_dict_round_trip_resumes_exactly(granularity, params):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
     data = data_for((16, 6), (16, 2))
     ref_model = copy.deepcopy(model)
-    ref = l0_on(ref_model, 0.4, 30, freeze_fraction=0.2, **params)
+    ref = l0_on(ref_model, 0.4, 30, granularity, freeze_fraction=0.8, **params)
     run_steps(ref_model, ref, data, 30)
+    assert ref.frozen and ref.freeze_step == 24  # the resume below (at 15) precedes the freeze
 
-    first = l0_on(model, 0.4, 30, freeze_fraction=0.2, **params)
+    first = l0_on(model, 0.4, 30, granularity, freeze_fraction=0.8, **params)
     opt = run_steps(model, first, data, 15)
     saved_state, saved_model = copy.deepcopy(first.state_dict()), copy.deepcopy(model.state_dict())
 
     fresh = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))  # other weights until loaded
     fresh.load_state_dict(saved_model)
-    resumed = L0(resolve_targets(fresh), L0.Config(freeze_fraction=0.2, **params), 0.4, seed=0)
+    resumed = L0(resolve_targets(fresh), L0.Config(freeze_fraction=0.8, **params), 0.4, seed=0,
+                 granularity=Granularity.parse(granularity), model=fresh)
     resumed.load_state_dict(saved_state)
     resumed.setup(30)  # Trainer calls setup after loading a checkpoint
     opt2 = torch.optim.SGD(list(fresh.parameters()), lr=0.05)
@@ -356,7 +405,10 @@ def test_state_dict_round_trip_resumes_exactly(params):
         assert torch.equal(a, b)
     for a, b in zip(ref.hard_masks(), resumed.hard_masks()):
         assert torch.equal(a, b)
+    for a, b in zip(ref.masks, resumed.masks):
+        assert torch.equal(a, b)
     assert ref.metrics() == resumed.metrics()
+    assert set(saved_state) >= {"log_alpha", "real", "masks", "frozen", "controller"}
 
 
 # -- channel gates and BatchNorm ----------------------------------------------------------------
@@ -373,12 +425,13 @@ def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([1.0, 0.5, -0.7, 2.0]))
         bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
-    m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])), L0.Config(granularity="channel", penalty=0.3,
-                                                                                 control="penalty"), None, seed=0)
-    m.attach(model)
+    m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])), L0.Config(penalty=0.3, control="penalty"),
+           None, seed=0, granularity=Granularity.parse("channel"), model=model)
     m.setup(10)
-    (g,) = m.groups
-    assert g.members[0].norm is bn
+    (g,) = m.gates
+    assert [(mm.target.name, mm.role) for mm in g.grid.members] == [
+        ("0.weight", "weight"), ("1.weight", "norm"), ("1.bias", "norm")]
+    assert g.grid.members[1].param is bn.weight and g.grid.members[2].param is bn.bias and g.paired
     with torch.no_grad():
         g.log_alpha.copy_(torch.tensor([-1.0, 0.5, 1.5, 3.0]))
     x, y = torch.randn(6, 2, 7, 7), torch.randn(6, 3)
@@ -399,37 +452,45 @@ def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
 
     m.finalize()
     model.eval()
-    closed = ~m.keep[0]
+    closed = ~m.masks[0]
     assert closed.any()
     feats = model[:3](torch.randn(5, 2, 7, 7))
     assert torch.all(feats[:, closed] == 0) and torch.all(conv.weight[closed] == 0)
 
 
+def paired_norms(method) -> list[nn.Module | None]:
+    """The BatchNorm each gate grid acts after (None: the gates scale the layer itself)."""
+    return [next((mm.target.module for mm in g.grid.members if mm.role == "norm"), None) for g in method.gates]
+
+
 def test_batchnorm_pairing_rules():
     model = conv_bn_model()
     m = l0_on(model, 0.5, 10, granularity="channel")
-    m.attach(model)
-    assert [mm.norm for g in m.groups for mm in g.members] == [model[1], None]  # the Linear has no BatchNorm
-    plain = l0_on(conv_bn_model(), 0.5, 10, granularity="channel", batchnorm=False)
-    plain.attach(model)
-    assert all(mm.norm is None for g in plain.groups for mm in g.members)
+    assert paired_norms(m) == [model[1], None]  # the Linear has no BatchNorm
+    assert [g.paired for g in m.gates] == [True, False]
+    plain_model = conv_bn_model()
+    plain = l0_on(plain_model, 0.5, 10, granularity="channel", batchnorm=False)
+    assert paired_norms(plain) == [None, None]
+    unpaired = L0(resolve_targets(model), L0.Config(), 0.5, granularity=Granularity.parse("channel"))  # no model
+    assert paired_norms(unpaired) == [None, None]
 
 
 # -- under SparseTrainer ------------------------------------------------------------------------
 TRAINER_CONFIGS = {
     "neuron-augmented": {"method": "l0", "target_density": 0.5, "targets": {"exclude": ["classifier.*"]},
-                         "params": {"control": "augmented", "granularity": "neuron", "target_warmup": 0.3,
-                                    "freeze_fraction": 0.3, "dual_lr": 1.0}},
-    "factorized-penalty": {"method": "l0", "params": {"control": "penalty", "granularity": "factorized",
-                                                      "penalty": 1.0, "freeze_fraction": 0.3}},
+                         "granularity": "neuron",
+                         "params": {"control": "augmented", "target_warmup": 0.3, "freeze_fraction": 0.7,
+                                    "dual_lr": 1.0}},
+    "factorized-penalty": {"method": "l0", "granularity": "factorized",
+                           "params": {"control": "penalty", "penalty": 1.0, "freeze_fraction": 0.7}},
     "layer-constrained": {"method": "l0", "target_density": 0.3,
-                          "params": {"constraint": "layer", "gate_lr_schedule": "constant", "freeze_fraction": 0.3}},
+                          "params": {"constraint": "layer", "gate_lr_schedule": "constant", "freeze_fraction": 0.7}},
 }
 
 
 def gate_state(trainer) -> list[torch.Tensor]:
     m = trainer.sparsifier.method
-    state = [g.log_alpha.detach().clone() for g in m.groups]
+    state = [g.log_alpha.detach().clone() for g in m.gates]
     if m.controller is not None:
         state += [torch.as_tensor(v).clone() for v in m.controller.state_dict().values()]
     return state
@@ -465,7 +526,7 @@ def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
     assert {"sparsity/l0/expected_density", "sparsity/l0/hard_density", "sparsity/l0/lambda"} <= set(logs[-1])
     assert all(math.isfinite(v) for h in logs for v in h.values() if isinstance(v, float))
     assert trainer.sparsifier.density() == pytest.approx(0.3, abs=0.002)
-    assert all(g.log_alpha.dtype == torch.float32 for g in trainer.sparsifier.method.groups)
+    assert all(g.log_alpha.dtype == torch.float32 for g in trainer.sparsifier.method.gates)
 
 
 def test_gates_identical_on_two_ranks(tmp_path):
@@ -485,7 +546,7 @@ def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
     from tests.helpers import make_trainer
 
     sparsity = {"method": "l0", "target_density": 0.5, "targets": {"exclude": ["classifier.*"]},
-                "params": {"granularity": "neuron", "count": "gates", "freeze_fraction": 0.3, "dual_lr": 1.0}}
+                "granularity": "neuron", "params": {"count": "gates", "freeze_fraction": 0.7, "dual_lr": 1.0}}
     trainer = make_trainer(fmnist_small, tmp_path / "run", sparsity, max_steps=12)
     trainer.train()
     structure = trainer.sparsifier.method.structure()
@@ -519,12 +580,13 @@ def test_constant_gate_lr_undoes_the_trainer_schedule():
     def gates_after(scheduled_fraction: float) -> torch.Tensor:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
-        m = l0_on(model, 0.4, 20, gate_lr=0.1, freeze_fraction=0.0)
+        m = l0_on(model, 0.4, 20, gate_lr=0.1, freeze_fraction=1.0)
         opt = torch.optim.Adam(list(model.parameters()), lr=0.01)
         for group in m.param_groups(0.01):
             opt.add_param_group(group)
         opt.param_groups[-1]["lr"] *= scheduled_fraction  # what an LR scheduler would do to the gates
         run_steps(model, m, data_for((16, 6), (16, 2)), 5, optimizer=opt)
-        return torch.cat([g.log_alpha.detach().flatten() for g in m.groups])
+        assert not m.frozen
+        return torch.cat([g.log_alpha.detach().flatten() for g in m.gates])
 
     assert torch.allclose(gates_after(0.25), gates_after(1.0), atol=1e-5)

@@ -49,10 +49,10 @@ def test_family_and_labels(tmp_path):
     assert method_label(paths["gmp"], "tiny_lenet") == "gmp"
     grid = plan_grid([paths["dense"], paths["gmp"]], [0.5, 0.1], [0, 1], tmp_path / "out")
     assert [(r.label, r.density, r.seed) for r in grid] == [
-        ("dense", None, 0), ("dense", None, 1),
-        ("gmp", 0.5, 0), ("gmp", 0.5, 1), ("gmp", 0.1, 0), ("gmp", 0.1, 1)]
-    assert grid[4].run_dir == tmp_path / "out" / "gmp" / "d0.1" / "s0"
-    assert grid[4].overrides() == ["sparsity.target_density=0.1", "training.seed=0"]
+        ("dense", None, 0), ("gmp", 0.5, 0), ("gmp", 0.1, 0),
+        ("dense", None, 1), ("gmp", 0.5, 1), ("gmp", 0.1, 1)]
+    assert grid[2].run_dir == tmp_path / "out" / "gmp" / "d0.1" / "s0"
+    assert grid[2].overrides() == ["sparsity.target_density=0.1", "training.seed=0"]
     (tmp_path / "other").mkdir()
     stray = tmp_path / "other" / "x_gmp.yaml"
     stray.write_text(paths["gmp"].read_text())
@@ -111,6 +111,11 @@ def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
     assert 1 <= len(done) < len(runs)
     assert not (out / "summary.md").exists()
 
+    # a folder in the same layout written by another tool (bench/bench_vs_torch_ao.py) becomes a row
+    peer = out / "peer" / "d0.5" / "s0"
+    peer.mkdir(parents=True)
+    (peer / "results.json").write_text((next(iter(done)) / "results.json").read_text())
+
     second = subprocess.run([*cmd, "2"], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(runs) - len(done)} trained, {len(done)} already complete, 0 failed" in second.stdout
@@ -119,7 +124,7 @@ def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
 
     # summary.csv agrees with the runs, summary.md with summary.csv, the picture with both
     rows = {(row["method"], row["target_density"]): row for row in csv.DictReader(open(out / "summary.csv"))}
-    assert set(rows) == {("dense", ""), ("gmp", "0.5"), ("dns", "0.5")}
+    assert set(rows) == {("dense", ""), ("gmp", "0.5"), ("dns", "0.5"), ("peer", "0.5")}
     acc = {k: json.loads(((out / k[0] / f"d{k[1]}" if k[1] else out / k[0]) / "s0" / "results.json")
                          .read_text())["eval"]["accuracy"] for k in rows}
     for key, row in rows.items():
@@ -127,14 +132,14 @@ def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
         assert math.isclose(float(row["mean"]), acc[key])
     md = (out / "summary.md").read_text()
     for d in ("0.5",):
-        best = max(("gmp", "dns"), key=lambda m: float(rows[(m, d)]["mean"]))
+        best = max(("gmp", "dns", "peer"), key=lambda m: float(rows[(m, d)]["mean"]))
         cells = {m: next(line for line in md.splitlines() if line.startswith(f"| {m} |")).split(" | ")
-                 for m in ("gmp", "dns")}
-        for m in ("gmp", "dns"):
+                 for m in ("gmp", "dns", "peer")}
+        for m in ("gmp", "dns", "peer"):
             text = f"{100 * float(rows[(m, d)]['mean']):.2f}"
             assert cells[m][1].strip(" |") == (f"**{text}**" if m == best else text)
     series = json.loads(Image.open(out / "pareto.png").text["hf_sparse_series"])
-    for m in ("gmp", "dns"):
+    for m in ("gmp", "dns", "peer"):
         plotted = {p[0]: p[1] for p in series["lines"][m]}
         assert plotted == pytest.approx({0.5: 100 * float(rows[(m, "0.5")]["mean"])})
     assert series["dense"][0] == pytest.approx(100 * float(rows[("dense", "")]["mean"]))

@@ -77,7 +77,8 @@ def method_label(recipe: Path, prefix: str | None) -> str:
 
 def plan_grid(recipes: Sequence[str | Path], densities: Sequence[float], seeds: Sequence[int], out: Path,
               methods: Sequence[str] | None = None, dense: str | Path | None = None) -> list[GridRun]:
-    """Every cell of the grid, dense references first; RecipeError (exit 2) on any bad input.
+    """Every cell of the grid, seed by seed (so an interrupted grid has every cell's first seeds),
+    each seed's dense reference first; RecipeError (exit 2) on any bad input.
 
     Every (recipe, density) pair is validated here, before anything is written or trained.
     """
@@ -119,9 +120,11 @@ def plan_grid(recipes: Sequence[str | Path], densities: Sequence[float], seeds: 
             recipe = load_recipe(p, [f"sparsity.target_density={d:g}"])
             if recipe.sparsity.method == "none":
                 raise RecipeError(f"{p} is a dense recipe; pass it as --dense", where, ("RECIPE",))
-    grid = [GridRun(DENSE_LABEL, dense_path, None, s, out / DENSE_LABEL / f"s{s}") for s in seeds]
-    grid += [GridRun(label, p, d, s, out / label / density_dir(d) / f"s{s}")
-             for label, p in by_label.items() for d in densities for s in seeds]
+    grid = []
+    for s in seeds:
+        grid.append(GridRun(DENSE_LABEL, dense_path, None, s, out / DENSE_LABEL / f"s{s}"))
+        grid += [GridRun(label, p, d, s, out / label / density_dir(d) / f"s{s}")
+                 for d in densities for label, p in by_label.items()]
     return grid
 
 

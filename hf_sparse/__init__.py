@@ -1,23 +1,55 @@
-"""hf_sparse: train sparse neural networks inside the Hugging Face stack."""
+"""hf_sparse: train sparse neural networks inside the Hugging Face stack.
+
+The public names are imported on first use, so ``import hf_sparse`` (and ``hf-sparse --help``)
+does not pay for torch, transformers and timm. hf_sparse's own models register with the
+transformers Auto classes when ``hf_sparse.models`` is imported, which every hf_sparse call that
+builds or loads a model does; importing ``hf_sparse`` after transformers registers them at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from . import models  # noqa: E402,F401  (registers hf_sparse's models with the Auto classes)
-from .checkpoint.hub import push_to_hub  # noqa: E402
-from .checkpoint.save_and_load import load_sparse, save_sparse_checkpoint  # noqa: E402
-from .training.recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: E402
-from .training.sparsifier import Sparsifier  # noqa: E402
-from .training.trainer import SparseTrainer  # noqa: E402
+#: public name -> the module that defines it
+_EXPORTS = {
+    "Recipe": ".training.recipe",
+    "RecipeError": ".training.recipe",
+    "SparseTrainer": ".training.trainer",
+    "Sparsifier": ".training.sparsifier",
+    "SparsityConfig": ".training.recipe",
+    "load_recipe": ".training.recipe",
+    "load_sparse": ".checkpoint.save_and_load",
+    "push_to_hub": ".checkpoint.hub",
+    "save_sparse_checkpoint": ".checkpoint.save_and_load",
+    "to_sparse_runtime": ".runtime.convert",
+}
 
-__all__ = [
-    "Recipe",
-    "RecipeError",
-    "SparseTrainer",
-    "Sparsifier",
-    "SparsityConfig",
-    "__version__",
-    "load_recipe",
-    "load_sparse",
-    "push_to_hub",
-    "save_sparse_checkpoint",
-]
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from .checkpoint.hub import push_to_hub  # noqa: F401
+    from .checkpoint.save_and_load import load_sparse, save_sparse_checkpoint  # noqa: F401
+    from .runtime.convert import to_sparse_runtime  # noqa: F401
+    from .training.recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: F401
+    from .training.sparsifier import Sparsifier  # noqa: F401
+    from .training.trainer import SparseTrainer  # noqa: F401
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if "transformers" in sys.modules:  # transformers is loaded already: registering costs nothing
+    from . import models  # noqa: F401

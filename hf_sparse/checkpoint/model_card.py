@@ -1,8 +1,9 @@
 """The model card (README.md) of a sparse checkpoint, rendered with huggingface_hub's card tools.
 
 The front matter is built from ``ModelCardData``/``EvalResult`` so it is exactly what the Hub
-parses (tags, datasets, ``model-index`` metrics); the body comes from the Jinja template in
-``hf_sparse/checkpoint/templates/`` and shows the per-layer densities as a table and as a bar chart (``density.png``).
+parses (tags, datasets, ``model-index`` metrics); the body comes from the Jinja template in the
+repository's ``model_cards/templates/`` (installed as ``hf_sparse/model_cards/``) and shows the
+per-layer densities as a table and as a bar chart (``density.png``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,21 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-#: Package data, so a wheel install renders cards too; edit it without touching code.
-TEMPLATE = Path(__file__).resolve().parent / "templates" / "sparse_model.md"
+from ..runtime.speed import speed_sentence
+
+
+def _template_dir() -> Path:
+    """``model_cards/templates/`` of a clone (editable install), else the copy a wheel installs."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package.parent / "model_cards" / "templates", package / "model_cards"):
+        if (folder / "sparse_model.md").is_file():
+            return folder
+    raise FileNotFoundError(f"no model-card template: neither {package.parent / 'model_cards/templates'} "
+                            f"nor {package / 'model_cards'} holds sparse_model.md (a broken install?)")
+
+
+#: The card template; edit it without touching code.
+TEMPLATE = _template_dir() / "sparse_model.md"
 #: Written where the repo id is not known yet; ``hub.push_to_hub`` substitutes the real id in the pushed copy.
 REPO_PLACEHOLDER = "<repo_id>"
 #: hf_sparse's task names (``DataBundle.task``) that differ from the Hub's pipeline tags.
@@ -83,6 +97,10 @@ def density_plot(path: Path, layers: dict[str, dict], target: float | None) -> P
 def _plain_load(sparsity: dict) -> tuple[str, str]:
     """(library_name for the front matter, a sentence + snippet on loading without hf_sparse)."""
     fmt, library = sparsity["format"], sparsity["library"]
+    if library == "torch":
+        cls = sparsity["model_class"].rpartition(".")[2]
+        return "pytorch", (f"The weights are the state dict of a plain PyTorch module (`{cls}`): build that module, "
+                           "then `hf_sparse.load_sparse(path, model=module)` fills it in place.")
     if fmt == "bitmask":
         return "hf_sparse", "The bitmask format needs hf_sparse to load (`load_sparse` rebuilds the dense tensors)."
     if library == "timm":
@@ -139,6 +157,7 @@ def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset
                 for k, v in layers.items()],
         purged_rows=purged_rows, metrics=rows, dataset=dataset,
         recipe=(recipe_yaml or "").rstrip("\n"), load_id=REPO_PLACEHOLDER, plain_load=plain_load,
+        runtime_speed=speed_sentence(sparsity.get("runtime_speed")),
     )
 
 

@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.hub import HubError, push_to_hub
-from ..checkpoint.save_and_load import (
+from ..checkpoint.save_and_load import (  # numpy and safetensors only; torch comes with the commands that need it
     FORMATS,
     SPARSITY_FILE,
     CheckpointError,
@@ -38,10 +37,10 @@ def _model_dir(path: Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder")
     for candidate in (path / "model", path):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or (candidate / SPARSITY_FILE).is_file():
             return candidate
     raise CheckpointError(f"{path} holds no model: expected a run directory with model/ inside, "
-                          "or a model folder with config.json")
+                          f"or a model folder with config.json or {SPARSITY_FILE}")
 
 
 def _report_from(folder: Path, sparsity: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +89,9 @@ def export_cmd(args: argparse.Namespace) -> int:
                                                 if run_results.is_file() else None)
         recipe = src / "recipe.yaml"
         dataset, task = _card_facts(src)
+        if sparsity.get("library") == "torch":
+            raise CheckpointError(f"{src} holds a plain nn.Module's state dict; re-export it from Python: "
+                                  "save_sparse_checkpoint(load_sparse(src, model=module), out, ...)")
         model = load_sparse(src)
         save_sparse_checkpoint(model, out, report=report, format=args.format, eval_metrics=eval_metrics,
                                dense_reference=sparsity.get("dense_reference"),
@@ -142,6 +144,8 @@ def inspect_cmd(args: argparse.Namespace) -> int:
 
 def push_cmd(args: argparse.Namespace) -> int:
     """Push a checkpoint folder (or a run directory's model/) to the Hub."""
+    from ..checkpoint.hub import HubError, push_to_hub
+
     try:
         folder = _model_dir(Path(args.path))
     except CheckpointError as e:

@@ -13,8 +13,19 @@ from typing import Any
 
 import datasets
 
-#: Repository folder with the bundled datasets (present in a clone / editable install).
-BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
+
+def _bundled_data() -> Path:
+    """The repository's ``data/`` folder: beside the package in a clone or editable install; for
+    a wheel install, ``./data`` when run from a clone. The wheel itself carries no datasets."""
+    beside_package = Path(__file__).resolve().parents[2] / "data"
+    for folder in (beside_package, Path.cwd() / "data"):
+        if (folder / "fashion_mnist").is_dir() or (folder / "fsdd").is_dir():
+            return folder
+    return beside_package
+
+
+#: Repository folder with the bundled datasets (see :func:`_bundled_data`).
+BUNDLED_DATA = _bundled_data()
 
 
 @dataclass
@@ -65,8 +76,18 @@ def load_data(cfg) -> DataBundle:
 
         bundle = load_hub_images(cfg)
     else:
-        bundle = DATA_SOURCES[cfg.name](cfg)
-    return _subsample(bundle, cfg)
+        try:
+            bundle = DATA_SOURCES[cfg.name](cfg)
+        except DataError:
+            if cfg.path or BUNDLED_DATA.is_dir():
+                raise
+            raise DataError(f"data.name {cfg.name!r} reads the datasets bundled in a clone of the hf_sparse "
+                            f"repository (its data/ folder, looked for in {BUNDLED_DATA.parent} and {Path.cwd()}), "
+                            "which an installed wheel does not carry: run from a clone, point data.path at a copy, "
+                            "or use data.hub_id (needs a connection to the Hub)") from None
+    from .resize import resize_images
+
+    return resize_images(_subsample(bundle, cfg), cfg)
 
 
 def _subsample(bundle: DataBundle, cfg) -> DataBundle:

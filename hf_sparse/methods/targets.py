@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -35,11 +36,13 @@ class TargetSpec:
 
     Patterns match full parameter names (``features.0.weight``). A pattern that starts with
     ``re:`` is a regular expression (``re.search``); any other pattern is a glob (``fnmatch``).
+    The output head (see :func:`head_weight_names`) stays dense unless ``include_head`` is true.
     """
 
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     layer_types: list[str] = field(default_factory=lambda: list(DEFAULT_LAYER_TYPES))
+    include_head: bool = False
 
 
 @dataclass
@@ -93,21 +96,71 @@ def candidate_weights(model: nn.Module, layer_types: list[str]) -> list[Target]:
     return found
 
 
+#: Attributes that hold the output head of a transformers/hf_sparse/plain model (CTC: ``lm_head``).
+_HEAD_ATTRS = ("classifier", "lm_head", "head", "fc")
+
+
+def head_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the model's output head, or None when it has no recognisable one.
+
+    timm models name theirs with ``get_classifier()``; transformers models with
+    ``get_output_embeddings()`` or a ``classifier``/``lm_head`` module; hf_sparse's timm wrapper
+    holds the timm model as ``.model``. A pruned head row silences a class outright, so heads stay dense
+    by default.
+    """
+    for prefix, m in (("", model), ("model.", getattr(model, "model", None))):
+        if not isinstance(m, nn.Module):
+            continue
+        found = None
+        if callable(getattr(m, "get_classifier", None)):
+            found = m.get_classifier()
+        if not isinstance(found, nn.Module) and callable(getattr(m, "get_output_embeddings", None)):
+            try:
+                found = m.get_output_embeddings()
+            except (AttributeError, NotImplementedError):
+                found = None
+        if not isinstance(found, nn.Module):
+            found = next((h for h in (getattr(m, a, None) for a in _HEAD_ATTRS) if isinstance(h, nn.Module)), None)
+        if isinstance(found, nn.Module) and found is not model:
+            name = next((n for n, sub in m.named_modules() if sub is found), None)
+            if name:
+                return prefix + name, found
+    return None
+
+
+def head_weight_names(model: nn.Module, layer_types: list[str] | None = None) -> set[str]:
+    """Names of the candidate weights that belong to the output head (empty when there is none)."""
+    head = head_module(model)
+    if head is None:
+        return set()
+    prefix = head[0] + "."
+    return {t.name for t in candidate_weights(model, layer_types or list(DEFAULT_LAYER_TYPES))
+            if t.name.startswith(prefix)}
+
+
 def unmatched_patterns(model: nn.Module, spec: TargetSpec) -> list[tuple[str, str]]:
-    """(``include``/``exclude``, pattern) for each pattern that matches no candidate weight."""
+    """(``include``, pattern) for each include pattern that matches no candidate weight.
+
+    An ``exclude`` that matches nothing is not an error (one recipe may serve several model
+    families); :func:`resolve_targets` warns about it.
+    """
     names = [t.name for t in candidate_weights(model, spec.layer_types)]
-    missing = []
-    for kind, patterns in (("include", spec.include), ("exclude", spec.exclude)):
-        missing += [(kind, p) for p in patterns if not any(pattern_matches(p, n) for n in names)]
-    return missing
+    return [("include", p) for p in spec.include if not any(pattern_matches(p, n) for n in names)]
 
 
 def resolve_targets(model: nn.Module, spec: TargetSpec | None = None) -> list[Target]:
     """The targets that ``spec`` selects, in module order (stable across processes)."""
     spec = spec or TargetSpec()
+    candidates = candidate_weights(model, spec.layer_types)
+    idle = [p for p in spec.exclude if not any(pattern_matches(p, t.name) for t in candidates)]
+    if idle:
+        warnings.warn(f"sparsity.targets.exclude: {', '.join(map(repr, idle))} matches no weight of "
+                      f"{type(model).__name__}", stacklevel=2)
+    head = set() if spec.include_head else head_weight_names(model, spec.layer_types)
     return [
         t
-        for t in candidate_weights(model, spec.layer_types)
-        if any(pattern_matches(p, t.name) for p in spec.include)
+        for t in candidates
+        if t.name not in head
+        and any(pattern_matches(p, t.name) for p in spec.include)
         and not any(pattern_matches(p, t.name) for p in spec.exclude)
     ]

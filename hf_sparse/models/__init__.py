@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from ..data import DataBundle
+    from ..data import DataBundle
 
 #: hf_sparse's own models: name -> factory(config_overrides: dict, data: DataBundle) -> PreTrainedModel
 MODEL_REGISTRY: dict[str, Callable[[dict, DataBundle], nn.Module]] = {}
@@ -21,6 +23,6 @@ def register_model(name: str) -> Callable:
 
 
 from . import lenet, speech_rnn  # noqa: E402,F401
-from .build import build_model  # noqa: E402
+from .build import build_model, forward_problem  # noqa: E402
 
-__all__ = ["MODEL_REGISTRY", "build_model", "register_model"]
+__all__ = ["MODEL_REGISTRY", "build_model", "forward_problem", "register_model"]

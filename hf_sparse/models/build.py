@@ -1,13 +1,18 @@
-"""Build the model a recipe names, sized for its data."""
+"""Build the model a recipe names, sized for its data, and check that it runs on that data."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..data import DataBundle
 from . import MODEL_REGISTRY
+
+if TYPE_CHECKING:
+    from ..data import DataBundle
 
 _DEFAULT_AUTO_CLASS = {
     "image-classification": "AutoModelForImageClassification",
@@ -36,6 +41,35 @@ class TimmClassifier(nn.Module):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
+def timm_channel_stats(model: nn.Module, in_chans: int) -> dict[str, tuple[float, ...]]:
+    """The pretrained config's mean/std refitted to ``in_chans`` channels (their average, repeated).
+
+    timm keeps ImageNet's three values for a 1-channel model and warns each time it resolves
+    them (on every export); refitting once says the same thing quietly.
+    """
+    out = {}
+    for key in ("mean", "std"):
+        value = model.pretrained_cfg.get(key)
+        if isinstance(value, (list, tuple)) and len(value) not in (1, in_chans):
+            out[key] = (sum(value) / len(value),) * in_chans
+    return out
+
+
+def _build_timm(cfg, data: DataBundle) -> nn.Module:
+    import timm
+
+    from ..data.resize import adopt_timm_preprocessing
+
+    if not timm.is_model(cfg.name):
+        raise ValueError(f"unknown timm model {cfg.name!r}")
+    in_chans = data.info.get("num_channels", 3)
+    kwargs = {"num_classes": data.num_labels, "in_chans": in_chans, **cfg.kwargs}
+    model = timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs)
+    model.pretrained_cfg = {**model.pretrained_cfg, **timm_channel_stats(model, kwargs["in_chans"])}
+    adopt_timm_preprocessing(data, model, cfg.pretrained)
+    return TimmClassifier(model, cfg.name)
+
+
 def build_model(cfg, data: DataBundle) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``. Raises ValueError with a plain message on bad names."""
     if cfg.source == "hf_sparse":
@@ -43,12 +77,7 @@ def build_model(cfg, data: DataBundle) -> nn.Module:
             raise ValueError(f"unknown hf_sparse model {cfg.name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}")
         return MODEL_REGISTRY[cfg.name](dict(cfg.config), data)
     if cfg.source == "timm":
-        import timm
-
-        if not timm.is_model(cfg.name):
-            raise ValueError(f"unknown timm model {cfg.name!r}")
-        kwargs = {"num_classes": data.num_labels, "in_chans": data.info.get("num_channels", 3), **cfg.kwargs}
-        return TimmClassifier(timm.create_model(cfg.name, pretrained=cfg.pretrained, **kwargs), cfg.name)
+        return _build_timm(cfg, data)
     import transformers
 
     auto = getattr(transformers, cfg.auto_class or _DEFAULT_AUTO_CLASS[data.task], None)
@@ -63,6 +92,35 @@ def build_model(cfg, data: DataBundle) -> nn.Module:
     config_kwargs = dict(cfg.config)
     model_type = config_kwargs.pop("model_type")
     config = transformers.AutoConfig.for_model(model_type, **config_kwargs, **labels)
-    if data.task == "image-classification" and "num_channels" in config.to_dict():
-        config.num_channels = data.info.get("num_channels", config.num_channels)
+    if data.task == "image-classification":
+        for key in ("num_channels", "image_size"):
+            if key in config.to_dict() and key in data.info and key not in config_kwargs:
+                setattr(config, key, data.info[key])
     return auto.from_config(config)
+
+
+def forward_problem(model: nn.Module, data: DataBundle) -> str | None:
+    """Run ``model`` once on two evaluation examples; a sentence on why it fails, or None.
+
+    Catches what only shows at the first training step, such as images smaller than the
+    network's downsampling (``Kernel size can't be greater than actual input size``). Eval mode
+    and no gradients: no dropout draws, no BatchNorm statistics change, so training is unaffected.
+    """
+    rows = [data.eval[i] for i in range(min(2, len(data.eval)))]
+    if not rows:
+        return None
+    batch = data.collator(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except (RuntimeError, ValueError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shape = tuple(batch["pixel_values"].shape[1:]) if "pixel_values" in batch else None
+        where = f" on {'×'.join(map(str, shape))} inputs" if shape else ""
+        hint = "; set data.image_size to a larger size" if shape and len(shape) == 3 else ""
+        return f"the model fails on a batch of the data{where} ({first}){hint}"
+    finally:
+        model.train(was_training)
+    return None

@@ -305,10 +305,8 @@ TARGETS = {  # recipe, --set overrides, metric, bound
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(TARGETS))
-def test_recipe_reaches_its_target(case, tmp_path, request):
+def test_recipe_reaches_its_target(case, tmp_path):
     """The figures of docs/speech.md: each run takes 3-5 minutes on 2 CPU cores."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("a full training run: opt in with -m slow")
     import json
 
     from hf_sparse.cli import main

@@ -109,7 +109,6 @@ class AutoPrune(SparsityMethod):
         self.single = self.granularity.kind in ("unstructured", "n:m")  # one weight per m
         self.M = [nn.Parameter(torch.full(g.shape, config.init, device=g.members[0].param.device))
                   for g in self.grids]
-        self.covered = [m for g in self.grids for m in g.members]
         self.real = RealWeights([m.target for m in self.covered])
         self.numel = sum(g.numel for g in self.grids)
         self.masks = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
@@ -242,8 +241,7 @@ class AutoPrune(SparsityMethod):
         return int(flags.count_nonzero()) if self.single else int((self.grids[g].sizes * flags).sum())
 
     def _refresh_factors(self) -> None:
-        self._factors = [member.expand(mask.to(member.param.dtype))
-                         for g, mask in zip(self.grids, self.masks) for member in g.members]
+        self._factors = self.mask_factors(self.masks)
 
     def _follow_device(self) -> None:
         """Keep M and W where the model is (it may move after the method was built)."""

@@ -275,11 +275,6 @@ def test_projection_hits_the_target():
     assert method.density() == 0.25 and method.frozen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "suspected bug in hf_sparse.methods.granularity.topk_mask (used by AutoPrune.project via keep_top/_top_by_size "
-    "for equal-sized groups): torch.topk(sorted=False) does not break ties by position, so of three tied m = 0.1 at "
-    "positions 2, 3, 5 the projection keeps 3 and 5 instead of 2 and 3; the docstrings promise ties by position "
-    "(previously a stable sort)"))
 def test_projection_breaks_ties_by_position():
     layer = row([1.0] * 8)
     method = autoprune_on(layer, target_density=0.25)

@@ -342,11 +342,12 @@ def nm_mask(scores: torch.Tensor, granularity: Granularity, density: float | Non
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask keeping exactly the ``k`` largest ``scores`` (ties broken by index, deterministically)."""
+    """Boolean mask keeping exactly the ``k`` largest ``scores``; ties go to the lower position (a
+    stable sort), so every rank and every resumed run makes the same choice."""
     flat = scores.flatten()
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
+        mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
     return mask.view_as(scores)
 
 
@@ -365,9 +366,9 @@ def _count_for_budget(sorted_sizes: torch.Tensor, budget: float) -> int:
 def _top_by_size(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> torch.Tensor:
     """Keep the best groups whose weights add up closest to ``budget``.
 
-    Equal-sized groups: exactly ``round(budget / size)`` of them (``torch.topk``). Otherwise the
-    groups are ranked by a stable sort (ties by position, the same on every rank) and taken in
-    order while that brings the kept weights closer to the budget.
+    Equal-sized groups: exactly ``round(budget / size)`` of them. Otherwise they are taken in
+    order while that brings the kept weights closer to the budget. Either way the ranking is a
+    stable sort: ties by position, the same on every rank.
     """
     if bool(sizes.min() == sizes.max()):
         return topk_mask(scores, round(budget / float(sizes[0])))

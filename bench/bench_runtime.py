@@ -8,9 +8,15 @@ alternates dense and runtime calls on the same input (order swapped every pair) 
 ``--budget`` seconds and reports the median per-pair ratio dense/runtime and the largest
 absolute output difference.
 
+With ``--checkpoint DIR`` it instead classifies (or CTC-decodes) the test split of the
+checkpoint's own recipe end to end, one utterance at a time, with the checkpoint loaded dense and
+with ``runtime="sparse"`` (the two alternate per utterance), and reports utterances per second of
+each, their median per-utterance ratio and whether every prediction agrees.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py [--kinds gru,lstm,linear]
         [--hidden 512,1024] [--densities 0.2,0.1,0.05] [--structures unstructured,16x16,8x8]
         [--batches 1,8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py --checkpoint runs/fsdd_gru_gradual_block/model
 """
 
 from __future__ import annotations
@@ -76,6 +82,49 @@ def run_case(kind: str, hidden: int, density: float, structure: str, batch: int,
             "pairs": timing["pairs"], "max_abs_diff": diff}
 
 
+@torch.no_grad()
+def run_checkpoint(folder: Path, threads: int, limit: int | None) -> dict:
+    """End to end on the checkpoint's test split at batch 1: utterances/s dense vs runtime."""
+    import statistics
+    import time
+
+    from hf_sparse import load_sparse
+    from hf_sparse.data import load_data
+    from hf_sparse.training.recipe import load_recipe
+
+    torch.set_num_threads(threads)
+    bundle = load_data(load_recipe(folder / "recipe.yaml").data)
+    dense, sparse = load_sparse(folder), load_sparse(folder, runtime="sparse")
+    rows = bundle.eval if limit is None else bundle.eval.select(range(min(limit, len(bundle.eval))))
+    warm = bundle.collator([rows[0]])
+    warm.pop("labels", None)
+    dense(**warm), sparse(**warm)  # first calls compile or load the kernels
+    times = {"dense": [], "sparse": []}
+    ratios, agree = [], 0
+    for i, row in enumerate(rows):
+        batch = bundle.collator([row])
+        batch.pop("labels", None)
+        outs = {}
+        for name in (("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")):
+            model = dense if name == "dense" else sparse
+            t = time.perf_counter()
+            outs[name] = model(**batch).logits.argmax(-1)
+            times[name].append(time.perf_counter() - t)
+        ratios.append(times["dense"][-1] / times["sparse"][-1])
+        agree += bool(torch.equal(outs["dense"], outs["sparse"]))
+    n = len(rows)
+    return {"checkpoint": str(folder), "task": bundle.task, "utterances": n, "threads": threads,
+            "dense_utt_per_s": n / sum(times["dense"]), "runtime_utt_per_s": n / sum(times["sparse"]),
+            "dense_ms_median": 1e3 * statistics.median(times["dense"]),
+            "runtime_ms_median": 1e3 * statistics.median(times["sparse"]),
+            "median_speedup": statistics.median(ratios), "predictions_agree": agree, "layers": sparse_layers(sparse)}
+
+
+def sparse_layers(model: nn.Module) -> list[str]:
+    return [f"{e['layer']}: {'/'.join(sorted(set(e['formats'].values())))}" for e in model.sparse_runtime_report
+            if e["converted"]]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="gru,lstm,linear")
@@ -87,7 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="time steps of the recurrent cases")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of paired timing per case")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--checkpoint", type=Path, help="a speech checkpoint folder: end to end on its test split")
+    ap.add_argument("--limit", type=int, help="with --checkpoint: only the first N test utterances")
     args = ap.parse_args(argv)
+    if args.checkpoint:
+        result = run_checkpoint(args.checkpoint, int(args.threads.split(",")[0]), args.limit)
+        print(json.dumps(result, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
     grid = itertools.product(args.kinds.split(","), [int(h) for h in args.hidden.split(",")],
                              [float(d) for d in args.densities.split(",")], args.structures.split(","),
                              [int(b) for b in args.batches.split(",")], [int(t) for t in args.threads.split(",")])

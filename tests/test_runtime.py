@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -45,7 +46,7 @@ def test_format_is_read_from_the_zeros():
 def test_linear_matches_dense(block, one_thread):
     torch.manual_seed(0)
     dense = prune_(nn.Linear(64, 48), 0.15, block)
-    runtime = to_sparse_runtime(dense)
+    runtime = to_sparse_runtime(dense, calibrate=False)  # small: timing would keep it dense
     assert isinstance(runtime, SparseLinear) and isinstance(dense, nn.Linear)  # a copy; the model is kept
     for x in (torch.randn(64), torch.randn(1, 64), torch.randn(5, 3, 64)):
         torch.testing.assert_close(runtime(x), dense(x), atol=ATOL, rtol=0)
@@ -75,7 +76,7 @@ def _close(a, b):
 def test_recurrent_matches_dense(cls, layers, bidirectional, batch_first, block, one_thread):
     torch.manual_seed(0)
     dense = prune_(cls(16, 32, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first), 0.2, block)
-    runtime = to_sparse_runtime(dense)
+    runtime = to_sparse_runtime(dense, calibrate=False)
     assert isinstance(runtime, SparseRNN)
     x = torch.randn(3, 9, 16) if batch_first else torch.randn(9, 3, 16)
     hx = _hidden_states(cls, layers, 2 if bidirectional else 1, 3)
@@ -95,7 +96,7 @@ def test_model_conversion_and_fallback_reasons(caplog, one_thread):
     model = nn.Sequential(prune_(nn.Linear(16, 64), 0.1), nn.ReLU(), nn.Linear(64, 64),
                           prune_(nn.Linear(64, 8), 0.1).double())
     with caplog.at_level(logging.INFO, logger="hf_sparse.runtime"):
-        runtime = to_sparse_runtime(model)
+        runtime = to_sparse_runtime(model, calibrate=False)
     report = {e["layer"]: e for e in runtime.sparse_runtime_report}
     assert report["0"]["converted"] and isinstance(runtime[0], SparseLinear)
     assert not report["2"]["converted"] and "above the threshold" in report["2"]["reason"]
@@ -107,7 +108,74 @@ def test_model_conversion_and_fallback_reasons(caplog, one_thread):
 
 
 def test_runtime_layers_refuse_training():
-    runtime = to_sparse_runtime(prune_(nn.Linear(8, 8), 0.1))
+    runtime = to_sparse_runtime(prune_(nn.Linear(8, 8), 0.1), calibrate=False)
     runtime.train()
     with pytest.raises(RuntimeError, match="inference-only"):
         runtime(torch.randn(2, 8))
+
+
+# -- checkpoints: load_sparse(runtime="sparse") and the speed in the card ---------------------------------
+
+LENET_LAYERS = ["fc1.weight", "fc2.weight", "classifier.weight"]
+
+
+@torch.no_grad()
+def _lenet300_at(density: float):
+    """LeNet-300-100 with each Linear weight magnitude-pruned to ``density``, and its sparsity report."""
+    from hf_sparse.models.lenet import LeNetConfig, LeNetForImageClassification
+
+    torch.manual_seed(0)
+    model = LeNetForImageClassification(LeNetConfig(variant="300-100")).eval()
+    per_layer = {}
+    for name in LENET_LAYERS:
+        w = model.get_parameter(name)
+        keep = torch.zeros(w.numel(), dtype=torch.bool)
+        keep[w.abs().flatten().topk(round(density * w.numel())).indices] = True
+        w.mul_(keep.view_as(w))
+        per_layer[name] = {"density": density, "nonzero": int(keep.sum()), "numel": w.numel(),
+                           "shape": list(w.shape), "layer_type": "Linear"}
+    report = {"method": "gmp", "target_density": density, "achieved_density": density, "per_layer": per_layer}
+    return model, report
+
+
+def test_lenet300_checkpoint_runs_sparse_with_its_speed_in_the_card(tmp_path, fmnist_full, one_thread):
+    from hf_sparse import load_sparse, save_sparse_checkpoint
+
+    model, report = _lenet300_at(0.1)
+    out = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
+    speed = json.loads((out / "sparsity.json").read_text())["runtime_speed"]
+    card = (out / "README.md").read_text()
+    assert "## Speed" in card
+    if speed["measured"]:  # some layer's kernel beat dense when timed at conversion
+        assert speed["input_shapes"] == {"pixel_values": [1, 1, 28, 28]} and speed["threads"] == 1
+        assert f"**{speed['speedup']:.2f}×**" in card and speed["formats"] == ["csr"]
+    else:  # each layer's own batch-1 figure is stated instead
+        assert "fc1: csr measured" in speed["reason"] and "x dense at batch 1" in card
+
+    images = fmnist_full.collator([fmnist_full.eval[i] for i in range(2000)])["pixel_values"]
+    dense = load_sparse(out)
+    forced = to_sparse_runtime(dense, calibrate=False)  # every layer on the CSR kernel
+    assert all(isinstance(getattr(forced, n.split(".")[0]), SparseLinear) for n in LENET_LAYERS)
+    with torch.no_grad():
+        want = dense(pixel_values=images).logits
+        for runtime in (forced, load_sparse(out, runtime="sparse")):
+            got = runtime(pixel_values=images).logits
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_speed_is_not_measured_when_off_or_not_worthwhile(tmp_path):
+    from hf_sparse import load_sparse, save_sparse_checkpoint
+    from hf_sparse.checkpoint.save_and_load import CheckpointError
+
+    model, report = _lenet300_at(0.1)
+    off = save_sparse_checkpoint(model, tmp_path / "off", report=report, measure_speed=False)
+    assert json.loads((off / "sparsity.json").read_text())["runtime_speed"] is None
+    assert "## Speed" not in (off / "README.md").read_text()
+    dense_model, dense_report = _lenet300_at(1.0)
+    kept = save_sparse_checkpoint(dense_model, tmp_path / "dense", report=dense_report)
+    speed = json.loads((kept / "sparsity.json").read_text())["runtime_speed"]
+    assert speed["measured"] is False and "above the threshold" in speed["reason"]
+    assert "Not measured with the sparse runtime" in (kept / "README.md").read_text()
+    with pytest.raises(CheckpointError, match="unknown runtime 'fast'"):
+        load_sparse(off, runtime="fast")

@@ -12,6 +12,7 @@ import copy
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,31 @@ def _rnn_choices(rnn: nn.RNNBase, threshold: float) -> tuple[dict[str, FormatCho
     return choices, None
 
 
+def _measured_gain(dense_fn, sparse_fn) -> float:
+    """Batch-1 speed-up of a sparse kernel over the dense product, from a few ms of paired timing."""
+    from .speed import paired_timing
+
+    with torch.no_grad():
+        return paired_timing(dense_fn, sparse_fn, budget_s=0.02, min_pairs=7, warmup=1)["speedup"]
+
+
+def _linear_gain(dense: nn.Linear, sparse: nn.Module) -> float:
+    x = torch.randn(1, dense.in_features)
+    return _measured_gain(lambda: dense(x), lambda: sparse(x))
+
+
+def _recurrent_gain(rnn: nn.RNNBase, sparse: nn.Module) -> float:
+    """The recurrent product alone (the step loop around it costs the same either way)."""
+    from . import kernels
+
+    w = rnn.weight_hh_l0.detach()
+    h = torch.randn(1, rnn.hidden_size)
+    rec = sparse.cells[0][1]
+    ht, y = h.numpy().T.copy(), np.empty((w.shape[0], 1), np.float32)
+    return _measured_gain(lambda: torch.nn.functional.linear(h, w),
+                          lambda: kernels.spmm(rec.block, rec.indptr, rec.indices, rec.data, ht, y))
+
+
 def _record(report: list[dict[str, Any]], name: str, kind: str, converted: bool, formats: dict[str, str],
             density: float, reason: str) -> None:
     entry = {"layer": name, "type": kind, "converted": converted, "formats": formats,
@@ -60,12 +86,15 @@ def _record(report: list[dict[str, Any]], name: str, kind: str, converted: bool,
     logger.info("%s %s (%s): %s", "sparse" if converted else "dense fallback", name or "<model>", kind, reason)
 
 
-def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, inplace: bool = False) -> nn.Module:
+def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, inplace: bool = False,
+                      calibrate: bool = True) -> nn.Module:
     """Return ``model`` (a copy unless ``inplace``) in eval mode with its sparse layers on sparse kernels.
 
     Every ``nn.Linear`` whose weight density is at most ``threshold``, and every ``nn.GRU``/``nn.LSTM``
     whose recurrent weights are, becomes a :class:`SparseLinear`/:class:`SparseRNN` when the measured
-    cost model says the sparse kernel is faster; the rest stay dense, each with a logged reason.
+    cost model says the sparse kernel is faster and, with ``calibrate``, a few milliseconds of paired
+    timing at batch 1 confirm it (small layers lose to dense: a kernel call costs ~10 us of fixed
+    overhead, and small dense weights sit in cache); the rest stay dense, each with a logged reason.
     Inference only: the converted modules run without autograd on CPU float32.
     """
     from .layers import SparseLinear, SparseRNN
@@ -94,19 +123,32 @@ def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *,
             if choice.block == 0:
                 _record(report, name, kind, False, {"weight": "dense"}, density, choice.reason)
                 continue
-            replacements.append((name, SparseLinear(module, choice.block)))
-            _record(report, name, kind, True, {"weight": choice.format}, density, choice.reason)
+            new = SparseLinear(module, choice.block).eval()
+            gain = _linear_gain(module, new) if calibrate else None
+            if gain is not None and gain < 1.0:
+                _record(report, name, kind, False, {"weight": "dense"}, density,
+                        f"{choice.format} measured {gain:.2f}x dense at batch 1 (slower)")
+                continue
+            replacements.append((name, new))
+            _record(report, name, kind, True, {"weight": choice.format}, density,
+                    choice.reason + ("" if gain is None else f", measured {gain:.2f}x at batch 1"))
             continue
         choices, why_dense = _rnn_choices(module, threshold)
         formats = {n: c.format for n, c in choices.items()}
         if why_dense:
             _record(report, name, kind, False, formats, density, why_dense)
             continue
-        replacements.append((name, SparseRNN(module, {n: c.block for n, c in choices.items()})))
-        hh = [c for n, c in choices.items() if n.startswith("weight_hh")]
+        new = SparseRNN(module, {n: c.block for n, c in choices.items()}).eval()
+        gain = _recurrent_gain(module, new) if calibrate else None
+        hh = "weight_hh " + ", ".join(f"{c.format} at density {c.density:.3f} (est. {c.estimated_speedup:.1f}x)"
+                                      for n, c in choices.items() if n.startswith("weight_hh"))
+        if gain is not None and gain < 1.0:
+            _record(report, name, kind, False, formats, density,
+                    f"{hh}; weight_hh_l0 product measured {gain:.2f}x dense at batch 1 (slower)")
+            continue
+        replacements.append((name, new))
         _record(report, name, kind, True, formats, density,
-                "weight_hh " + ", ".join(f"{c.format} at density {c.density:.3f} (est. {c.estimated_speedup:.1f}x)"
-                                         for c in hh))
+                hh + ("" if gain is None else f"; weight_hh_l0 product measured {gain:.2f}x at batch 1"))
     for name, new in replacements:
         if not name:
             model = new

@@ -23,35 +23,33 @@ from numba import literally, njit
 
 
 @njit(cache=True)
-def spmm(b, indptr, indices, data, x, y):
-    """y[M, B] = W @ x[K, B] for W in CSR (``b == 1``) or BSR with ``b x b`` blocks.
-
-    ``b`` is compiled in as a constant (``literally``: one specialisation per block size), so the
-    block loops unroll and vectorise (a runtime block size measured 1.6x slower at batch 1);
-    batch 1 has its own loop nest.
-    """
-    literally(b)
+def _csr(indptr, indices, data, x, y):
     nrows = indptr.shape[0] - 1
     batch = x.shape[1]
-    if b == 1:
-        if batch == 1:
-            for i in range(nrows):
-                s = np.float32(0.0)
-                for p in range(indptr[i], indptr[i + 1]):
-                    s += data[p] * x[indices[p], 0]
-                y[i, 0] = s
-            return
-        acc = np.empty(batch, np.float32)
+    if batch == 1:
         for i in range(nrows):
-            acc[:] = 0.0
+            s = np.float32(0.0)
             for p in range(indptr[i], indptr[i + 1]):
-                w = data[p]
-                c = indices[p]
-                for n in range(batch):
-                    acc[n] += w * x[c, n]
-            for n in range(batch):
-                y[i, n] = acc[n]
+                s += data[p] * x[indices[p], 0]
+            y[i, 0] = s
         return
+    acc = np.empty(batch, np.float32)
+    for i in range(nrows):
+        acc[:] = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            w = data[p]
+            c = indices[p]
+            for n in range(batch):
+                acc[n] += w * x[c, n]
+        for n in range(batch):
+            y[i, n] = acc[n]
+
+
+@njit(cache=True)
+def _bsr(b, indptr, indices, data, x, y):
+    literally(b)  # compiled per block size: the block loops unroll and vectorise
+    nrows = indptr.shape[0] - 1
+    batch = x.shape[1]
     bb = b * b
     if batch == 1:
         acc1 = np.empty(b, np.float32)
@@ -84,6 +82,25 @@ def spmm(b, indptr, indices, data, x, y):
             for n in range(batch):
                 y[i * b + r, n] = acc[r, n]
 
+
+@njit(cache=True)
+def spmm(b, indptr, indices, data, x, y):
+    """y[M, B] = W @ x[K, B] for W in CSR (``b == 1``) or BSR with ``b x b`` blocks (4, 8 or 16).
+
+    Each block size has its own compiled loop nest (the constant block size lets the loops unroll
+    and vectorise; a block size read at run time measured 1.6x slower at batch 1), and batch 1
+    has its own loops.
+    """
+    if b == 1:
+        _csr(indptr, indices, data, x, y)
+    elif b == 4:
+        _bsr(4, indptr, indices, data, x, y)
+    elif b == 8:
+        _bsr(8, indptr, indices, data, x, y)
+    elif b == 16:
+        _bsr(16, indptr, indices, data, x, y)
+    else:
+        raise ValueError("unsupported block size")
 
 
 @njit(cache=True, fastmath=True)

@@ -66,3 +66,48 @@ def measure_runtime_speedup(model: nn.Module, runtime_model: nn.Module, inputs: 
             "runtime_ms": round(timing["runtime_ms"], 4), "pairs": timing["pairs"],
             "input_shapes": shapes, "threads": torch.get_num_threads(), "device": "cpu", "dtype": "float32",
             "torch": torch.__version__}
+
+
+def checkpoint_speed(model: nn.Module, *, budget_s: float = 0.3) -> dict[str, Any]:
+    """What a checkpoint's card states about speed: the runtime's batch-1 CPU speed-up, or why none.
+
+    Measured only when the runtime converts at least one layer (the density makes it worthwhile and
+    its kernels beat dense at batch 1) and a batch-1 input can be built from the model's config;
+    otherwise the reason, with each layer's own measured figure, is recorded instead.
+    """
+    from .convert import to_sparse_runtime
+
+    try:
+        runtime = to_sparse_runtime(model)
+    except Exception as e:  # the card must not cost the checkpoint: record why, never raise
+        return {"measured": False, "reason": f"conversion failed: {type(e).__name__}: {e}"}
+    converted = [e for e in runtime.sparse_runtime_report if e["converted"]]
+    if not converted:
+        reasons = "; ".join(f"{e['layer']}: {e['reason']}" for e in runtime.sparse_runtime_report[:4])
+        return {"measured": False, "reason": "the runtime keeps every layer dense" + (f" ({reasons})" if reasons else "")}
+    inputs = example_inputs(model)
+    if inputs is None:
+        return {"measured": False, "reason": f"no example input is known for {type(model).__name__}"}
+    was_training = model.training
+    try:
+        result = measure_runtime_speedup(model, runtime, inputs, budget_s=budget_s)
+    except Exception as e:
+        return {"measured": False, "reason": f"timing failed: {type(e).__name__}: {e}"}
+    finally:
+        model.train(was_training)
+    formats = sorted({f for e in converted for f in e["formats"].values() if f != "dense"})
+    return {"measured": True, **result, "converted_layers": [e["layer"] for e in converted], "formats": formats}
+
+
+def speed_sentence(speed: dict[str, Any] | None) -> str | None:
+    """The model card's statement of a checkpoint's ``runtime_speed`` (None: nothing to state)."""
+    if not speed:
+        return None
+    if not speed.get("measured"):
+        return f"Not measured with the sparse runtime: {speed.get('reason', 'no reason recorded')}."
+    shapes = ", ".join(f"`{k}` {'×'.join(map(str, v))}" for k, v in speed["input_shapes"].items())
+    return (f"With `runtime=\"sparse\"` ({', '.join(speed['formats'])} kernels on {len(speed['converted_layers'])} "
+            f"layer(s)) this model ran **{speed['speedup']:.2f}×** the speed of its dense form: "
+            f"{speed['runtime_ms']:.3f} ms vs {speed['dense_ms']:.3f} ms per batch-1 forward on {shapes} "
+            f"(CPU, {speed['dtype']}, {speed['threads']} thread(s), torch {speed['torch']}; median of "
+            f"{speed['pairs']} interleaved pairs, measured when the checkpoint was saved).")

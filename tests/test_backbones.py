@@ -247,3 +247,28 @@ def test_per_layer_densities_go_to_tensorboard_not_the_console(fmnist_small, tmp
     assert not any(k.startswith("sparsity/density/") for h in logged for k in h)
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert "train/sparsity/density/fc1.weight" in events.Tags()["scalars"]
+
+
+@pytest.mark.parametrize("model_type,config", [
+    ("resnet", dict(num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1])),
+    ("convnext", dict(num_channels=1, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1])),
+], ids=["resnet", "convnext"])
+def test_other_transformers_vision_models_round_trip_as_bitmask(tmp_path, model_type, config, capsys):
+    """Architectures transformers saves under their in-memory names: the same checks, pruned by hand."""
+    from tests.test_export import magnitude_prune, make_report
+
+    torch.manual_seed(0)
+    model = AutoModelForImageClassification.from_config(AutoConfig.for_model(model_type, num_labels=10, **config))
+    names = [t.name for t in resolve_targets(model)]
+    magnitude_prune(model, names, 0.2)
+    out = tmp_path / "ckpt"
+    from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
+
+    save_sparse_checkpoint(model, out, report=make_report(model, names, target=0.2), format="bitmask")
+    assert set(json.loads((out / "sparsity.json").read_text())["per_layer"]) == {saved_names(model)[n] for n in names}
+    assert cli_main(["inspect", str(out)]) == 0
+    assert "MISMATCH" not in capsys.readouterr().out
+    x = torch.randn(2, 1, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(logits(load_sparse(out), {"pixel_values": x}), logits(model, {"pixel_values": x}))

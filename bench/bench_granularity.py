@@ -1,8 +1,9 @@
 """Every method at every granularity on Fashion-MNIST LeNet-300-100, checked on the saved weights.
 
 Each row is ``hf-sparse train recipes/fmnist_lenet300_<method>.yaml`` with only the granularity
-(and the density: 0.5 for 2:4, fixed by N/M; 0.25 otherwise) changed by ``--set``, run as its own
-process with one intra-op thread. The check reads the saved ``model/model.safetensors`` back and
+(and the density: 0.5 for 2:4, fixed by N/M; 0.25 otherwise) changed by ``--set``, and the output
+layer kept dense (``include_head=false``: at channel granularity a head row is a whole class), run
+as its own process with one intra-op thread. The check reads the saved ``model/model.safetensors`` back and
 verifies the density of the targeted weights and the mask's shape rule (every 4x4 block all zero
 or all kept; at most 2 of every 4 kept, and exactly 2 in every run; whole output units).
 
@@ -38,11 +39,13 @@ SETTINGS = {"unstructured": ["sparsity.granularity=unstructured", "sparsity.targ
 def train(method: str, granularity: str, epochs: int | None, out: Path) -> dict:
     run_dir = out / method / granularity.replace(":", "-")
     if not (run_dir / "results.json").exists():
-        sets = SETTINGS[granularity] + ([f"training.num_train_epochs={epochs}"] if epochs else [])
+        sets = [*SETTINGS[granularity], "sparsity.targets.include_head=false"]
+        sets += [f"training.num_train_epochs={epochs}"] if epochs else []
         cmd = [sys.executable, "-m", "hf_sparse", "train", str(REPO / "recipes" / RECIPES[method]),
                "--output-dir", str(run_dir), "--set", *sets]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     results = json.loads((run_dir / "results.json").read_text())
+    assert "classifier.weight" not in results["per_layer"], f"{run_dir}: the head was pruned"
     return {**check_saved(run_dir, results, granularity), "accuracy": results["eval"]["accuracy"],
             "train_s": results["train_runtime_s"]}
 

@@ -92,6 +92,21 @@ def test_nm_on_conv_runs_along_input_channels():
     assert nm_count(keep, 4).unique().tolist() == [1]
 
 
+def test_gradual_nm_never_leaves_fewer_than_n_of_m():
+    # run 2 is all small: a threshold between the runs would prune it whole; N:M keeps its best 2
+    layer = nn.Linear(8, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.01, 0.04, 0.02, 0.03]]))
+    cls = get_method("gradual")
+    m = cls(resolve_targets(layer), cls.Config(start_step=0, ramp_step=1, end_step=3, frequency=1), None, 0,
+            granularity=Granularity.parse("2:4"))
+    m.setup(10)
+    for step in range(4):
+        m.after_step(step, None)
+        assert nm_count(m.masks[0], 4).min() >= 2, step
+    assert m.masks[0].tolist() == [[True, True, False, False, False, True, False, True]]
+
+
 # -- channels ----------------------------------------------------------------------------------
 def test_gru_unit_grid_spans_gate_blocks_of_both_matrices_and_biases():
     gru = nn.GRU(5, 4, bidirectional=True)
@@ -226,7 +241,7 @@ def test_schedules():
 @pytest.mark.parametrize("setting", [["sparsity.granularity=unstructured"],
                                      ["sparsity.granularity=block", "sparsity.block_shape=[4,4]"],
                                      ["sparsity.granularity=2:4", "sparsity.target_density=0.5"],
-                                     ["sparsity.granularity=channel"]])
+                                     ["sparsity.granularity=channel", "sparsity.targets.include_head=false"]])
 def test_every_method_recipe_takes_every_granularity(method, setting):
     from hf_sparse.training.recipe import load_recipe
 
@@ -246,6 +261,8 @@ def test_every_method_recipe_takes_every_granularity(method, setting):
     (["sparsity.granularity=2:4", "sparsity.target_density=0.5", "sparsity.params.scope=global"],
      "sparsity.params.scope", "no meaning"),
     (["sparsity.granularity=diagonal"], "sparsity.granularity", "unknown granularity"),
+    (["sparsity.granularity=channel", "sparsity.targets.include_head=true"], "sparsity.targets.include_head",
+     "whole output units of the head"),
 ])
 def test_bad_granularity_settings_are_located(overrides, key, message):
     from hf_sparse.training.recipe import RecipeError, load_recipe

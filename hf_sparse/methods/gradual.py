@@ -14,8 +14,9 @@ for single weights that is ``|w|``. The paper's names ``start_itr``, ``ramp_itr`
 Target mode (``target_density`` set): the paper's schedule *shape* is kept but scaled so the last
 update lands on the target. At each update the threshold is ``eps(itr) / eps(end) * q_t`` where
 ``q_t`` is the score of the last group that keeping the density ``d`` of the layer would keep; the
-update at ``end_step`` keeps exactly those groups (N:M: the best N of every M), so each layer ends
-at density ``d``.
+update at ``end_step`` keeps exactly those groups, so each layer ends at density ``d``. Under N:M
+no update leaves fewer than N of any M (the best N kept weights of each run survive the threshold)
+and the last keeps exactly the best N.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class GradualThresholdPruning(MaskedMethod):
                 theta, phi = self.slopes(1.0)  # shape only: eps(itr) / eps(end) is independent of q
                 eps = self.eps(step, theta, phi) / self.eps(self.window.end, theta, phi) * g.threshold(
                     s, self.target_density)
-                mask &= s > eps
+                if g.granularity.kind == "n:m":  # never below N of M: the best N kept weights of each run stay
+                    mask.copy_(mask & ((s > eps) | g.select(s * mask, self.target_density)))
+                else:
+                    mask &= s > eps
             self.thresholds[i] = eps
         self.masks_changed()
         self.zero_masked()

@@ -9,7 +9,10 @@ git-like commits (path -> bytes).
 
 Fault injection: ``token`` (requests without ``Authorization: Bearer <token>`` on writes, or
 with any other token, get 401), ``fail_next_commit`` (the next commit POST is read in full and
-answered 500 without applying it), and :func:`closed_endpoint` (a port nobody listens on).
+answered 500 without applying it), ``delay`` (seconds every request waits before it is answered:
+a slow Hub), ``truncate_downloads`` (file downloads announce their full length, send half and
+close), ``tamper`` (safetensors downloads have bit 6 of their last byte flipped, an exponent bit
+of the last float32, so even a pruned 0.0 becomes 2.0, under the original ETag), and :func:`closed_endpoint` (a port nobody listens on).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -77,6 +81,9 @@ class HubServer:
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.fail_next_commit = False
+        self.delay = 0.0
+        self.truncate_downloads = False
+        self.tamper = False
         self.requests: list[tuple[str, str]] = []
         self.errors: list[str] = []  # unexpected exceptions inside the server
         self.lock = threading.Lock()
@@ -213,6 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body() if method in ("POST", "PUT") else b""
         with hub.lock:
             hub.requests.append((method, url.path))
+        if hub.delay:
+            time.sleep(hub.delay)
         try:
             with hub.lock:
                 self._route(method, url.path, parse_qs(url.query), body)
@@ -221,6 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._send(e.status, json.dumps({"error": e.message, **e.body}).encode(), headers, head=method == "HEAD")
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (delay): not a server bug
+            self.close_connection = True
         except Exception as e:  # a bug in this server: answer 500 and keep it for the test to see
             hub.errors.append(f"{method} {url.path}: {type(e).__name__}: {e}")
             self._send(500, json.dumps({"error": str(e)}).encode(), head=method == "HEAD")
@@ -387,6 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, entries)
 
     def _resolve(self, method: str, repo: str, rev: str, file: str, **_) -> None:
+        hub = self.server_state
         r = self._repo(repo)
         commit = self._commit(r, rev)
         content = commit.files.get(file)
@@ -402,4 +414,11 @@ class _Handler(BaseHTTPRequestHandler):
             body = content[start:end + 1]
             status = 206
             headers["Content-Range"] = f"bytes {start}-{start + len(body) - 1}/{len(content)}"
+        if method == "GET" and hub.tamper and body and file.endswith(".safetensors"):
+            body = body[:-1] + bytes([body[-1] ^ 0x40])
+        if method == "GET" and hub.truncate_downloads and len(body) > 1:
+            headers["Content-Length"] = str(len(body))
+            self._send(status, body[: len(body) // 2], headers)
+            self.close_connection = True
+            return
         self._send(status, body, headers, head=method == "HEAD")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert RESULT_KEYS <= set(results)
     assert results["method"] == "gmp" and results["target_density"] == 0.1
     assert results["achieved_density"] == pytest.approx(0.1, abs=1e-4)
-    assert set(results["per_layer"]) == {"fc1.weight", "fc2.weight", "classifier.weight"}
+    assert set(results["per_layer"]) == {"fc1.weight", "fc2.weight"}  # the classifier head stays dense by default
     assert results["train_steps"] == 16 and results["world_size"] == 1
     assert 0 < results["eval"]["accuracy"] <= 1 and "loss" in results["eval"]
     assert results["model_density"] < 0.2
@@ -71,3 +72,54 @@ def test_python_module_entry_point_and_validate(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "hf_sparse", "validate", str(REPO / "recipes/fmnist_lenet300_dns.yaml"),
                           "--set", "sparsity.target_density=1.2"], capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2 and "target_density" in bad.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_divergence_stops_the_run_and_saves_nothing(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["train", str(REPO / "recipes/quickstart.yaml"), "--output-dir", str(out), "--set", *TINY,
+                 "training.learning_rate=1000", "training.optim=sgd", "training.max_grad_norm=0",
+                 "training.logging_steps=5"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged" in err and "NaN" in err and "no model was saved" in err, err
+    assert not (out / "model").exists() and not (out / "results.json").exists()
+
+
+def test_layers_that_end_empty_are_warned_about(fmnist_small):
+    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.training.run import warn_empty_layers
+    from hf_sparse.training.sparsifier import Sparsifier
+    from tests.helpers import tiny_lenet
+
+    model = tiny_lenet()
+    sparsifier = Sparsifier(model, SparsityConfig(method="gmp", target_density=0.5), seed=0)
+    report = sparsifier.report(model)
+    assert warn_empty_layers(report) == []
+    report["per_layer"]["fc2.weight"].update(nonzero=0, density=0.0)
+    with pytest.warns(UserWarning, match=r"1 targeted layer\(s\) end with no nonzero weight \(fc2.weight\)"):
+        assert warn_empty_layers(report) == ["fc2.weight"]
+
+
+def _launch_two(out: Path, *sets: str) -> subprocess.CompletedProcess:
+    """The README's command: ``accelerate launch --multi_gpu --num_processes 2 ... -m hf_sparse train``."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_sparse", "train",
+           str(REPO / "recipes/quickstart.yaml"), "--output-dir", str(out), "--set", *TINY, *sets]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_data_parallel(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _launch_two(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["train_steps"] == 8  # 512 samples / (2 x 32)
+    assert proc.stdout.count("run directory:") == 1  # rank 0 alone reports and writes
+    assert sorted(p.name for p in out.iterdir()) == ["model", "results.json"]
+
+    not_ddp = _launch_two(tmp_path / "alone", "training.use_cpu=false", "training.ddp_backend=gloo")
+    assert not_ddp.returncode != 0  # each rank exits 2; the launcher reports the failed rank with its own code
+    assert "training: 2 processes were launched but the model would not be trained data-parallel" in not_ddp.stderr
+    assert not (tmp_path / "alone").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 
 import numpy as np
@@ -41,7 +42,9 @@ def write_idx(folder, n_train=40, n_test=10, side=8, classes=3):
 def test_idx_reader_roundtrip(tmp_path):
     folder = write_idx(tmp_path / "idx")
     images = read_idx(folder / IDX_FILES["train_images"])
-    assert images.shape == (40, 8, 8) and images.dtype == np.uint8
+    written = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8), dtype=np.uint8)  # write_idx's first draw
+    assert images.dtype == np.uint8 and np.array_equal(images, written)
+    assert read_idx(folder / IDX_FILES["test_labels"]).tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
 
 
 def test_data_path_points_at_another_idx_folder(tmp_path):
@@ -62,3 +65,53 @@ def test_subsampling_is_seeded(fmnist_full):
     a, b = load_data(cfg), load_data(cfg)
     assert len(a.train) == 100 and len(a.eval) == 50
     assert a.train["labels"][:].tolist() == b.train["labels"][:].tolist()
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda f: f.write_bytes(b"this is not gzip at all"), "cannot decompress"),
+    (lambda f: f.write_bytes(f.read_bytes()[:40]), "truncated"),
+    (lambda f: f.write_bytes(gzip.compress(struct.pack(">HBB3I", 0, 8, 3, 99, 8, 8) + bytes(64))),
+     "the header claims shape [99, 8, 8]"),
+], ids=["junk", "truncated", "short-of-header"])
+def test_corrupt_idx_is_a_located_data_error(tmp_path, capsys, damage, words):
+    from hf_sparse.cli import main
+
+    folder = write_idx(tmp_path / "idx")
+    damage(folder / IDX_FILES["train_images"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: lenet300_100}}\ndata:\n  name: idx\n  path: {folder}\n")
+    out = tmp_path / "run"
+    assert main(["train", str(recipe), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{recipe}:4:" in err and "data.path: " in err and IDX_FILES["train_images"] in err and words in err, err
+    assert err.count("\n") == 0 and not out.exists()
+
+
+def test_idx_label_count_must_match(tmp_path):
+    folder = write_idx(tmp_path / "idx")
+    with gzip.open(folder / IDX_FILES["test_labels"], "wb") as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 7) + bytes(7))
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte.gz: 7 labels for the 10 images"):
+        load_data(DataConfig(name="idx", path=str(folder)))
+
+
+def test_corrupt_fsdd_is_a_data_error(tmp_path):
+    import io
+    import tarfile
+
+    folder = tmp_path / "fsdd"
+    (folder / "recordings").mkdir(parents=True)
+    (folder / "recordings" / "3_theo_1.wav").write_bytes(b"RIFF....WAVEjunk")
+    with pytest.raises(DataError, match=r"3_theo_1.wav: not a readable WAV file"):
+        load_data(DataConfig(name="fsdd", path=str(folder)))
+    shutil.rmtree(folder / "recordings")
+    with tarfile.open(folder / "fsdd.tar.gz", "w:gz") as tf:
+        info = tarfile.TarInfo("recordings/4_theo_2.wav")
+        payload = b"plain text, not audio"
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    with pytest.raises(DataError, match=r"fsdd.tar.gz:recordings/4_theo_2.wav: not a readable WAV file"):
+        load_data(DataConfig(name="fsdd", path=str(folder)))
+    (folder / "fsdd.tar.gz").write_bytes(b"\x1f\x8b junk")
+    with pytest.raises(DataError, match=r"fsdd.tar.gz: not a readable tar.gz archive"):
+        load_data(DataConfig(name="fsdd", path=str(folder)))

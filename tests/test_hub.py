@@ -143,6 +143,73 @@ def test_cli_push(hub, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     assert run_cli(["push", str(run_dir), "carol/lenet"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "401" in err
+    err = capsys.readouterr().err.splitlines()  # a progress line, then the one error line
+    assert err[0].startswith("uploading 5 files") and len(err) == 2 and "401" in err[1]
     assert run_cli(["push", str(tmp_path / "nothing"), "carol/lenet"]) == 2
+
+
+# -- fault injection: slow, truncated, tampered; unsafe checkpoints ------------------------------------
+
+
+def test_a_slow_hub_times_out_with_a_clear_error(hub, tmp_path, monkeypatch):
+    import time
+
+    model, report = sparse_lenet(density=0.1)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
+    monkeypatch.setenv("HF_SPARSE_HUB_TIMEOUT", "0.5")
+    hub.delay = 2.0
+    started = time.perf_counter()
+    with pytest.raises(HubError, match=r"alice/slow.*did not answer within 0.5 s") as slow:
+        push_to_hub(folder, "alice/slow", token=HUB_TOKEN, endpoint=hub.url)
+    assert time.perf_counter() - started < 60 and "\n" not in str(slow.value)
+    hub.delay = 0.0
+    push_to_hub(folder, "alice/slow", token=HUB_TOKEN, endpoint=hub.url)  # the Hub is back: it goes through
+    hub.delay = 2.0
+    with pytest.raises(CheckpointError, match=r"alice/slow"):
+        pull(hub, "alice/slow", tmp_path)
+
+
+def test_truncated_and_tampered_downloads_are_refused(hub, tmp_path):
+    model, report = sparse_lenet(density=0.1)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
+    push_to_hub(folder, "alice/lenet", token=HUB_TOKEN, endpoint=hub.url)
+    hub.truncate_downloads = True
+    with pytest.raises(CheckpointError, match="alice/lenet"):
+        pull(hub, "alice/lenet", tmp_path)
+    hub.truncate_downloads, hub.tamper = False, True
+    with pytest.raises(CheckpointError, match=r"model.safetensors: SHA-256 differs"):
+        pull(hub, "alice/lenet", tmp_path)
+    tampered = pull(hub, "alice/lenet", tmp_path, verify=False)  # the caller's choice, on purpose
+    theirs, ours = tampered.state_dict(), model.state_dict()
+    assert [k for k in ours if not torch.equal(theirs[k], ours[k])] == ["fc2.weight"]  # last tensor of the file
+    hub.tamper = False
+    assert torch.equal(logits(pull(hub, "alice/lenet", tmp_path), X_MNIST), logits(model, X_MNIST))
+
+
+def test_weight_files_outside_the_checkpoint_are_refused(tmp_path):
+    import json
+    import shutil
+
+    model, report = sparse_lenet(density=0.1)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
+    (tmp_path / "outside").mkdir()
+    shutil.move(folder / "model.safetensors", tmp_path / "outside" / "x.safetensors")
+    index = {"metadata": {}, "weight_map": {"fc1.weight": "../outside/x.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'../outside/x.safetensors', outside the checkpoint folder"):
+        load_sparse(folder, verify=False)
+
+
+def test_remote_code_is_never_run(tmp_path):
+    import json
+
+    model, report = sparse_lenet(density=0.1)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
+    marker = tmp_path / "ran"
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForImageClassification": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="auto_map.*never does"):
+        load_sparse(folder)
+    assert not marker.exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import glob
+import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -121,11 +123,11 @@ def test_missing_requirements(tmp_path):
 
 
 def test_patterns_that_match_nothing_fail_before_any_work(tmp_path, capsys):
-    path = write(tmp_path, GOOD.replace('exclude: ["classifier.*"]', 'exclude: ["head.*"]'))
+    path = write(tmp_path, GOOD.replace('exclude: ["classifier.*"]', 'include: ["head.*"]'))
     out = tmp_path / "run"
     assert main(["train", str(path), "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{path}:13:" in err and "sparsity.targets.exclude.0: pattern 'head.*' matches no weight" in err
+    assert f"{path}:13:" in err and "sparsity.targets.include.0: pattern 'head.*' matches no weight" in err
     assert not out.exists()
 
 
@@ -143,3 +145,103 @@ def test_method_cross_checks_are_located(tmp_path):
     text = GOOD.replace("  method: gmp", "  method: autoprune").replace("    frequency: 10", "    reg_coef: 1.0")
     with pytest.raises(RecipeError, match=r"r.yaml:15:5: sparsity.params.reg_coef: give either"):
         load_recipe(write(tmp_path, text))
+
+
+# -- hostile YAML: bounded time and memory, one located line --------------------------------------
+
+LAUGHS = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"{a}: &{a} [{', '.join([f'*{p}'] * 9)}]\n" for p, a in zip("abcdef", "bcdefg"))  # 9**7 strings
+
+
+@pytest.mark.parametrize("text,where,words", [
+    ("zz: &r [*r]\n", "r.yaml:1:5:", "alias refers to a node that contains it"),
+    ("[" * 20000, "r.yaml:1:51:", "nested more than 50 levels"),
+    (LAUGHS, "r.yaml:", "expands to more than 10000 values"),
+    ("", "r.yaml:1:1:", "the recipe is empty"),
+    ("# only a comment\n", "r.yaml:1:1:", "the recipe is empty"),
+    (GOOD + "\x00", "r.yaml:16:1:", "NUL"),
+    (GOOD + "1: 2\n", "r.yaml:16:1:", "keys must be strings"),
+    ("model: !!binary aGk=\n", "r.yaml:1:8:", "YAML tag"),
+], ids=["self-alias", "deep", "billion-laughs", "empty", "comment-only", "nul", "int-key", "tag"])
+def test_hostile_yaml_is_located_and_bounded(tmp_path, capsys, text, where, words):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text.encode())
+    started = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{path}:" in err and where.removeprefix("r.yaml") in err and words in err, err
+
+
+def test_encodings(tmp_path, capsys):
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(GOOD.encode("utf-16"))  # with a byte-order mark: YAML allows it
+    assert load_recipe(utf16).model.name == "lenet300_100"
+    junk = tmp_path / "junk.yaml"
+    junk.write_bytes(b"model:\n  name: \xff\xfe\x80\n")
+    assert main(["validate", str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{junk}:2:9: not UTF-8 text" in err and err.count("\n") == 0
+    bare16 = tmp_path / "bare16.yaml"
+    bare16.write_bytes(GOOD.encode("utf-16-le"))
+    with pytest.raises(RecipeError, match=r"bare16.yaml:1:2: .*NUL bytes"):
+        load_recipe(bare16)
+
+
+def test_set_values_follow_yaml_1_2_numbers(tmp_path):
+    r = load_recipe(write(tmp_path, GOOD), ["training.learning_rate=1e-4", "training.seed=010",
+                                            "training.logging_steps=0x10", "data.max_train_samples=0o17"])
+    assert r.training["learning_rate"] == 1e-4 and r.training["seed"] == 10
+    assert r.training["logging_steps"] == 16 and r.data.max_train_samples == 15
+    r = load_recipe(write(tmp_path, GOOD.replace("learning_rate: 0.001", "learning_rate: 1e-3")))
+    assert r.training["learning_rate"] == 1e-3
+
+
+def test_set_of_an_unknown_section_blames_the_argument(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml \(--set zz.bar=1\): zz: unknown key"):
+        load_recipe(write(tmp_path, GOOD), ["zz.bar=1"])
+
+
+@pytest.mark.parametrize("sets,key,words", [
+    (["training.learning_rate=.nan"], "training.learning_rate", "finite"),
+    (["sparsity.method=l0", "sparsity.params={gate_lr: .inf}"], "sparsity.params.gate_lr", "finite"),
+    (["sparsity.params.start_fraction=0.9", "sparsity.params.end_fraction=0.1"], "sparsity.params.start_fraction",
+     "reversed"),
+    (["sparsity.method=none"], "sparsity.target_density", "method 'none' trains dense"),
+])
+def test_meaningless_values_fail_at_load(tmp_path, sets, key, words):
+    with pytest.raises(RecipeError, match=rf"(\(--set [^)]*\)|r.yaml:\d+:\d+): {re.escape(key)}: .*{words}"):
+        load_recipe(write(tmp_path, GOOD), sets)
+
+
+# -- validate does every check train does, before anything is written ----------------------------
+
+QUICK = str(REPO / "recipes" / "quickstart.yaml")
+SPEECH = str(REPO / "recipes" / "fsdd_gru_gradual.yaml")
+
+
+@pytest.mark.parametrize("recipe,sets,key,words", [
+    (QUICK, ["model.config.hidden_sizes=abc"], "model.config.hidden_sizes", "TypeError"),
+    (QUICK, ["model.config.hidden_sizes=[-5,10]"], "model.config.hidden_sizes", "RuntimeError"),
+    (SPEECH, ["model.config.hidden_size=big"], "model.config.hidden_size", "cannot build the model"),
+    (QUICK, ["model.config.zz_unknown=1"], "model.config.zz_unknown", "not a field of LeNetConfig"),
+    (str(REPO / "recipes" / "fmnist_resnet10t_dense.yaml"), ["model.kwargs={no_such_kwarg: 1}"],
+     "model.kwargs.no_such_kwarg", "unexpected keyword"),
+    (QUICK, ["training.learning_rate=-0.1"], "training.learning_rate", "positive"),
+    (QUICK, ["training.per_device_train_batch_size=0"], "training.per_device_train_batch_size", "[1, "),
+    (QUICK, ["training.per_device_train_batch_size=-4"], "training.per_device_train_batch_size", "[1, "),
+    (QUICK, ["training.per_device_train_batch_size=1e20"], "training.per_device_train_batch_size", "expected int"),
+    (QUICK, ["training.num_train_epochs=0"], "training.num_train_epochs", "positive"),
+    (QUICK, ["training.num_train_epochs=-3"], "training.num_train_epochs", "positive"),
+    (QUICK, ["training.max_steps=1e20"], "training.max_steps", "expected int"),
+    (QUICK, ["training.max_steps=100000000000000000000"], "training.max_steps", "in [1, 1000000000]"),
+    (QUICK, ["sparsity.targets.exclude=['*']"], "sparsity.targets.exclude", "selects no weight"),
+    (QUICK, ["sparsity.target_density=1e-6"], "sparsity.target_density", "keeps no weight of fc1.weight"),
+], ids=lambda v: v if isinstance(v, str) and "." in v and "/" not in v else None)
+def test_validate_catches_what_train_would_hit(tmp_path, capsys, recipe, sets, key, words):
+    out = tmp_path / "run"
+    for command in (["validate", recipe], ["train", recipe, "--output-dir", str(out)]):
+        assert main([*command, "--set", *sets]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"(--set {sets[0]}" in err and f"{key}: " in err and words in err, err
+    assert not out.exists()

@@ -62,59 +62,62 @@ def train(out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "whole"
-    assert train(out, "training.max_steps=24", "training.save_steps=8") == 0
+    assert train(out, "training.max_steps=20", "training.save_steps=10") == 0
     return out
 
 
 def test_checkpoints_carry_a_completion_marker_and_results_come_last(finished_run):
-    for step in (8, 16, 24):
+    for step in (10, 20):
         assert (finished_run / f"checkpoint-{step}" / CHECKPOINT_COMPLETE).is_file()
     assert not list(finished_run.glob("*.partial")) and not list(finished_run.glob("*.old"))
-    assert json.loads((finished_run / "results.json").read_text())["train_steps"] == 24
+    assert json.loads((finished_run / "results.json").read_text())["train_steps"] == 20
 
 
 def test_resume_skips_a_checkpoint_cut_short(finished_run, tmp_path, capsys):
-    """A kill while writing checkpoint-24 (only part of its files there) and before the final save."""
+    """A kill while writing checkpoint-20 (only part of its files there), before the final save."""
     run = tmp_path / "killed"
     shutil.copytree(finished_run, run)
     shutil.rmtree(run / "model")
     (run / "results.json").unlink()
-    cut = run / "checkpoint-24"
+    cut = run / "checkpoint-20"
     (cut / CHECKPOINT_COMPLETE).unlink()
     (cut / "trainer_state.json").write_text("")  # 0 bytes: the write had just begun
     (cut / "optimizer.pt").unlink()
-    assert train(run, "training.max_steps=24", "training.save_steps=8", "--resume") == 0
+    assert train(run, "training.max_steps=20", "training.save_steps=10", "--resume") == 0
     err = capsys.readouterr().err
-    assert f"skipping {cut}: incomplete" in err and f"resuming from {run / 'checkpoint-16'}" in err
+    assert f"skipping {cut}: incomplete" in err and f"resuming from {run / 'checkpoint-10'}" in err
     assert_same_run(run, finished_run)
 
 
 def test_resume_from_a_named_incomplete_checkpoint_is_refused(finished_run, tmp_path, capsys):
     run = tmp_path / "named"
-    shutil.copytree(finished_run / "checkpoint-16", run / "checkpoint-16")
-    (run / "checkpoint-16" / CHECKPOINT_COMPLETE).unlink()
-    assert train(run, "training.max_steps=24", "--resume", str(run / "checkpoint-16")) == 2
+    shutil.copytree(finished_run / "checkpoint-10", run / "checkpoint-10")
+    (run / "checkpoint-10" / CHECKPOINT_COMPLETE).unlink()
+    assert train(run, "training.max_steps=20", "--resume", str(run / "checkpoint-10")) == 2
     err = capsys.readouterr().err.strip()
     assert "--resume: " in err and "is incomplete" in err and err.count("\n") == 0
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-16"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-10"]
 
 
 def test_resume_of_a_finished_run_is_a_no_op(finished_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
-    assert train(finished_run, "training.max_steps=24", "training.save_steps=8", "--resume") == 0
+    assert train(finished_run, "training.max_steps=20", "training.save_steps=10", "--resume") == 0
     out = capsys.readouterr().out
     assert "finished run" in out and "nothing to resume" in out
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
 
 
 def test_resume_after_a_kill_during_the_final_save(finished_run, tmp_path):
-    """model.partial half written, model/ absent, no results.json: the run is not finished."""
+    """model.partial half written, model/ absent, no results.json: the run is not finished.
+
+    Step 20 is mid-epoch (8 steps per epoch): Trainer alone would train a 21st step here.
+    """
     run = tmp_path / "final"
     shutil.copytree(finished_run, run)
     (run / "results.json").unlink()
     (run / "model").rename(run / "model.partial")
     (run / "model.partial" / "sparsity.json").unlink()
-    assert train(run, "training.max_steps=24", "training.save_steps=8", "--resume") == 0
+    assert train(run, "training.max_steps=20", "training.save_steps=10", "--resume") == 0
     assert not (run / "model.partial").exists()
     assert_same_run(run, finished_run)
 

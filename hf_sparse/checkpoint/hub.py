@@ -6,13 +6,23 @@ checkpoint all-or-nothing on the Hub: a failure leaves the repo as it was, never
 weights are missing; the card's metadata is validated by the Hub before any byte of weights is
 sent. The local folder is only read. Every failure surfaces as one :class:`HubError` that names
 the repo and the cause.
+
+Every Hub request has a timeout (``huggingface_hub``'s own client has none for API calls, so a
+Hub that stops answering would hang a push forever): ``HF_SPARSE_HUB_TIMEOUT`` seconds (default
+60) for connecting and between bytes; downloads also honour ``HF_HUB_ETAG_TIMEOUT`` and
+``HF_HUB_DOWNLOAD_TIMEOUT``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, constants, snapshot_download
+from huggingface_hub.utils import _http
 
 from .model_card import REPO_PLACEHOLDER
 
@@ -21,6 +31,40 @@ DEFAULT_COMMIT_MESSAGE = "Upload sparse checkpoint with hf_sparse"
 
 class HubError(RuntimeError):
     """A push or pull failed; the message names the repo and says why (unreachable, auth, server error)."""
+
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def hub_timeout() -> float:
+    """Seconds a Hub request may wait to connect or between two bytes (``HF_SPARSE_HUB_TIMEOUT``)."""
+    try:
+        value = float(os.environ.get("HF_SPARSE_HUB_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def _timeouts() -> Iterator[float]:
+    """huggingface_hub's shared HTTP client, with a timeout, for the duration of one push or pull."""
+    timeout = hub_timeout()
+    previous = _http._GLOBAL_CLIENT_FACTORY
+
+    def factory():
+        client = previous()
+        client.timeout = type(client.timeout)(timeout)
+        return client
+
+    _http.set_client_factory(factory)
+    saved = constants.HF_HUB_DOWNLOAD_TIMEOUT
+    if "HF_HUB_DOWNLOAD_TIMEOUT" not in os.environ:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout
+    try:
+        yield timeout if "HF_HUB_ETAG_TIMEOUT" not in os.environ else constants.HF_HUB_ETAG_TIMEOUT
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = saved
+        _http.set_client_factory(previous)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -48,7 +92,10 @@ def _cause(exc: BaseException, endpoint: str) -> str:
             return f"the Hub answered HTTP {status}: {server[-1] if server else type(e).__name__}"
     for e in chain:
         name = type(e).__name__
-        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+        if "Timeout" in name or isinstance(e, TimeoutError):
+            return (f"the Hub at {endpoint} did not answer within {hub_timeout():g} s ({name}); "
+                    "retry later, or raise HF_SPARSE_HUB_TIMEOUT")
+        if isinstance(e, ConnectionError) or "Connect" in name:
             return f"cannot reach the Hub at {endpoint} ({name}: {e})"
     return f"{type(exc).__name__}: {exc}"
 
@@ -83,12 +130,16 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if not ops:
         raise HubError(f"cannot push {folder} to {repo_id}: the folder holds no files")
     api = HfApi(endpoint=endpoint, token=token)
+    size = sum(Path(op.path_or_fileobj).stat().st_size if isinstance(op.path_or_fileobj, str)
+               else len(op.path_or_fileobj) for op in ops)
+    print(f"uploading {len(ops)} files ({size / 1e6:.1f} MB) to {repo_id} on {api.endpoint} ...", file=sys.stderr)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision not in (None, "main"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision,
-                                 repo_type="model")
+        with _timeouts():
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            info = api.create_commit(repo_id, ops, commit_message=commit_message, revision=revision,
+                                     repo_type="model")
     except Exception as e:  # noqa: BLE001 - every client/transport failure becomes one HubError
         raise HubError(f"push of {folder} to {repo_id} failed: {_cause(e, api.endpoint)}") from e
     return str(info.commit_url)
@@ -99,8 +150,10 @@ def pull_from_hub(repo_id: str, *, revision: str | None = None, token: str | Non
                   local_dir: str | Path | None = None) -> Path:
     """Download the repo's snapshot (into the Hub cache, or ``local_dir``) and return its folder."""
     try:
-        path = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint,
-                                 cache_dir=cache_dir, local_dir=local_dir, repo_type="model")
+        with _timeouts() as timeout:  # snapshot_download shows a progress bar per file
+            path = snapshot_download(repo_id, revision=revision, token=token, endpoint=endpoint,
+                                     cache_dir=cache_dir, local_dir=local_dir, repo_type="model",
+                                     etag_timeout=timeout)
     except Exception as e:  # noqa: BLE001
         raise HubError(f"download of {repo_id} failed: {_cause(e, endpoint or HfApi().endpoint)}") from e
     return Path(path)

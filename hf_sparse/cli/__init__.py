@@ -1,37 +1,69 @@
-"""``hf-sparse``: train or validate a recipe; export, inspect and push checkpoints."""
+"""hf-sparse: train or validate a recipe; export, inspect and push sparse checkpoints.
+
+Every heavy import (torch, transformers, timm) happens inside the command that needs it, so
+``--help`` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from ..training.recipe import RecipeError, load_recipe
 from .checkpoint import add_subcommands
 from .compare import add_subcommand as add_compare_subcommand
 
+#: What ``hf-sparse --help`` says (the module docstring is for readers of the code).
+DESCRIPTION = "Train sparse models from a YAML recipe; export, inspect and push sparse checkpoints."
+
 
 def _train(args: argparse.Namespace) -> int:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from ..training.run import execute_run, prepare_run, summary_table
+    from ..training.recipe import load_recipe
+    from ..training.run import execute_run, is_finished_run, prepare_run, summary_table
 
     recipe = load_recipe(args.recipe, args.set)
     output_dir = Path(args.output_dir or recipe.training.get("output_dir") or f"runs/{Path(args.recipe).stem}")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    if args.resume == "last" and is_finished_run(output_dir):
+        if rank0:
+            print(f"{output_dir} holds a finished run (results.json and model/ are written); nothing to resume")
+        return 0
     run = prepare_run(recipe, output_dir)
-    resume = None
-    if args.resume:
-        resume = args.resume if args.resume != "last" else (get_last_checkpoint(str(output_dir)) if output_dir.exists() else None)
-        if resume is None:
-            raise RecipeError(f"no checkpoint to resume from in {output_dir}", "<command line>", ("--resume",))
+    resume = _resume_point(args.resume, output_dir, rank0) if args.resume else None
     results = execute_run(run, resume_from_checkpoint=resume)
     if run.args.should_save:
-        print(summary_table(results))
+        print(summary_table(results, recipe.sparsity))
         print(f"run directory: {output_dir}")
     return 0
 
 
+def _resume_point(wanted: str, output_dir: Path, rank0: bool) -> str:
+    """The checkpoint ``--resume`` continues from: the newest complete one, or the one named."""
+    from ..training.recipe import RecipeError
+    from ..training.trainer import CHECKPOINT_COMPLETE, is_complete_checkpoint, newest_complete_checkpoint
+
+    if wanted != "last":
+        if not Path(wanted).is_dir():
+            raise RecipeError(f"{wanted} is not a checkpoint folder", "<command line>", ("--resume",))
+        if not is_complete_checkpoint(wanted):
+            raise RecipeError(f"{wanted} is incomplete (no {CHECKPOINT_COMPLETE}: the run was stopped while writing "
+                              "it); resume from an earlier checkpoint, or use --resume alone for the newest "
+                              "complete one", "<command line>", ("--resume",))
+        return wanted
+    found, skipped = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else (None, [])
+    if rank0:
+        for folder in skipped:
+            print(f"skipping {folder}: incomplete (the run was stopped while writing it)", file=sys.stderr)
+    if found is None:
+        raise RecipeError(f"no complete checkpoint to resume from in {output_dir}", "<command line>", ("--resume",))
+    if rank0:
+        print(f"resuming from {found}", file=sys.stderr)
+    return str(found)
+
+
 def _validate(args: argparse.Namespace) -> int:
+    from ..training.recipe import load_recipe
     from ..training.run import prepare_run
 
     recipe = load_recipe(args.recipe, args.set)
@@ -41,7 +73,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-sparse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-sparse", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     overrides = {"action": "extend", "nargs": "+", "default": [], "metavar": "KEY=VALUE",
                  "help": "override recipe keys, e.g. --set sparsity.target_density=0.1 training.seed=1 (repeatable)"}
@@ -68,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except RecipeError as e:
+    except Exception as e:
+        recipe = sys.modules.get("hf_sparse.training.recipe")  # a RecipeError implies that module is loaded
+        trainer = sys.modules.get("hf_sparse.training.trainer")
+        if trainer is not None and isinstance(e, trainer.TrainingDiverged):
+            print(f"hf-sparse: error: {e}; no model was saved", file=sys.stderr)
+            return 1
+        if recipe is None or not isinstance(e, recipe.RecipeError):
+            raise
         print(f"hf-sparse: error: {e}", file=sys.stderr)
         return 2
 

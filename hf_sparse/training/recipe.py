@@ -107,7 +107,8 @@ class SparsityConfig(_Section):
         if self.method == "none":
             # set to something other than the default (a saved recipe.yaml spells out the defaults)
             ignored = [k for k in ("target_density", "targets", "params", "granularity", "block_shape")
-                       if k in self.model_fields_set and getattr(self, k) != type(self)().__dict__[k]]
+                       if k in self.model_fields_set
+                       and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
             if ignored:
                 raise _KeyedError((ignored[0],), "method 'none' trains dense, so this would be ignored; "
                                                  "remove it or choose a sparsity method")
@@ -143,6 +144,9 @@ class SparsityConfig(_Section):
         if spec.kind not in cls.granularities:
             raise _KeyedError(("granularity",), f"method {self.method!r} has no {spec.kind!r} granularity; "
                                                 f"allowed: {', '.join(cls.granularities)}")
+        if spec.structured and self.targets.include_head:
+            raise _KeyedError(("targets", "include_head"), "channel granularity would remove whole output units "
+                                                           "of the head (classes); keep the head dense")
         if spec.fixed_density is not None:
             if self.target_density is not None and abs(self.target_density - spec.fixed_density) > 1e-9:
                 raise _KeyedError(("target_density",), f"granularity {self.granularity!r} fixes the density at "
@@ -417,12 +421,12 @@ def _located(message: str, source: str, key: Loc, positions: dict) -> RecipeErro
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML, with the recipe's scalar rules)."""
+    source = f"<command line> (--set {text})"
     if "=" not in text:
-        raise RecipeError(f"--set expects dotted.key=value, got {text!r}", "<command line>")
+        raise RecipeError(f"--set expects dotted.key=value, got {text!r}", source)
     key, raw = text.split("=", 1)
     if not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"--set expects dotted.key=value, got {text!r}", "<command line>")
-    source = f"<command line> (--set {text})"
+        raise RecipeError(f"--set expects dotted.key=value, got {text!r}", source)
     if raw == "":
         return key.split("."), ""
     try:

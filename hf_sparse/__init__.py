@@ -2,8 +2,9 @@
 
 The public names are imported on first use, so ``import hf_sparse`` (and ``hf-sparse --help``)
 does not pay for torch, transformers and timm. hf_sparse's own models register with the
-transformers Auto classes when ``hf_sparse.models`` is imported, which every hf_sparse call that
-builds or loads a model does; importing ``hf_sparse`` after transformers registers them at once.
+transformers Auto classes when ``hf_sparse.models`` is imported: by every hf_sparse call that
+builds or loads a model, by the first use of a public name that brings transformers in, and by
+``import hf_sparse`` itself when transformers is imported already.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
+        if "transformers" in sys.modules:  # that import brought transformers in: register the models now
+            importlib.import_module(".models", __name__)
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

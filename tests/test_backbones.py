@@ -272,3 +272,19 @@ def test_other_transformers_vision_models_round_trip_as_bitmask(tmp_path, model_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(logits(load_sparse(out), {"pixel_values": x}), logits(model, {"pixel_values": x}))
+
+
+def test_exporting_a_one_channel_timm_model_does_not_warn_about_its_mean_and_std(tmp_path, caplog):
+    import logging
+
+    import timm
+
+    from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
+
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)  # built by the user: ImageNet's 3-value mean
+    report = {"method": "none", "target_density": None, "achieved_density": 1.0, "per_layer": {}}
+    with caplog.at_level(logging.WARNING):
+        out = save_sparse_checkpoint(model, tmp_path / "ckpt", report=report)
+    assert "does not match" not in caplog.text
+    config = json.loads((out / "config.json").read_text())["pretrained_cfg"]
+    assert len(config["mean"]) == len(config["std"]) == 1

@@ -115,7 +115,7 @@ def forward_problem(model: nn.Module, data: DataBundle) -> str | None:
     try:
         with torch.no_grad():
             model(**batch)
-    except (RuntimeError, ValueError, IndexError) as e:
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # TypeError: inputs the model does not take
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shape = tuple(batch["pixel_values"].shape[1:]) if "pixel_values" in batch else None
         where = f" on {'×'.join(map(str, shape))} inputs" if shape else ""

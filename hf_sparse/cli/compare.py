@@ -56,7 +56,8 @@ def _compare(args: argparse.Namespace) -> int:
               "the grid", file=sys.stderr)
         return 130
     failed = [str(r.run_dir) for r in outcome.failed]
-    table = write_summary(out, labels, args.density, args.seeds, command=command, failed=failed)
+    family = grid[0].recipe.stem.removesuffix("_dense")  # the dense reference comes first
+    table = write_summary(out, labels, args.density, args.seeds, command=command, failed=failed, name=family)
     print(table)
     print(f"{len(outcome.finished)} trained, {outcome.skipped} already complete, {len(failed)} failed; "
           f"summary in {out / 'README.md'}")

@@ -115,7 +115,8 @@ def best_labels(cells: Sequence[Cell], metric: str) -> dict[float, set[str]]:
     return best
 
 
-def markdown_table(metric: str, dense: Cell, cells: Sequence[Cell], densities: Sequence[float]) -> str:
+def markdown_table(metric: str, dense: Cell, cells: Sequence[Cell], densities: Sequence[float],
+                   seeds: Sequence[int]) -> str:
     unit = " (%)" if _scale(metric) != 1 else ""
     best = best_labels(cells, metric)
     labels = list(dict.fromkeys(c.label for c in cells))
@@ -129,7 +130,6 @@ def markdown_table(metric: str, dense: Cell, cells: Sequence[Cell], densities: S
             text = format_cell(cell, metric)
             row.append(f"**{text}**" if label in best.get(d, ()) else text)
         lines.append(f"| {label} | {' | '.join(row)} |")
-    seeds = sorted({s for c in [dense, *cells] for s in c.seeds})
     note = (f"{metric}{unit}, mean ± sd over seeds {', '.join(map(str, seeds))} (sample sd; one value: one seed); "
             f"best per density in bold. Dense reference (density 1): {format_cell(dense, metric)}"
             f" ({len(dense.values)} seed{'s' if len(dense.values) != 1 else ''}).")
@@ -202,14 +202,18 @@ def plot_pareto(path: Path, metric: str, dense: Cell, cells: Sequence[Cell], tit
 
 
 def write_summary(out: Path, labels: Sequence[str], densities: Sequence[float], seeds: Sequence[int],
-                  command: str = "", failed: Sequence[str] = ()) -> str:
-    """Write summary.csv, summary.md, pareto.png and README.md into ``out``; return the table."""
+                  command: str = "", failed: Sequence[str] = (), name: str = "") -> str:
+    """Write summary.csv, summary.md, pareto.png and README.md into ``out``; return the table.
+
+    ``name`` (e.g. the model family) titles the picture and the README; default: the folder's name.
+    """
+    name = name or out.name
     metric, dense, cells = collect(out, labels, densities, seeds)
-    table = markdown_table(metric, dense, cells, densities)
+    table = markdown_table(metric, dense, cells, densities, seeds)
     write_csv(out / "summary.csv", metric, dense, cells)
     (out / "summary.md").write_text(table)
-    plot_pareto(out / "pareto.png", metric, dense, cells, title=f"{out.name}: {metric} vs density")
-    readme = ["# hf-sparse compare", ""]
+    plot_pareto(out / "pareto.png", metric, dense, cells, title=f"{name}: {metric} vs density")
+    readme = [f"# hf-sparse compare: {name}", ""]
     if command:
         readme += ["```", command, "```", ""]
     readme += [table, "![metric vs density](pareto.png)", "",

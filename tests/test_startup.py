@@ -29,7 +29,7 @@ def test_public_names_load_on_first_use_and_register_the_models():
     code = ("import hf_sparse, transformers\n"
             "assert sorted(hf_sparse.__all__) == sorted(['Recipe', 'RecipeError', 'SparseTrainer', 'Sparsifier',"
             " 'SparsityConfig', '__version__', 'load_recipe', 'load_sparse', 'push_to_hub',"
-            " 'save_sparse_checkpoint'])\n"
+            " 'save_sparse_checkpoint', 'to_sparse_runtime'])\n"
             "from hf_sparse import SparseTrainer, load_sparse\n"
             "transformers.AutoConfig.for_model('hf_sparse_lenet')  # registered by hf_sparse.models\n")
     assert {"torch", "transformers"} <= imported_after(code)

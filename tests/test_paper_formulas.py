@@ -137,3 +137,18 @@ def test_dns_target_mode_final_surgery_hits_target():
         m.after_step(itr, None)
     assert int(m.masks[0].sum()) == 120  # round(0.2 * 600)
     assert int((layer.weight != 0).sum()) == 120
+
+
+@pytest.mark.parametrize("method", ["dns", "gradual"])
+def test_global_scope_ranks_across_layers_at_the_last_update(method):
+    """scope: global keeps the largest weights of all layers together (the small layer is not starved)."""
+    model = nn.Sequential(linear_with([0.9, 0.8, 0.1, 0.2]), linear_with([0.05, 0.04, 0.03, 0.7]))
+    window = {"start_step": 0, "end_step": 0} if method == "dns" else {"start_step": 0, "ramp_step": 0, "end_step": 0}
+    m = method_on(model, method, 0.5, 4, scope="global", **window)
+    m.after_step(0, None)  # 4 of 8 survive: 0.9, 0.8, 0.7, 0.2 (per layer it would be 2 + 2)
+    assert m.masks[0].tolist() == [[True, True, False, True]]
+    assert m.masks[1].tolist() == [[False, False, False, True]]
+    per_layer = method_on(nn.Sequential(linear_with([0.9, 0.8, 0.1, 0.2]), linear_with([0.05, 0.04, 0.03, 0.7])),
+                          method, 0.5, 4, **window)
+    per_layer.after_step(0, None)
+    assert [int(k.sum()) for k in per_layer.masks] == [2, 2]

@@ -15,7 +15,9 @@ Target mode (``target_density`` set; hf_sparse's addition): instead of ``c``, ea
 magnitude that keeps the fraction d of its current weights, set when surgery starts and refreshed
 at the first surgery ``recalibrate_every`` or more iterations after the last refresh; the hysteresis band a = 0.9t, b = 1.1t is the paper's. The
 last surgery, at ``iter_stop``, always runs and keeps exactly the ``round(d * n)`` largest weights,
-so each layer ends at density d.
+so each layer ends at density d. With ``scope: global`` one threshold is taken over all targets and
+the last surgery keeps the largest weights of all targets together, so only the whole model is at
+density d (a small output layer is not starved at extreme densities).
 
 Granularity: T is one bit per group (:mod:`.granularity`) and ``|W|`` above is the group's mean
 ``|w|``, so the statistics, thresholds and band keep the units of a weight. With N:M every surgery
@@ -31,11 +33,14 @@ updates them; after the step they are saved again and ``W * T`` written for the 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import AliasChoices, Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig, step_generator
+from .granularity import keep_top, thresholds
 from .reparam import RealWeights
 from .schedules import StepWindow
 
@@ -54,6 +59,8 @@ class DNSConfig(MethodConfig):
     end_fraction: float = Field(0.75, ge=0, le=1, validation_alias=AliasChoices("end_fraction", "stop_fraction"),
                                 description="end_step as a fraction of the optimizer steps")
     recalibrate_every: int = Field(100, ge=1, description="target mode: iterations between threshold refreshes")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="target mode: the density per layer, or over all targets with one threshold")
 
 
 @register_method
@@ -107,14 +114,16 @@ class DynamicNetworkSurgery(MaskedMethod):
                 for i, a in enumerate(scores):
                     self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
         elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
-            for i, (g, a) in enumerate(zip(self.grids, scores)):
-                self.t[i] = g.threshold(a, self.target_density)
+            self.t.copy_(torch.tensor(thresholds(self.grids, scores, self.target_density, self.config.scope)))
             self.calibrated_at = step
 
     def surgery(self, scores: list[torch.Tensor], final: bool = False) -> None:
         lo, hi = self.config.band
+        kept = keep_top(self.grids, scores, self.target_density, self.config.scope) if final else None
         for i, (g, a, m, ever) in enumerate(zip(self.grids, scores, self.masks, self.ever_pruned)):
-            if final or g.granularity.kind == "n:m":
+            if final:
+                new = kept[i]
+            elif g.granularity.kind == "n:m":
                 new = g.select(a, self.target_density)
             else:
                 # T stays 1 while |W| > a = lo*t and becomes 1 once |W| > b = hi*t: one comparison

@@ -14,18 +14,22 @@ for single weights that is ``|w|``. The paper's names ``start_itr``, ``ramp_itr`
 Target mode (``target_density`` set): the paper's schedule *shape* is kept but scaled so the last
 update lands on the target. At each update the threshold is ``eps(itr) / eps(end) * q_t`` where
 ``q_t`` is the score of the last group that keeping the density ``d`` of the layer would keep; the
-update at ``end_step`` keeps exactly those groups, so each layer ends at density ``d``. Under N:M
+update at ``end_step`` keeps exactly those groups, so each layer ends at density ``d`` (``scope:
+global``: one ``q_t`` over all targets, and the whole model ends at ``d``). Under N:M
 no update leaves fewer than N of any M (the best N kept weights of each run survive the threshold)
 and the last keeps exactly the best N.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import AliasChoices, Field
 
 from . import register_method
 from .base import MaskedMethod, MethodConfig
+from .granularity import keep_top, thresholds
 from .schedules import NarangThreshold, StepWindow, resolve_step
 
 
@@ -45,6 +49,8 @@ class GradualConfig(MethodConfig):
     start_slope: float | None = Field(None, gt=0, description="theta; default derived from q as in the paper")
     ramp_slope: float | None = Field(None, gt=0, description="phi; default ramp_ratio * theta")
     ramp_ratio: float = Field(1.5, gt=0, description="phi / theta when ramp_slope is not given (paper: 1.5-2)")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="target mode: the density per layer, or over all targets with one threshold")
 
 
 @register_method
@@ -82,6 +88,10 @@ class GradualThresholdPruning(MaskedMethod):
             self.zero_masked()
             return
         scores = self.group_scores("max")
+        if self.target_density is not None:
+            q_t = thresholds(self.grids, scores, self.target_density, self.config.scope)
+            final = keep_top(self.grids, scores, self.target_density, self.config.scope) if step == self.window.end \
+                else None
         if step == self.window.start and self.target_density is None:
             for i, s in enumerate(scores):
                 q = float(torch.quantile(s.flatten().double(), self.config.q_percentile / 100))
@@ -91,12 +101,11 @@ class GradualThresholdPruning(MaskedMethod):
                 eps = self.eps(step, float(self.theta[i]), float(self.phi[i]))
                 mask &= s > eps
             elif step == self.window.end:
-                mask.copy_(g.select(s, self.target_density))
-                eps = g.threshold(s, self.target_density)
+                mask.copy_(final[i])
+                eps = q_t[i]
             else:
                 theta, phi = self.slopes(1.0)  # shape only: eps(itr) / eps(end) is independent of q
-                eps = self.eps(step, theta, phi) / self.eps(self.window.end, theta, phi) * g.threshold(
-                    s, self.target_density)
+                eps = self.eps(step, theta, phi) / self.eps(self.window.end, theta, phi) * q_t[i]
                 if g.granularity.kind == "n:m":  # never below N of M: the best N kept weights of each run stay
                     mask.copy_(mask & ((s > eps) | g.select(s * mask, self.target_density)))
                 else:

@@ -228,12 +228,7 @@ class GroupGrid:
 
     def threshold(self, scores: torch.Tensor, density: float) -> float:
         """The score of the last group that :meth:`select` keeps (``inf`` when it keeps none)."""
-        flat, sizes = scores.flatten(), self.sizes.flatten()
-        if self.uniform:
-            return kth_largest(flat, round(density * self.numel / float(sizes[0])))
-        order = torch.sort(flat, descending=True, stable=True).indices
-        n = _count_for_budget(sizes[order], density * self.numel)
-        return float(flat[order[n - 1]]) if n > 0 else float("inf")
+        return _threshold(scores.flatten(), self.sizes.flatten(), density * self.numel)
 
 
 # -- building the grids ----------------------------------------------------------------------
@@ -326,6 +321,24 @@ def keep_top(grids: list[GroupGrid], scores: list[torch.Tensor], density: float,
     sizes = torch.cat([g.sizes.flatten().to(flat.device) for g in grids])
     keep = _top_by_size(flat, sizes, density * sum(g.numel for g in grids))
     return [k.view(g.shape) for k, g in zip(keep.split([g.num for g in grids]), grids)]
+
+
+def thresholds(grids: list[GroupGrid], scores: list[torch.Tensor], density: float,
+               scope: Literal["layer", "global"] = "layer") -> list[float]:
+    """Per grid, the score of the last group :func:`keep_top` keeps (``global``: one shared value)."""
+    if scope == "layer":
+        return [g.threshold(s, density) for g, s in zip(grids, scores)]
+    flat = torch.cat([s.flatten().float() for s in scores])
+    sizes = torch.cat([g.sizes.flatten().to(flat.device) for g in grids])
+    return [_threshold(flat, sizes, density * sum(g.numel for g in grids))] * len(grids)
+
+
+def _threshold(flat: torch.Tensor, sizes: torch.Tensor, budget: float) -> float:
+    if bool(sizes.min() == sizes.max()):
+        return kth_largest(flat, round(budget / float(sizes[0])))
+    order = torch.sort(flat, descending=True, stable=True).indices
+    n = _count_for_budget(sizes[order], budget)
+    return float(flat[order[n - 1]]) if n > 0 else float("inf")
 
 
 def nm_mask(scores: torch.Tensor, granularity: Granularity, density: float | None = None) -> torch.Tensor:

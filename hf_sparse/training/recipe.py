@@ -33,7 +33,12 @@ class RecipeError(ValueError):
         self.message, self.source, self.key, self.line, self.col = message, source, key, line, col
         where = source if line is None else f"{source}:{line}:{col}"
         key_path = ".".join(str(k) for k in key)
-        super().__init__(f"{where}: {key_path + ': ' if key_path else ''}{message}")
+        super().__init__(one_line(f"{where}: {key_path + ': ' if key_path else ''}{message}"))
+
+
+def one_line(text: str) -> str:
+    """Escape line breaks and other control characters (from a --set argument, a key...): one line out."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
 
 
 class _Section(BaseModel):

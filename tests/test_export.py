@@ -245,8 +245,15 @@ def test_load_warns_when_tensors_disagree_with_sparsity_json(tmp_path):
     tensors = load_file(str(f))
     tensors["fc1.weight"][tensors["fc1.weight"] == 0] = 1e-3  # revive every pruned weight
     save_file(tensors, str(f), metadata=meta)
-    with pytest.warns(UserWarning, match="fc1.weight"):
+    with pytest.raises(CheckpointError, match="model.safetensors: SHA-256 differs"):
         load_sparse(out)
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    sparsity["sha256"]["model.safetensors"] = hashlib.sha256(f.read_bytes()).hexdigest()  # a consistent forgery
+    (out / "sparsity.json").write_text(json.dumps(sparsity))
+    with pytest.raises(CheckpointError, match="densities differ .*fc1.weight"):
+        load_sparse(out)
+    with pytest.warns(UserWarning, match="fc1.weight"):
+        load_sparse(out, verify=False)
     assert inspect_checkpoint(out)["problems"]
 
 

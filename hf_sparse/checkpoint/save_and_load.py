@@ -19,6 +19,7 @@ the tensors to check them against ``sparsity.json``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -26,13 +27,14 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-from torch import nn
+
+if TYPE_CHECKING:  # torch is imported where tensors are built: `hf-sparse inspect` reads files with numpy only
+    import torch
+    from torch import nn
 
 FORMATS = ("dense", "bitmask", "purged")
 RUNTIMES = ("dense", "sparse")  # load_sparse(runtime=...): as saved, or on the sparse runtime's kernels
@@ -67,23 +69,65 @@ def hf_sparse_version() -> str:
 # -- the model's kind -------------------------------------------------------------------------------
 
 
-def _unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
-    """(model to save, library, prefix its parameter names carry in the engine's report)."""
+def _is_transformers_model(model: nn.Module) -> bool:
+    import sys
+
+    if "transformers" not in sys.modules:  # a model of that library cannot exist without it being imported
+        return False
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel):
+    return isinstance(model, PreTrainedModel)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """(model to save, library, prefix its parameter names carry in the engine's report).
+
+    Any other ``nn.Module`` is library ``torch``: its state dict is saved and the user rebuilds
+    the module to load it (``load_sparse(path, model=module)``).
+    """
+    from torch import nn
+
+    if _is_transformers_model(model):
         return model, "transformers", ""
     inner, name = getattr(model, "model", None), getattr(model, "timm_name", None)
     if isinstance(inner, nn.Module) and isinstance(name, str):  # hf_sparse.models.build.TimmClassifier
         return inner, "timm", "model."
     if isinstance(getattr(model, "pretrained_cfg", None), dict) and "architecture" in model.pretrained_cfg:
         return model, "timm", ""
-    raise CheckpointError(
-        f"cannot save a {type(model).__name__}: save_sparse_checkpoint takes a transformers PreTrainedModel, "
-        "a timm model, or hf_sparse's TimmClassifier wrapper")
+    return model, "torch", ""
+
+
+def saved_names(model: nn.Module) -> dict[str, str]:
+    """In-memory state-dict name -> the name the saved file uses.
+
+    transformers 5 renames weights on ``save_pretrained`` (ViT's ``layers.0.attention.q_proj`` is
+    written as ``encoder.layer.0.attention.attention.query``) through its conversion mapping; this
+    runs that same mapping and pairs names by tensor identity, so ``sparsity.json`` and the bitmask
+    encoding use the names on disk. Names that a converter merges or splits have no partner and
+    are left out; timm and plain modules save names unchanged.
+    """
+    state = model.state_dict()
+    if not _is_transformers_model(model):
+        return {k: k for k in state}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4 saves the in-memory names
+        return {k: k for k in state}
+    reverted = revert_weight_conversion(model, dict(state))
+    by_tensor: dict[tuple, list[str]] = {}
+    for name, t in reverted.items():
+        by_tensor.setdefault((t.data_ptr(), tuple(t.shape), t.dtype), []).append(name)
+    out = {}
+    for name, t in state.items():
+        partners = by_tensor.get((t.data_ptr(), tuple(t.shape), t.dtype), [])
+        if name in partners or len(partners) == 1:
+            out[name] = name if name in partners else partners[0]
+    return out
 
 
 def _timm_in_chans(model: nn.Module) -> int | None:
+    import torch
+
     first = model.pretrained_cfg.get("first_conv")
     if isinstance(first, (list, tuple)):
         first = first[0] if first else None
@@ -98,13 +142,22 @@ def _save_model(model: nn.Module, library: str, folder: Path) -> None:
     if library == "transformers":
         model.save_pretrained(folder)
         return
+    if library == "torch":  # the state dict alone; shared tensors are written once each, as copies
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(folder / DENSE_WEIGHTS), metadata={"format": "pt"})
+        return
     from timm.models import save_for_hf
 
     args = {"num_classes": int(model.num_classes)}
     in_chans = _timm_in_chans(model)
     if in_chans is not None:
         args["in_chans"] = in_chans  # plain `timm.create_model("hf-hub:...")` must build the same stem
-    save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+    from ..models.build import timm_channel_stats
+
+    data_config = timm_channel_stats(model, in_chans) if in_chans is not None else None
+    save_for_hf(model, str(folder), model_args=args, data_config=data_config or None, safe_serialization=True)
 
 
 # -- bitmask encoding ---------------------------------------------------------------------------------
@@ -112,6 +165,8 @@ def _save_model(model: nn.Module, library: str, folder: Path) -> None:
 
 def pack_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed keep-mask as uint8, nonzero values in order); the mask is ``t != 0``."""
+    import torch
+
     flat = t.detach().reshape(-1).cpu()
     keep = flat != 0
     packed = torch.from_numpy(np.packbits(keep.numpy()))
@@ -119,6 +174,8 @@ def pack_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unpack_tensor(packed: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    import torch
+
     numel = math.prod(shape)
     keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
     if int(keep.sum()) != values.numel():
@@ -134,6 +191,10 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / f"{DENSE_WEIGHTS}.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        root = folder.resolve()
+        for shard in shards:
+            if not (folder / shard).resolve().is_relative_to(root):
+                raise CheckpointError(f"{index} maps weights to {shard!r}, outside the checkpoint folder; refusing it")
         return [folder / s for s in shards]
     if (folder / DENSE_WEIGHTS).is_file():
         return [folder / DENSE_WEIGHTS]
@@ -142,12 +203,14 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def read_header_metadata(folder: str | Path) -> dict[str, str]:
     """The safetensors header metadata of the checkpoint's (first) weights file."""
-    with safe_open(str(_weight_files(Path(folder))[0]), framework="pt") as f:
+    with safe_open(str(_weight_files(Path(folder))[0]), framework="numpy") as f:
         return dict(f.metadata() or {})
 
 
 def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """The full dense state dict of a checkpoint folder, whatever its storage format."""
+    from safetensors.torch import load_file
+
     folder = Path(folder)
     files = _weight_files(folder)
     tensors: dict[str, torch.Tensor] = {}
@@ -168,16 +231,54 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 # -- densities ----------------------------------------------------------------------------------------
 
 
-def layer_stats(t: torch.Tensor) -> dict[str, Any]:
-    nonzero = int(torch.count_nonzero(t))
-    return {"shape": list(t.shape), "nonzero": nonzero, "numel": t.numel(), "density": nonzero / max(t.numel(), 1)}
+def layer_stats(t: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    nonzero = int(np.count_nonzero(t) if isinstance(t, np.ndarray) else t.count_nonzero())
+    numel = math.prod(t.shape)
+    return {"shape": list(t.shape), "nonzero": nonzero, "numel": numel, "density": nonzero / max(numel, 1)}
 
 
-def _report_layers(report: dict, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
-    """The report's per-layer facts under the saved weights' names (the report is trusted, not recomputed)."""
+def read_layer_stats(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """:func:`layer_stats` of every tensor in a checkpoint folder, read with numpy (no torch import).
+
+    A bitmask entry is counted from its stored values and recorded shape, without unpacking;
+    a file numpy cannot read (bfloat16) falls back to torch.
+    """
+    folder = Path(folder)
+    files = _weight_files(folder)
+    stats: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(f))
+        except (TypeError, ValueError):
+            return {k: layer_stats(v) for k, v in read_state_dict(folder).items()}
+        stats.update({k: layer_stats(v) for k, v in arrays.items()})
+    if files[0].name != BITMASK_WEIGHTS:
+        return stats
+    layout = json.loads(read_header_metadata(folder).get(f"{META_PREFIX}bitmask", "{}"))
+    for name, info in layout.items():
+        values = stats.pop(name + _VALUES, None)
+        stats.pop(name + _MASK, None)
+        if values is None:
+            raise CheckpointError(f"{files[0]}: bitmask entry for {name!r} is incomplete")
+        numel = math.prod(info["shape"])
+        stats[name] = {"shape": list(info["shape"]), "nonzero": values["nonzero"], "numel": numel,
+                       "density": values["nonzero"] / max(numel, 1)}
+    return stats
+
+
+def _report_layers(report: dict, prefix: str, state: dict[str, torch.Tensor],
+                   rename: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The report's per-layer facts under the saved weights' names (the report is trusted, not recomputed).
+
+    ``state`` is keyed by saved names; ``rename`` maps in-memory names to them. A report may use
+    either (a re-export reads its names from ``sparsity.json``).
+    """
     layers = {}
     for name, info in (report.get("per_layer") or {}).items():
         key = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        key = key if key in state else (rename or {}).get(key, key)
         if key not in state:
             raise CheckpointError(f"the report names {name!r}, which is not among the saved weights")
         if not isinstance(info, dict):  # results.json style: name -> density
@@ -198,6 +299,8 @@ def _fmt(x: float | None) -> str:
 
 def _rewrite_weights(folder: Path, fmt: str, headline: dict[str, str], targets: list[str]) -> None:
     """Add the headline metadata to the weights file(s); encode the targets for ``bitmask``."""
+    from safetensors.torch import load_file, save_file
+
     files = _weight_files(folder)
     index = folder / f"{DENSE_WEIGHTS}.index.json"
     if fmt != "bitmask":
@@ -265,8 +368,10 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
     inner, library, prefix = _unwrap(model)
 
-    state = {k: v.detach() for k, v in inner.state_dict().items()}
-    layers = _report_layers(report, prefix, state)
+    rename = saved_names(inner)
+    memory_state = inner.state_dict()
+    state = {rename[k]: v.detach() for k, v in memory_state.items() if k in rename}
+    layers = _report_layers(report, prefix, state, rename)
     stale = [f"{k}: report {v['nonzero']}, weights {layer_stats(state[k])['nonzero']}" for k, v in layers.items()
              if "nonzero" in v and int(v["nonzero"]) != layer_stats(state[k])["nonzero"]]
     if stale:
@@ -287,7 +392,9 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
             to_save, kept = purge(wanted)
         except ValueError as e:
             raise CheckpointError(f"cannot purge {type(inner).__name__}: {e}") from None
-        small_state = to_save.state_dict()
+        small_rename = saved_names(to_save)
+        small_state = {small_rename[k]: v for k, v in to_save.state_dict().items() if k in small_rename}
+        kept = {small_rename.get(k, rename.get(k, k)): v for k, v in kept.items()}
         purge_info = {"kept": kept, "per_layer": {k: layer_stats(small_state[k]) for k in layers if k in small_state}}
 
     # everything that can fail on bad input has run; only now touch the output folder
@@ -323,6 +430,7 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         "hf_sparse_version": report.get("hf_sparse_version") or hf_sparse_version(),
         "runtime_speed": runtime_speed,
     }
+    sparsity["sha256"] = weight_digests(out)
     (out / SPARSITY_FILE).write_text(json.dumps(sparsity, indent=2))
     if recipe_yaml is not None:
         (out / "recipe.yaml").write_text(recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
@@ -399,15 +507,18 @@ def _build_timm(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def verify_densities(sparsity: dict, state: dict[str, torch.Tensor]) -> list[str]:
-    """Recompute nonzero counts from the tensors; return one line per layer that disagrees with the record."""
+def verify_densities(sparsity: dict, state: dict[str, Any]) -> list[str]:
+    """Recompute nonzero counts from the tensors; return one line per layer that disagrees with the record.
+
+    ``state`` maps names to tensors, or to their :func:`layer_stats` (as :func:`read_layer_stats` gives).
+    """
     recorded = (sparsity.get("purged") or {}).get("per_layer") or sparsity.get("per_layer") or {}
     problems = []
     for name, info in recorded.items():
         if name not in state:
             problems.append(f"{name}: missing from the weights")
             continue
-        got = layer_stats(state[name])
+        got = state[name] if isinstance(state[name], dict) else layer_stats(state[name])
         if "shape" in info and list(info["shape"]) != got["shape"]:
             problems.append(f"{name}: shape {got['shape']}, recorded {info['shape']}")
         elif "nonzero" in info and int(info["nonzero"]) != got["nonzero"]:
@@ -415,12 +526,51 @@ def verify_densities(sparsity: dict, state: dict[str, torch.Tensor]) -> list[str
     return problems
 
 
-def load_sparse(path_or_repo_id: str | Path, *, revision: str | None = None, runtime: str = "dense",
-                **hub_kwargs) -> nn.Module:
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path = "the checkpoint") -> nn.Module:
+    """Copy a saved state dict (names as on disk) into ``model`` in place; every tensor must fit.
+
+    ``model`` may be the module that was saved or hf_sparse's timm wrapper around it.
+    """
+    inner = _unwrap(model)[0]
+    on_disk = {saved: memory for memory, saved in saved_names(inner).items()}
+    converted = {on_disk.get(k, k): v for k, v in state.items()}
+    try:
+        result = inner.load_state_dict(converted, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise CheckpointError(f"{source}: the weights do not fit {type(inner).__name__}: "
+                              f"{str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in result.missing_keys if k not in _tied_keys(inner)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{source}: the weights do not fit {type(inner).__name__}: "
+                              f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    return model
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict names that share storage with an earlier name (a file may store them once)."""
+    seen, tied = set(), set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
+def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, revision: str | None = None,
+                verify: bool = True, runtime: str = "dense", **hub_kwargs) -> nn.Module:
     """Load a sparse checkpoint (any format) from a folder or a Hub repo id, in eval mode.
 
     transformers models come back as their ``PreTrainedModel`` class; timm models as the plain timm
-    model. ``hub_kwargs`` (``endpoint``, ``token``, ``cache_dir``...) go to the Hub download.
+    model. A plain ``nn.Module`` checkpoint holds only the state dict: pass ``model=`` (a fresh
+    instance of the saved module), which is filled in place and returned; any checkpoint can be
+    loaded into a given module that way. ``hub_kwargs`` (``endpoint``, ``token``, ``cache_dir``...)
+    go to the Hub download.
+
+    With ``verify`` (the default) every weight file must match the SHA-256 recorded in
+    ``sparsity.json`` and the recomputed densities must match the recorded ones; a mismatch is a
+    CheckpointError naming the file or layer. A ``config.json`` with ``auto_map`` (custom model code)
+    is always refused: no code from a checkpoint is ever run.
 
     ``runtime="sparse"`` returns the model converted by :func:`hf_sparse.runtime.to_sparse_runtime`
     (inference only: sparse Linear/GRU/LSTM layers on CSR/BSR kernels); ``"dense"`` (the default)
@@ -430,8 +580,21 @@ def load_sparse(path_or_repo_id: str | Path, *, revision: str | None = None, run
         raise CheckpointError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     folder = resolve_checkpoint(path_or_repo_id, revision=revision, **hub_kwargs)
     sparsity = read_sparsity(folder)
-    config = _read_config(folder)
+    if verify:
+        verify_digests(folder, sparsity)
+    config_file = folder / "config.json"
+    if config_file.is_file() and "auto_map" in _read_config(folder):
+        raise CheckpointError(f"{config_file} has an auto_map: the checkpoint wants to run its own Python code, "
+                              "which load_sparse never does (trust_remote_code is always False)")
     state = read_state_dict(folder)
+    if model is not None or sparsity.get("library") == "torch":
+        if model is None:
+            raise CheckpointError(f"{folder} holds the state dict of a plain {sparsity.get('model_class')}: build "
+                                  "that module and pass it as load_sparse(path, model=module)")
+        loaded = load_into(model, state, folder)
+        _check_densities(folder, sparsity, state, verify)
+        return _with_runtime(loaded.eval(), runtime)
+    config = _read_config(folder)
     library = sparsity.get("library") or ("timm" if "architecture" in config else "transformers")
     if library == "timm":
         model = _build_timm(config, state)
@@ -446,9 +609,7 @@ def load_sparse(path_or_repo_id: str | Path, *, revision: str | None = None, run
         bad = {k: v for k, v in bad.items() if v}
         if bad:
             raise CheckpointError(f"{folder}: the weights do not fit {cls.__name__}: {bad}")
-    problems = verify_densities(sparsity, state)
-    if problems:
-        warnings.warn(f"{folder}: densities differ from {SPARSITY_FILE}: " + "; ".join(problems[:5]), stacklevel=2)
+    _check_densities(folder, sparsity, state, verify)
     return _with_runtime(model.eval(), runtime)
 
 
@@ -460,6 +621,42 @@ def _with_runtime(model: nn.Module, runtime: str) -> nn.Module:
     return to_sparse_runtime(model, inplace=True)
 
 
+def _check_densities(folder: Path, sparsity: dict, state: dict[str, torch.Tensor], strict: bool) -> None:
+    """Densities recomputed from the tensors must match ``sparsity.json`` (an error; a warning without ``strict``)."""
+    problems = verify_densities(sparsity, state)
+    if problems:
+        message = f"{folder}: densities differ from {SPARSITY_FILE}: " + "; ".join(problems[:5])
+        if strict:
+            raise CheckpointError(message + " (load_sparse(..., verify=False) loads it anyway)")
+        warnings.warn(message, stacklevel=3)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every weight file of a checkpoint folder, by file name (recorded in ``sparsity.json``)."""
+    return {f.name: file_sha256(f) for f in _weight_files(folder)}
+
+
+def verify_digests(folder: Path, sparsity: dict) -> None:
+    """Raise CheckpointError if a weight file differs from the SHA-256 that ``sparsity.json`` records."""
+    recorded = sparsity.get("sha256")
+    if not recorded:
+        return  # a plain transformers/timm folder, or one written before digests were recorded
+    for f in _weight_files(folder):
+        if f.name not in recorded:
+            raise CheckpointError(f"{f}: not among the weight files {SPARSITY_FILE} records")
+        if file_sha256(f) != recorded[f.name]:
+            raise CheckpointError(f"{f}: SHA-256 differs from the one recorded in {SPARSITY_FILE}: the file was "
+                                  "changed or damaged after saving (load_sparse(..., verify=False) skips the check)")
+
+
 def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs) -> dict[str, Any]:
     """Per-layer shapes and densities measured from the tensors, with the recorded headline figures.
 
@@ -468,9 +665,9 @@ def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
     """
     folder = resolve_checkpoint(path_or_repo_id, revision=revision, **hub_kwargs)
     sparsity = read_sparsity(folder)
-    state = read_state_dict(folder)
-    names = list(sparsity.get("per_layer") or {}) or [k for k, v in state.items() if v.dim() >= 2]
-    layers = [{"name": n, **layer_stats(state[n])} for n in names if n in state]
+    state = read_layer_stats(folder)
+    names = list(sparsity.get("per_layer") or {}) or [k for k, v in state.items() if len(v["shape"]) >= 2]
+    layers = [{"name": n, **state[n]} for n in names if n in state]
     nonzero, numel = sum(r["nonzero"] for r in layers), sum(r["numel"] for r in layers)
     files = {p.name: p.stat().st_size for p in _weight_files(folder)}
     return {

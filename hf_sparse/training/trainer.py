@@ -17,6 +17,7 @@ With no sparsity configured it is exactly Trainer.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,34 @@ from .recipe import Recipe, SparsityConfig, load_recipe
 from .sparsifier import Sparsifier
 
 SPARSITY_STATE = "sparsity_state.pt"
+#: Written into a checkpoint folder after everything else: a folder without it was cut short (a kill
+#: mid-write) and is never resumed from.
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN/inf; the run stops and nothing more is saved or pushed."""
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    name = folder.name
+    prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / CHECKPOINT_COMPLETE).is_file()
+
+
+def newest_complete_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[Path]]:
+    """(newest complete ``checkpoint-N`` folder of ``run_dir`` or None, newer incomplete ones it skipped)."""
+    folders = [f for f in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if f.is_dir() and checkpoint_step(f) is not None]
+    skipped = []
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        if is_complete_checkpoint(folder):
+            return folder, skipped
+        skipped.append(folder)
+    return None, skipped
 
 
 class _SparsityCallback(TrainerCallback):
@@ -73,14 +102,37 @@ class SparseTrainer(Trainer):
     # -- the step ---------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
         if self.sparsifier is None:
-            return super().training_step(model, inputs, *args, **kwargs)
+            return self._track_finite(super().training_step(model, inputs, *args, **kwargs))
         if not self._forward_ready:
             self.sparsifier.before_forward(self.state.global_step)
             self._forward_ready = True
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.accelerator.sync_gradients:
             self.sparsifier.after_backward(self.state.global_step)
+        return self._track_finite(loss)
+
+    # -- divergence ---------------------------------------------------------------------------
+    def _track_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Remember (on the device, no sync) whether every step's loss was finite.
+
+        Trainer's ``logging_nan_inf_filter`` hides NaN losses from the logs, so they are watched here.
+        """
+        finite = torch.isfinite(loss.detach()).all()
+        self._losses_finite = finite if getattr(self, "_losses_finite", None) is None else self._losses_finite & finite
         return loss
+
+    def check_finite(self, when: str) -> None:
+        """Raise TrainingDiverged if a loss since the start or any weight is NaN/inf."""
+        flag = getattr(self, "_losses_finite", None)
+        if flag is not None and not bool(flag):
+            raise TrainingDiverged(f"training diverged: the loss became NaN or infinite by step {self.state.global_step} "
+                                   f"({when}); lower training.learning_rate or set training.max_grad_norm")
+        bad = next((n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+                    if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            raise TrainingDiverged(f"training diverged: {bad} holds NaN or infinite values at step "
+                                   f"{self.state.global_step} ({when}); lower training.learning_rate or set "
+                                   "training.max_grad_norm")
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -98,6 +150,8 @@ class SparseTrainer(Trainer):
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            self.check_finite("at a logging step")
         training_log = self.sparsifier is not None and "loss" in logs
         if training_log:
             logs = {**logs, **self.sparsifier.log_metrics()}
@@ -110,13 +164,40 @@ class SparseTrainer(Trainer):
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial, *args, **kwargs) -> None:
-        if self.sparsifier is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        """Trainer's checkpoint plus ``sparsity_state.pt``; ``CHECKPOINT_COMPLETE`` is written last.
+
+        A kill while writing leaves a folder without the marker, which resuming skips.
+        """
+        self.check_finite("before writing a checkpoint")
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
-            torch.save(self.sparsifier.state_dict(), folder / SPARSITY_STATE)
+            (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)  # rewriting a folder: incomplete until done
+            if self.sparsifier is not None:
+                torch.save(self.sparsifier.state_dict(), folder / SPARSITY_STATE)
         super()._save_checkpoint(model, trial, *args, **kwargs)
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
+        if self.args.should_save and folder.is_dir():
+            marker = folder / CHECKPOINT_COMPLETE
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"global_step": self.state.global_step}))
+            os.replace(tmp, marker)
+
+    def _run_epoch(self, *args, **kwargs):
+        """Trainer's epoch, skipped once ``max_steps`` is reached.
+
+        Resumed from a checkpoint written at the last step in mid-epoch, Trainer would otherwise run
+        one more step (step max_steps + 1) before noticing that training is over.
+        """
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, *args, **kwargs) -> None:
+        if not is_complete_checkpoint(resume_from_checkpoint):
+            raise FileNotFoundError(f"{resume_from_checkpoint} is incomplete (no {CHECKPOINT_COMPLETE}: the run was "
+                                    "stopped while writing it); resume from an earlier checkpoint")
         super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
         if self.sparsifier is not None:
             path = Path(resume_from_checkpoint) / SPARSITY_STATE
@@ -140,6 +221,7 @@ class SparseTrainer(Trainer):
 
         if self.sparsifier is not None:
             self.sparsifier.finalize()
+        self.check_finite("before saving the model")
         model = self.accelerator.unwrap_model(self.model)
         if report is None:
             report = self.sparsifier.report(model) if self.sparsifier else dense_report(model)

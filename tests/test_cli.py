@@ -95,7 +95,7 @@ def test_layers_that_end_empty_are_warned_about(fmnist_small):
     sparsifier = Sparsifier(model, SparsityConfig(method="gmp", target_density=0.5), seed=0)
     report = sparsifier.report(model)
     assert warn_empty_layers(report) == []
-    report["per_layer"]["fc2.weight"].update(nonzero=0, density=0.0)
+    report.per_layer["fc2.weight"] = report.per_layer["fc2.weight"].model_copy(update={"nonzero": 0, "density": 0.0})
     with pytest.warns(UserWarning, match=r"1 targeted layer\(s\) end with no nonzero weight \(fc2.weight\)"):
         assert warn_empty_layers(report) == ["fc2.weight"]
 

@@ -553,7 +553,7 @@ def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
     assert [len(structure[n]) for n in ("fc1.weight", "fc2.weight")] == [16, 8]  # half of (32, 16) units
     # results.json/sparsity.json carry the unit density; achieved_density counts weights
     report = trainer.sparsifier.report(trainer.model)
-    assert report["method_metrics"]["hard_density"] == 0.5
+    assert report.method_metrics["hard_density"] == 0.5 and report.granularity == "channel"
     folder = trainer.save_sparse_model(tmp_path / "model", format="purged")
     small = load_sparse(folder)
     assert small.fc1.out_features == 16 and small.fc2.out_features == 8

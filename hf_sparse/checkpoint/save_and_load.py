@@ -422,6 +422,7 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         "target_density": target,
         "achieved_density": achieved,
         "model_density": report.get("model_density"),
+        "granularity": report.get("granularity", "unstructured"),
         "per_layer": layers,
         "method_metrics": report.get("method_metrics") or {},
         "purged": purge_info,

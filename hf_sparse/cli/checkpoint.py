@@ -44,19 +44,20 @@ def _model_dir(path: Path) -> Path:
 
 
 def _report_from(folder: Path, sparsity: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild the engine's report from a checkpoint's sparsity.json (or from the tensors, for a plain folder)."""
+    """The engine's report (:class:`~hf_sparse.training.report.SparsityReport`, as a dict) from a
+    checkpoint's sparsity.json, or from the tensors for a plain folder."""
+    from ..training.report import SparsityReport
+
     if not sparsity:
         state = read_state_dict(folder)
         layers = {k: layer_stats(v) for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()}
         nonzero, numel = sum(v["nonzero"] for v in layers.values()), sum(v["numel"] for v in layers.values())
-        return {"method": "none", "target_density": None, "achieved_density": nonzero / numel if numel else 1.0,
-                "model_density": None, "per_layer": layers}
+        return SparsityReport(achieved_density=nonzero / numel if numel else 1.0, per_layer=layers).to_dict()
     layers = sparsity.get("per_layer") or {}
     purged = sparsity.get("purged")
     if purged:  # the tensors are the purged ones now: describe those
         layers = {k: {**layers.get(k, {}), **v} for k, v in purged["per_layer"].items()}
-    return {k: sparsity.get(k) for k in ("method", "target_density", "achieved_density", "model_density",
-                                         "hf_sparse_version")} | {"per_layer": layers}
+    return SparsityReport.from_dict({**sparsity, "per_layer": layers}).to_dict()
 
 
 def _card_facts(folder: Path) -> tuple[str | None, str | None]:

@@ -31,6 +31,7 @@ from ..methods.granularity import target_problem
 from ..methods.targets import TargetSpec, resolve_targets, unmatched_patterns
 from ..models import build_model, forward_problem
 from .recipe import Recipe, RecipeError
+from .report import SparsityReport
 from .sparsifier import dense_report
 
 #: TrainingArguments defaults where hf_sparse differs from transformers (a recipe can override them).
@@ -262,12 +263,7 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
     model = trainer.model
     report = trainer.sparsifier.report(model) if trainer.sparsifier else dense_report(model)
     results = {
-        "method": report["method"],
-        "target_density": report["target_density"],
-        "achieved_density": report["achieved_density"],
-        "model_density": report["model_density"],
-        "per_layer": {name: v["density"] for name, v in report["per_layer"].items()},
-        "method_metrics": report["method_metrics"],
+        **report.results_fields(),
         "eval": {k.removeprefix("eval_"): v for k, v in metrics.items()},
         "train_runtime_s": runtime,
         "train_steps": train_output.global_step,
@@ -295,11 +291,9 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
 RESULTS_FILE = "results.json"
 
 
-def warn_empty_layers(report: dict[str, Any]) -> list[str]:
+def warn_empty_layers(report: SparsityReport) -> list[str]:
     """Warn about targeted layers that ended with no nonzero weight (a dead model there); return them."""
-    empty = [name for name, v in (report.get("per_layer") or {}).items()
-             if (v.get("nonzero", 1) if isinstance(v, dict) else 1) == 0
-             or (v.get("density") if isinstance(v, dict) else v) == 0]
+    empty = [name for name, v in report.per_layer.items() if v.nonzero == 0]
     if empty:
         warnings.warn(f"{len(empty)} targeted layer(s) end with no nonzero weight ({', '.join(empty[:5])}): "
                       "their outputs no longer depend on the input; raise sparsity.target_density", stacklevel=2)

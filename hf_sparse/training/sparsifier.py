@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import __version__
 from ..methods import get_method
 from ..methods.targets import TargetSpec, resolve_targets
 from .recipe import SparsityConfig
+from .report import SparsityReport
 
 
 class Sparsifier:
@@ -98,23 +98,18 @@ class Sparsifier:
         """The method's own numbers (thresholds, counts, multipliers, L0's gate-count density)."""
         return {k: float(v) for k, v in self.method.metrics().items()}
 
-    def report(self, model: nn.Module) -> dict[str, Any]:
+    def report(self, model: nn.Module) -> SparsityReport:
         """The sparsity facts of ``results.json`` and ``sparsity.json``.
 
         ``method_metrics`` is the method's own final state (e.g. L0's gate-count density for
         ``count: gates``, DNS's splice count); ``achieved_density`` always counts weights.
         """
         layers = self.per_layer()
-        return {
-            "method": self.config.method,
-            "target_density": self.config.target_density,
-            "achieved_density": self.density(layers),
-            "model_density": model_density(model),
-            "per_layer": layers,
-            "structure": self.method.structure(),
-            "method_metrics": self.method_metrics(),
-            "hf_sparse_version": __version__,
-        }
+        return SparsityReport(
+            method=self.config.method, target_density=self.config.target_density,
+            achieved_density=self.density(layers), model_density=model_density(model),
+            granularity=str(self.method.granularity), per_layer=layers, structure=self.method.structure(),
+            method_metrics=self.method_metrics())
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -137,8 +132,6 @@ def model_density(model: nn.Module) -> float:
     return nonzero / max(total, 1)
 
 
-def dense_report(model: nn.Module) -> dict[str, Any]:
+def dense_report(model: nn.Module) -> SparsityReport:
     """``report`` for a run without sparsity: every density is 1.0 (or what the weights say)."""
-    return {"method": "none", "target_density": None, "achieved_density": 1.0,
-            "model_density": model_density(model), "per_layer": {}, "structure": None,
-            "method_metrics": {}, "hf_sparse_version": __version__}
+    return SparsityReport(model_density=model_density(model))

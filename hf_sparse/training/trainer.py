@@ -27,6 +27,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .recipe import Recipe, SparsityConfig, load_recipe
+from .report import SparsityReport
 from .sparsifier import Sparsifier
 
 SPARSITY_STATE = "sparsity_state.pt"
@@ -209,7 +210,7 @@ class SparseTrainer(Trainer):
             self._forward_ready = False
 
     # -- export -----------------------------------------------------------------------------
-    def save_sparse_model(self, output_dir: str | os.PathLike, *, report: dict | None = None,
+    def save_sparse_model(self, output_dir: str | os.PathLike, *, report: SparsityReport | dict | None = None,
                           eval_metrics: dict | None = None, format: str | None = None,
                           dataset: str | None = None, task: str | None = None) -> Path:
         """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``.
@@ -225,6 +226,7 @@ class SparseTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         if report is None:
             report = self.sparsifier.report(model) if self.sparsifier else dense_report(model)
+        report = report.to_dict() if isinstance(report, SparsityReport) else report
         export = self.recipe.export if self.recipe is not None else None
         return save_sparse_checkpoint(
             model, output_dir, report=report, recipe_yaml=self.recipe.to_yaml() if self.recipe else None,

@@ -93,8 +93,9 @@ def state_digest(state: Any) -> str:
 
 
 def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
-    """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo),
-    as DESIGN.md §7 says, and return what ranks 0 and 1 recorded."""
+    """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo;
+    ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) and return
+    what ranks 0 and 1 recorded."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "tests" / "dist_worker.py"), suite, str(out_dir)]

@@ -38,7 +38,6 @@ Kind = Literal["unstructured", "block", "n:m", "channel", "factorized"]
 CHANNEL_ALIASES = ("channel", "neuron", "unit")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _RECURRENT = re.compile(r"^weight_(?:ih|hh)_(l\d+(?:_reverse)?)$")
-_GATE_BLOCKS = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 @dataclass(frozen=True)
@@ -317,9 +316,8 @@ def keep_top(grids: list[GroupGrid], scores: list[torch.Tensor], density: float,
     (``layer``) or of all grids together (``global``; N:M grids always select per M)."""
     if scope == "layer" or any(g.granularity.kind == "n:m" for g in grids):
         return [g.select(s, density) for g, s in zip(grids, scores)]
-    flat = torch.cat([s.flatten().float() for s in scores])
-    sizes = torch.cat([g.sizes.flatten().to(flat.device) for g in grids])
-    keep = _top_by_size(flat, sizes, density * sum(g.numel for g in grids))
+    flat, sizes, numel = _pooled(grids, scores)
+    keep = _top_by_size(flat, sizes, density * numel)
     return [k.view(g.shape) for k, g in zip(keep.split([g.num for g in grids]), grids)]
 
 
@@ -328,16 +326,34 @@ def thresholds(grids: list[GroupGrid], scores: list[torch.Tensor], density: floa
     """Per grid, the score of the last group :func:`keep_top` keeps (``global``: one shared value)."""
     if scope == "layer":
         return [g.threshold(s, density) for g, s in zip(grids, scores)]
+    flat, sizes, numel = _pooled(grids, scores)
+    return [_threshold(flat, sizes, density * numel)] * len(grids)
+
+
+def _pooled(grids: list[GroupGrid], scores: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """All grids' scores and group sizes as one flat ranking, and the weights behind them."""
     flat = torch.cat([s.flatten().float() for s in scores])
     sizes = torch.cat([g.sizes.flatten().to(flat.device) for g in grids])
-    return [_threshold(flat, sizes, density * sum(g.numel for g in grids))] * len(grids)
+    return flat, sizes, sum(g.numel for g in grids)
+
+
+def _ranking(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> tuple[torch.Tensor, int]:
+    """Flat groups ranked best first, and how many of them to keep for ``budget`` weights.
+
+    Equal-sized groups: exactly ``round(budget / size)``. Otherwise the count whose sizes, taken
+    in order, come closest to the budget. The ranking is a stable sort: ties go to the lower
+    position, so every rank and every resumed run makes the same choice.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    if bool(sizes.min() == sizes.max()):
+        return order, round(budget / float(sizes[0]))
+    counts = torch.cat([sizes.new_zeros(1, dtype=torch.float64), torch.cumsum(sizes[order].double(), 0)])
+    return order, int(torch.argmin((counts - budget).abs()))
 
 
 def _threshold(flat: torch.Tensor, sizes: torch.Tensor, budget: float) -> float:
-    if bool(sizes.min() == sizes.max()):
-        return kth_largest(flat, round(budget / float(sizes[0])))
-    order = torch.sort(flat, descending=True, stable=True).indices
-    n = _count_for_budget(sizes[order], budget)
+    """The score of the last group that keeping ``budget`` weights keeps (``inf`` when none)."""
+    order, n = _ranking(flat, sizes, budget)
     return float(flat[order[n - 1]]) if n > 0 else float("inf")
 
 
@@ -354,40 +370,11 @@ def nm_mask(scores: torch.Tensor, granularity: Granularity, density: float | Non
     return keep.movedim(-1, 1) if scores.dim() > 2 else keep
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask keeping exactly the ``k`` largest ``scores``; ties go to the lower position (a
-    stable sort), so every rank and every resumed run makes the same choice."""
-    flat = scores.flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    return mask.view_as(scores)
-
-
-def kth_largest(scores: torch.Tensor, k: int) -> float:
-    """The k-th largest value (k >= 1): keeping ``scores >= it`` keeps about k entries."""
-    flat = scores.flatten()
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values) if k > 0 else float("inf")
-
-
-def _count_for_budget(sorted_sizes: torch.Tensor, budget: float) -> int:
-    """How many groups, taken in order, come closest to ``budget`` weights."""
-    counts = torch.cat([sorted_sizes.new_zeros(1, dtype=torch.float64), torch.cumsum(sorted_sizes.double(), 0)])
-    return int(torch.argmin((counts - budget).abs()))
-
-
 def _top_by_size(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> torch.Tensor:
-    """Keep the best groups whose weights add up closest to ``budget``.
-
-    Equal-sized groups: exactly ``round(budget / size)`` of them. Otherwise they are taken in
-    order while that brings the kept weights closer to the budget. Either way the ranking is a
-    stable sort: ties by position, the same on every rank.
-    """
-    if bool(sizes.min() == sizes.max()):
-        return topk_mask(scores, round(budget / float(sizes[0])))
-    order = torch.sort(scores, descending=True, stable=True).indices
+    """Boolean mask of the best flat groups for ``budget`` weights (see :func:`_ranking`)."""
+    order, n = _ranking(scores, sizes, budget)
     keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[: _count_for_budget(sizes[order], budget)]] = True
+    keep[order[:n]] = True
     return keep
 
 

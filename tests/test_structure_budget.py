@@ -135,3 +135,148 @@ def test_concat_split_dim():
     cm = CostModel(net, groups, torch.randn(1, 5))
     cost = cm.expected({"a": torch.tensor([1.0, 0.0, 0.5]), "b": torch.tensor([0.25, 0.25])})
     assert float(cost.params) == pytest.approx(2 * (1.5 + 0.5))
+
+
+# -- L0 under a budget ---------------------------------------------------------------------------
+def _l0(net: nn.Module, fraction: float, kind: str = "macs", **params):
+    from hf_sparse.methods.granularity import Granularity
+    from hf_sparse.methods.l0 import L0, L0Config
+    from hf_sparse.methods.targets import TargetSpec, resolve_targets
+
+    targets = resolve_targets(net, TargetSpec(include=["0.weight", "4.weight"], layer_types=["Conv2d"]))
+    cfg = L0Config(control=params.pop("control", "constrained"), count="gates", gate_lr=0.1, dual_lr=1.0,
+                   init_drop_rate=0.05, freeze_fraction=1.0, **params)
+    method = L0(targets, cfg, None, 0, granularity=Granularity("channel"), model=net)
+    # channel grids "0.weight" (gating BN "1") and "4.weight" are groups "0" and "4" of the cost model
+    method.set_budget(kind, fraction, CostModel(net, _groups(), X), names=["0", "4"])
+    return method
+
+
+@pytest.mark.parametrize("control", ["constrained", "augmented"])
+def test_l0_steps_move_expected_macs_to_the_budget(control):
+    torch.manual_seed(0)
+    net = _net()
+    method = _l0(net, 0.3, control=control)
+    steps = 60
+    method.setup(steps)
+    opt = torch.optim.Adam([p for p in net.parameters()] + [g.log_alpha for g in method.gates], lr=0.01)
+    x, y = torch.randn(16, 2, 6, 6), torch.randint(0, 5, (16,))
+    start = method.metrics()["expected_macs_fraction"]
+    for step in range(steps):
+        method.before_forward(step)
+        nn.functional.cross_entropy(net(x), y).backward()
+        method.after_backward(step)
+        opt.step()
+        method.after_step(step, opt)
+        opt.zero_grad()
+    end = method.metrics()["expected_macs_fraction"]
+    assert start > 0.8
+    assert abs(end - 0.3) < abs(start - 0.3) / 2
+    method.finalize()
+    hard = method.hard_cost()
+    assert hard["macs_fraction"] <= 0.3 + 1e-9
+    # the frozen mask is the exact cost of what it keeps
+    kept = {"0": method.masks[0], "4": method.masks[1]}
+    assert hard["macs_fraction"] == pytest.approx(float(CostModel(_net(), _groups(), X).kept(kept).macs) / 4335)
+
+
+def test_budget_below_the_fixed_layers_is_refused():
+    with pytest.raises(ValueError, match="cannot be met"):
+        _l0(_net(), 5 / 151 * 0.5, kind="params")
+
+
+# -- recipe validation ---------------------------------------------------------------------------
+_RECIPE = """\
+model: {{source: timm, name: resnet18}}
+sparsity:
+  method: {method}
+  granularity: {granularity}
+{extra}  params: {{control: {control}}}
+"""
+
+
+def _recipe(method="l0", granularity="channel", control="constrained", extra="  budget: {macs: 0.25}\n"):
+    from hf_sparse.training.recipe import recipe_from_text
+
+    return recipe_from_text(_RECIPE.format(method=method, granularity=granularity, control=control, extra=extra),
+                            "r.yaml")
+
+
+def test_recipe_budget_accepted():
+    r = _recipe()
+    assert (r.sparsity.budget.kind, r.sparsity.budget.fraction) == ("macs", 0.25)
+    r = _recipe(control="augmented", extra="  budget: {params: 0.3}\n")
+    assert (r.sparsity.budget.kind, r.sparsity.budget.fraction) == ("params", 0.3)
+
+
+@pytest.mark.parametrize("kwargs, where, message", [
+    (dict(extra="  budget: {macs: 0.25, params: 0.3}\n"), "budget", "exactly one"),
+    (dict(extra="  budget: {}\n"), "budget", "exactly one"),
+    (dict(extra="  budget: {macs: 1.5}\n"), "macs", "less than or equal to 1"),
+    (dict(extra="  budget: {flops: 0.5}\n"), "flops", ""),
+    (dict(control="penalty"), "control", "constrained or augmented"),
+    (dict(granularity="unstructured"), "granularity", "granularity group"),
+    (dict(method="gmp", extra="  target_density: 0.5\n  budget: {macs: 0.25}\n"), "budget", "no cost budget"),
+    (dict(extra="  target_density: 0.5\n  budget: {macs: 0.25}\n"), "target_density", "not both"),
+])
+def test_recipe_budget_errors_are_located(kwargs, where, message):
+    from hf_sparse.training.recipe import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        _recipe(**kwargs)
+    text = str(err.value)
+    assert "r.yaml:" in text and where in text and message in text
+
+
+# -- channel grids of a timm ResNet as groups, and the Sparsifier's budget -------------------------
+def _resnet18():
+    timm = pytest.importorskip("timm")
+    from hf_sparse.models.build import TimmClassifier
+
+    return TimmClassifier(timm.create_model("resnet18", in_chans=1, num_classes=10), "resnet18")
+
+
+def _sparsity(**extra):
+    from hf_sparse.training.recipe import SparsityConfig
+
+    return SparsityConfig(method="l0", granularity="channel", targets={
+        "include": [r"re:^model\.layer\d\.\d\.conv1\.weight$"], "layer_types": ["Conv2d"]},
+        params={"control": "constrained", "count": "gates"}, **extra)
+
+
+def test_channel_grids_of_resnet_blocks_become_groups():
+    from hf_sparse.training.sparsifier import Sparsifier
+
+    net = _resnet18()
+    sp = Sparsifier(net, _sparsity(budget={"macs": 0.25}), example_inputs={"pixel_values": torch.randn(1, 1, 28, 28)})
+    assert sp.cost_names[0] == "model.layer1.0.conv1.weight"
+    assert len(sp.cost_names) == 8 and sp.method.budget == ("macs", 0.25)
+    first = dict(zip(sp.cost.group_names, sp.cost.channels))
+    assert first["model.layer4.1.conv1.weight"] == 512
+    assert sp.cost.dense_macs == count_macs(net, {"pixel_values": torch.randn(1, 1, 28, 28)}).total
+    metrics = sp.method_metrics()  # every gate open at eval time before training: the dense cost
+    assert metrics["purged_macs_fraction"] == pytest.approx(1.0) and metrics["target_density"] == 0.25
+
+
+def test_budget_refuses_layers_without_a_single_reader():
+    """A block's conv2 feeds a residual add: its channel gates have no single reader to purge."""
+    from hf_sparse.training.sparsifier import Sparsifier
+
+    cfg = _sparsity(budget={"params": 0.3})
+    cfg.targets.include = [r"re:^model\.layer1\.0\.conv2\.weight$"]
+    with pytest.raises(ValueError, match="cannot tell which layer reads the channels of 'model.layer1.0.conv2'"):
+        Sparsifier(_resnet18(), cfg, example_inputs={"pixel_values": torch.randn(1, 1, 28, 28)})
+
+
+def test_card_states_the_purged_cost():
+    from hf_sparse.checkpoint.model_card import render_model_card
+
+    sparsity = {"format": "dense", "library": "timm", "model_class": "timm.models.resnet.ResNet", "method": "l0",
+                "target_density": 0.25, "achieved_density": 0.2, "per_layer": {},
+                "method_metrics": {"purged_params": 3e6, "purged_macs": 8.25e6, "dense_params": 1.2e7,
+                                   "dense_macs": 3.3e7, "purged_params_fraction": 0.25, "purged_macs_fraction": 0.25}}
+    card = str(render_model_card(sparsity))
+    assert ("| purged model vs dense | parameters 0.2500 (3,000,000 of 12,000,000), MACs per sample 0.2500 "
+            "(8,250,000 of 33,000,000, at the training resolution) |") in card
+    del sparsity["method_metrics"]
+    assert "purged model vs dense" not in str(render_model_card(sparsity))

@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 try:
-    from .groups import ChannelGroup
-except ImportError:  # pragma: no cover - until the shared groups module lands; same fields
-    ChannelGroup = object  # type: ignore[misc,assignment]
+    from .groups import ChannelGroup, Slice
+except ImportError:  # pragma: no cover - until the shared groups module lands: the same fields
+    from .recurrent import ChannelGroup, Slice
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -269,15 +269,15 @@ class CostModel:
         return float(self.fraction(probs, kind))
 
     def kept(self, keep: Mapping[str, torch.Tensor]) -> Cost:
-        """Exact cost when group ``name`` keeps the channels ``keep[name]`` (indices or a bool mask)."""
+        """Exact cost when group ``name`` keeps the channels ``keep[name]`` (indices, a bool or 0/1 mask)."""
         probs = {}
         for name, c in zip(self.group_names, self.channels):
             k = keep.get(name)
             if k is None:
                 continue
             k = torch.as_tensor(k)
-            if k.dtype == torch.bool:
-                probs[name] = k.to(torch.float64)
+            if k.dtype == torch.bool or k.is_floating_point():
+                probs[name] = k.reshape(-1).to(torch.float64)
             else:
                 p = torch.zeros(c, dtype=torch.float64)
                 p[k.long()] = 1.0
@@ -286,4 +286,56 @@ class CostModel:
             return self.expected(probs)
 
 
-__all__ = ["Cost", "CostModel", "MacCount", "count_macs", "count_params", "weight_positions"]
+def groups_from_channel_grids(model: nn.Module, grids: list) -> list[ChannelGroup]:
+    """Channel groups for ``channel``-granularity grids whose channels are read by one next layer.
+
+    A channel grid covers a layer's output rows (and its bias and paired BatchNorm); the layer
+    reading those channels is taken to be the next Conv (``groups=1``) or Linear registered after
+    it in the same parent with that many input channels (timm/torchvision blocks: ``conv1 -> bn1
+    -> act -> conv2``). Anything else - a residual add, a concat, a depthwise conv, no such layer -
+    is refused with the module named: use ``granularity: group`` there.
+    """
+    modules = dict(model.named_modules())
+    groups = []
+    for grid in grids:
+        weight = grid.members[0].target
+        if weight.is_recurrent or weight.param.dim() < 2:
+            raise ValueError(f"{weight.name}: only Conv/Linear channel grids have a known reader; use granularity group")
+        name = weight.name.rpartition(".")[0]
+        channels = int(weight.shape[0])
+        rows = torch.arange(channels)[:, None]
+        slices = [Slice(m.target.name, m.target.name.rpartition(".")[0], 0, rows, "out") for m in grid.members]
+        for norm in sorted({m.target.name.rpartition(".")[0] for m in grid.members if m.role == "norm"}):
+            slices += [Slice(f"{norm}.{b}", norm, 0, rows, "out") for b in ("running_mean", "running_var")
+                       if getattr(modules[norm], b, None) is not None]
+        reader = _next_reader(modules, name, channels)
+        if reader is None:
+            raise ValueError(f"cannot tell which layer reads the channels of {name!r} (a residual add, concat or "
+                             f"depthwise conv follows it?); use granularity group")
+        slices.append(Slice(f"{reader}.weight", reader, 1, rows, "in"))
+        groups.append(ChannelGroup(grid.name, channels, slices))
+    return groups
+
+
+def _next_reader(modules: dict[str, nn.Module], name: str, channels: int) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None or child not in parent._modules:
+        return None
+    names = list(parent._modules)
+    for other in names[names.index(child) + 1:]:
+        sub = parent._modules[other]
+        if sub is None or not any(p.dim() > 1 for p in sub.parameters()):
+            continue  # BatchNorm, activation, pooling, dropout: channel-wise or weight-free
+        full = f"{parent_name}.{other}" if parent_name else other
+        if isinstance(sub, nn.modules.conv._ConvNd) and sub.groups == 1 and sub.in_channels == channels \
+                and not isinstance(sub, _CONV_T):
+            return full
+        if isinstance(sub, nn.Linear) and sub.in_features == channels:
+            return full
+        return None
+    return None
+
+
+__all__ = ["Cost", "CostModel", "MacCount", "count_macs", "count_params", "groups_from_channel_grids",
+           "weight_positions"]

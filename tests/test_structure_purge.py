@@ -1,0 +1,293 @@
+"""Purging channel groups: smaller models with the gated model's outputs, saved, reloaded, pushed.
+
+Each model gets the state a structured run leaves behind: about half of the channels of every
+found group zeroed in all their producing ("out") tensors, BatchNorm statistics away from their
+initial values. The purged model must give the gated model's outputs within 1e-5 (max abs, fp32),
+have fewer parameters, and come back identical through a ``purged`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse.checkpoint.save_and_load import CheckpointError, load_sparse, save_sparse_checkpoint
+from hf_sparse.structure.purge import (
+    PurgeError,
+    keep_by_magnitude,
+    mask_channels,
+    purge_copy,
+    purge_model,
+    resize_to_plan,
+    zero_channels,
+)
+
+TOL = 1e-5
+REPORT = {"method": "l0", "granularity": "group", "per_layer": {}, "structure": None}
+
+
+def timm_model(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10, in_chans=1, **kwargs).eval()
+
+
+def hf_resnet() -> nn.Module:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 2],
+                       layer_type="bottleneck", num_labels=10)
+    return ResNetForImageClassification(cfg).eval()
+
+
+def hf_convnext() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ConvNextConfig(num_channels=1, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=32)
+    return ConvNextForImageClassification(cfg).eval()
+
+
+def hf_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(num_channels=1, image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(cfg).eval()
+
+
+MODELS = {
+    "resnet18": lambda: timm_model("resnet18"),
+    "resnet10t": lambda: timm_model("resnet10t"),
+    "mobilenetv3_small_050": lambda: timm_model("mobilenetv3_small_050"),
+    "convnext_atto": lambda: timm_model("convnext_atto"),
+    "vit_tiny_patch16_224": lambda: timm_model("vit_tiny_patch16_224", img_size=32),
+    "hf_resnet": hf_resnet,
+    "hf_convnext": hf_convnext,
+    "hf_vit": hf_vit,
+}
+
+
+def inputs(model: nn.Module, batch: int = 2) -> torch.Tensor | dict[str, torch.Tensor]:
+    x = torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    return {"pixel_values": x} if hasattr(model, "config") else x
+
+
+def run(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def gated(model: nn.Module, density: float = 0.5):
+    """``model`` as a structured run leaves it: ~half of every group's channels zeroed; its groups."""
+    from hf_sparse.structure.groups import find_groups
+
+    groups = find_groups(model, inputs(model, 1))
+    assert groups, "no channel group found"
+    with torch.no_grad():
+        _perturb_norms(model)
+    mask_channels(model, groups, keep_by_magnitude(model, groups, density))
+    return model, groups
+
+
+def _perturb_norms(model: nn.Module) -> None:
+    for m in model.modules():  # statistics and affine terms away from 0/1, so they must be sliced right
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_purge_equals_gated_and_plan_rebuilds_it(name):
+    model, groups = gated(MODELS[name]())
+    x = inputs(model)
+    ref = run(model, x)
+    small = copy.deepcopy(model)
+    keep = zero_channels(small, groups)
+    assert sum(len(v) for v in keep.values()) < sum(g.channels for g in groups)
+    plan = json.loads(json.dumps(purge_model(small, groups, keep)))  # the plan is JSON
+    assert (run(small, x) - ref).abs().max() <= TOL
+    assert n_params(small) < n_params(model)
+    fresh = resize_to_plan(MODELS[name](), plan)  # the loading side: dense build -> recorded shapes
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    assert torch.equal(run(fresh.eval(), x), run(small, x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_purged_checkpoint_round_trip(name, tmp_path):
+    model, _ = gated(MODELS[name]())
+    x = inputs(model)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    sparsity = json.loads((folder / "sparsity.json").read_text())
+    purged = sparsity["purged"]
+    assert purged["params"]["purged"] < purged["params"]["dense"] and 0 < purged["macs"]["fraction"] < 1
+    assert purged["max_abs_diff"] <= TOL and purged["plan"]["shapes"]
+    loaded = load_sparse(folder)
+    assert n_params(loaded) == purged["params"]["purged"]
+    assert (run(loaded, x) - run(model, x)).abs().max() <= TOL
+    card = (folder / "README.md").read_text()
+    assert "purged model vs dense" in card
+    if name == "hf_vit":  # every layer kept the same heads and MLP width: the config says so
+        assert purged["config"]["num_attention_heads"] == 2 and purged["config"]["intermediate_size"] == 32
+        assert "expresses the purged shapes" in card
+    else:
+        assert purged["config"] is None and "cannot express the purged widths" in card
+
+
+def test_uniform_vit_loads_with_plain_from_pretrained(tmp_path):
+    from transformers import ViTForImageClassification
+
+    model, _ = gated(hf_vit())
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    plain = ViTForImageClassification.from_pretrained(folder).eval()
+    assert plain.config.num_attention_heads == 2
+    x = inputs(model)
+    assert (run(plain, x) - run(model, x)).abs().max() <= TOL
+
+
+def test_uneven_widths_are_refused_by_plain_from_pretrained(tmp_path):
+    from transformers import ViTForImageClassification
+
+    from hf_sparse.structure.groups import find_groups
+
+    model = hf_vit()
+    groups = find_groups(model, inputs(model, 1))
+    keep = {g.name: torch.arange(g.channels) for g in groups}
+    first = groups[0]
+    keep[first.name] = keep[first.name][: max(1, first.channels // 2)]  # one group only: widths differ per layer
+    mask_channels(model, groups, keep)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    assert json.loads((folder / "sparsity.json").read_text())["purged"]["config"] is None
+    with pytest.raises(Exception, match="(?i)size|shape"):
+        ViTForImageClassification.from_pretrained(folder)
+    x = inputs(model)
+    assert (run(load_sparse(folder), x) - run(model, x)).abs().max() <= TOL
+
+
+def test_removing_a_live_channel_is_refused():
+    model, groups = gated(timm_model("resnet18"), density=1.0)
+    g = groups[0]
+    with pytest.raises(PurgeError, match=f"group {g.name}: channels \\[0"):
+        purge_model(model, [g], {g.name: torch.arange(1, g.channels)})
+
+
+@dataclass(frozen=True)
+class _Slice:
+    tensor: str
+    module: str
+    dim: int
+    index: torch.Tensor
+    role: str
+
+
+@dataclass
+class _Group:
+    name: str
+    channels: int
+    slices: list
+
+
+class _Scale(nn.Module):
+    """A module type no purge rule knows."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.s[:, None, None]
+
+
+def test_unsupported_module_is_one_clear_error():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), _Scale(4), nn.Conv2d(4, 2, 3))
+    idx = torch.arange(4)[:, None]
+    group = _Group("0", 4, [_Slice("0.weight", "0", 0, idx, "out"), _Slice("0.bias", "0", 0, idx, "out"),
+                            _Slice("1.s", "1", 0, idx, "in"), _Slice("2.weight", "2", 1, idx, "in")])
+    mask_channels(model, [group], {"0": torch.tensor([0, 1])})
+    with pytest.raises(PurgeError, match=r"module '1' \(_Scale\)"):
+        purge_model(model, [group], {"0": torch.tensor([0, 1])})
+
+
+def test_hand_built_groups_depthwise_and_linear():
+    """The generic slicing on known groups: conv -> depthwise conv -> BN -> pooled Linear head."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.Conv2d(6, 6, 3, groups=6), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    c6, c8 = torch.arange(6)[:, None], torch.arange(8)[:, None]
+    g1 = _Group("0", 6, [_Slice("0.weight", "0", 0, c6, "out"), _Slice("0.bias", "0", 0, c6, "out"),
+                         _Slice("1.weight", "1", 0, c6, "out"), _Slice("1.bias", "1", 0, c6, "out"),
+                         *[_Slice(f"2.{t}", "2", 0, c6, "out") for t in ("weight", "bias", "running_mean",
+                                                                           "running_var")],
+                         _Slice("6.weight", "6", 1, c6, "in")])
+    g2 = _Group("6", 8, [_Slice("6.weight", "6", 0, c8, "out"), _Slice("6.bias", "6", 0, c8, "out"),
+                         _Slice("8.weight", "8", 1, c8, "in")])
+    keep = {"0": torch.tensor([1, 3, 4]), "6": torch.tensor([0, 2, 5, 7])}
+    mask_channels(model, [g1, g2], keep)
+    x = torch.randn(2, 1, 9, 9)
+    ref = model(x)
+    plan = purge_model(model, [g1, g2], keep)
+    assert (model(x) - ref).abs().max() <= TOL
+    dw = model[1]
+    assert (dw.in_channels, dw.out_channels, dw.groups, model[2].num_features) == (3, 3, 3, 3)
+    assert plan["shapes"]["1.weight"] == [3, 1, 3, 3] and plan["shapes"]["8.weight"] == [3, 4]
+    assert plan["attrs"]["6"] == {"in_features": 3, "out_features": 4}
+
+
+def test_purge_copy_keeps_the_original():
+    model, _ = gated(timm_model("resnet10t"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, info = purge_copy(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert info["params"]["purged"] == n_params(small) < n_params(model)
+
+
+def test_push_and_load_purged_from_the_hub(hub, tmp_path):
+    from hf_sparse.checkpoint.hub import push_to_hub
+    from tests.conftest import HUB_TOKEN
+
+    for repo, build in (("alice/resnet18-purged", lambda: timm_model("resnet18")), ("alice/vit-purged", hf_vit)):
+        model, _ = gated(build())
+        folder = save_sparse_checkpoint(model, tmp_path / repo, report=REPORT, format="purged", measure_speed=False)
+        push_to_hub(folder, repo, token=HUB_TOKEN, endpoint=hub.url)
+        loaded = load_sparse(repo, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path / f"cache-{repo}")
+        x = inputs(model)
+        assert torch.equal(run(loaded, x), run(load_sparse(folder), x))
+        assert (run(loaded, x) - run(model, x)).abs().max() <= TOL
+
+
+def test_cli_export_purged(tmp_path, capsys):
+    from hf_sparse.cli import main
+
+    model, _ = gated(timm_model("resnet10t"))
+    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=REPORT, measure_speed=False)
+    assert main(["export", str(tmp_path / "run"), "--format", "purged", "--out", str(tmp_path / "p")]) == 0
+    assert "purged" in capsys.readouterr().out
+    loaded = load_sparse(tmp_path / "p")
+    x = inputs(model)
+    assert n_params(loaded) < n_params(model)
+    assert (run(loaded, x) - run(model, x)).abs().max() <= TOL
+
+
+def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
+    model, _ = gated(timm_model("resnet10t"))
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    sparsity = json.loads((folder / "sparsity.json").read_text())
+    sparsity["purged"]["plan"]["shapes"]["no.such.weight"] = [1]
+    (folder / "sparsity.json").write_text(json.dumps(sparsity))
+    with pytest.raises(CheckpointError, match="no.such.weight"):
+        load_sparse(folder)

@@ -40,6 +40,8 @@ def train(method: str, granularity: str, epochs: int | None, out: Path) -> dict:
     run_dir = out / method / granularity.replace(":", "-")
     if not (run_dir / "results.json").exists():
         sets = [*SETTINGS[granularity], "sparsity.targets.include_head=false"]
+        # per-layer ranking, as the table was measured (the LeNet recipes rank globally; N:M needs per layer)
+        sets += ["sparsity.params.scope=layer"] if method in ("gmp", "gradual", "dns") else []
         sets += [f"training.num_train_epochs={epochs}"] if epochs else []
         cmd = [sys.executable, "-m", "hf_sparse", "train", str(REPO / "recipes" / RECIPES[method]),
                "--output-dir", str(run_dir), "--set", *sets]

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hf_sparse.structure.groups import find_groups
 
 from hf_sparse.structure.budget import count_macs, count_params
+from hf_sparse.structure.groups import find_groups
 from hf_sparse.structure.purge import keep_by_magnitude, mask_channels, purge_model
 
 

@@ -52,7 +52,7 @@ def run(recipe_file: str, density: float, seed: int, out_dir: Path, extra: list[
     recipe = load_recipe(REPO / "recipes" / recipe_file, [f"sparsity.target_density={density:g}", *extra])
     gmp = recipe.sparsity.method_config()  # the schedule's steps are the gmp recipe's
     recipe = load_recipe(REPO / "recipes" / recipe_file,
-                         ["sparsity.method=none", "sparsity.target_density=null", "sparsity.params={}",
+                         ["sparsity.method=none", "sparsity.target_density=null", "sparsity.params={}", "sparsity.targets={}",
                           f"training.seed={seed}", "training.disable_tqdm=true", *extra])
     prepared = prepare_run(recipe, out_dir)
     model = prepared.model

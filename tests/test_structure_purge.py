@@ -51,7 +51,7 @@ def hf_convnext() -> nn.Module:
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
     torch.manual_seed(0)
-    cfg = ConvNextConfig(num_channels=1, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=32)
+    cfg = ConvNextConfig(num_channels=1, num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=32)
     return ConvNextForImageClassification(cfg).eval()
 
 

@@ -38,8 +38,8 @@ _FORMAT_NOTES = {
     "dense": "full-size tensors with zeros where pruned; it loads with plain transformers/timm.",
     "bitmask": "each pruned tensor as a packed bit mask plus its nonzero values "
                "(`model.bitmask.safetensors`); lossless, load it with `hf_sparse.load_sparse`.",
-    "purged": "removed units/channels are physically gone and `config.json` describes the smaller "
-              "shapes, so the model is smaller and faster with the same outputs.",
+    "purged": "removed units/channels are physically gone, so the model is smaller and faster with the "
+              "same outputs (how it loads: see below).",
 }
 
 
@@ -103,6 +103,19 @@ def _plain_load(sparsity: dict) -> tuple[str, str]:
                            "then `hf_sparse.load_sparse(path, model=module)` fills it in place.")
     if fmt == "bitmask":
         return "hf_sparse", "The bitmask format needs hf_sparse to load (`load_sparse` rebuilds the dense tensors)."
+    purged = sparsity.get("purged") or {}
+    if fmt == "purged" and purged.get("plan") and purged.get("config") is None:
+        return "hf_sparse", ("The architecture's own config cannot express the purged widths (per layer, or at all): "
+                             "`config.json` describes the dense model and the purge plan in `sparsity.json` the "
+                             "smaller shapes, so load it with `hf_sparse.load_sparse` (it builds the model from the "
+                             "config, resizes it to the plan and loads the weights; nothing of hf_sparse stays in "
+                             "the forward pass). Plain `from_pretrained` / `timm.create_model` refuses the weights "
+                             "(shape mismatch) rather than building a wrong model.")
+    if fmt == "purged" and purged.get("plan"):
+        fields = ", ".join(f"`{k}={v}`" for k, v in purged["config"].items())
+        note = f"Every layer kept the same width, so `config.json` expresses the purged shapes ({fields}). "
+    else:
+        note = ""
     if library == "timm":
         return "timm", ("It also loads with plain timm:\n\n```python\nimport timm\n\n"
                         f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True)\n```')
@@ -110,8 +123,8 @@ def _plain_load(sparsity: dict) -> tuple[str, str]:
     module = "transformers" if module.startswith("transformers.") else module
     snippet = f'```python\nfrom {module} import {cls}\n\nmodel = {cls}.from_pretrained("{REPO_PLACEHOLDER}")\n```'
     if module == "transformers":
-        return "transformers", "It also loads with plain transformers:\n\n" + snippet
-    return "hf_sparse", "It also loads with `from_pretrained` (the class comes with hf_sparse):\n\n" + snippet
+        return "transformers", note + "It also loads with plain transformers:\n\n" + snippet
+    return "hf_sparse", note + "It also loads with `from_pretrained` (the class comes with hf_sparse):\n\n" + snippet
 
 
 def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset: str | None = None,
@@ -158,7 +171,27 @@ def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset
         purged_rows=purged_rows, metrics=rows, dataset=dataset,
         recipe=(recipe_yaml or "").rstrip("\n"), load_id=REPO_PLACEHOLDER, plain_load=plain_load,
         runtime_speed=speed_sentence(sparsity.get("runtime_speed")),
+        purged_cost=_purged_cost(sparsity.get("method_metrics") or {}) or _measured_purge(purged),
     )
+
+
+def _measured_purge(purged: dict) -> str | None:
+    """Parameters and MACs the export measured on the purged model itself (``sparsity.json`` ``purged``)."""
+    p, m = purged.get("params"), purged.get("macs")
+    if not p or not m:
+        return None
+    return (f"parameters {p['fraction']:.4f} ({int(p['purged']):,} of {int(p['dense']):,}), MACs per sample "
+            f"{m['fraction']:.4f} ({int(m['purged']):,} of {int(m['dense']):,}, measured at input "
+            f"{purged.get('input_shape')})")
+
+
+def _purged_cost(metrics: dict) -> str | None:
+    """The purged model's parameters and MACs per sample relative to dense (structured runs)."""
+    if "purged_params_fraction" not in metrics:
+        return None
+    return (f"parameters {metrics['purged_params_fraction']:.4f} ({int(metrics['purged_params']):,} of "
+            f"{int(metrics['dense_params']):,}), MACs per sample {metrics['purged_macs_fraction']:.4f} "
+            f"({int(metrics['purged_macs']):,} of {int(metrics['dense_macs']):,}, at the training resolution)")
 
 
 def write_model_card(folder: str | Path, sparsity: dict, *, recipe_yaml: str | None = None,

@@ -381,21 +381,26 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
     to_save = inner
     if format == "purged":
         purge = getattr(inner, "purge", None)
-        if not callable(purge):
-            raise CheckpointError(
-                f"format 'purged' is supported for hf_sparse's LeNet-300-100 and LeNet-5 (models with a purge() "
-                f"method), not for {type(inner).__name__}; use 'bitmask' to store unstructured sparsity compactly")
         wanted = structure if structure is not None else report.get("structure")
         if wanted and prefix:
             wanted = {k.removeprefix(prefix): v for k, v in wanted.items()}
+        extra: dict[str, Any] = {}
         try:
-            to_save, kept = purge(wanted)
+            if callable(purge):  # hf_sparse's LeNets purge themselves (their config holds the widths)
+                to_save, kept = purge(wanted)
+            else:  # any model whose channel groups are found: purge a copy, record the plan
+                from ..structure.purge import purge_copy
+
+                to_save, extra = purge_copy(inner, wanted)
+                kept = extra.pop("kept")
         except ValueError as e:
             raise CheckpointError(f"cannot purge {type(inner).__name__}: {e}") from None
         small_rename = saved_names(to_save)
         small_state = {small_rename[k]: v for k, v in to_save.state_dict().items() if k in small_rename}
-        kept = {small_rename.get(k, rename.get(k, k)): v for k, v in kept.items()}
-        purge_info = {"kept": kept, "per_layer": {k: layer_stats(small_state[k]) for k in layers if k in small_state}}
+        if not extra:
+            kept = {small_rename.get(k, rename.get(k, k)): v for k, v in kept.items()}
+        purge_info = {"kept": kept, "per_layer": {k: layer_stats(small_state[k]) for k in layers if k in small_state},
+                      **extra}
 
     # everything that can fail on bad input has run; only now touch the output folder
     out = Path(out_dir)
@@ -499,13 +504,24 @@ def _transformers_class(sparsity: dict, config: dict) -> type:
                           f"architectures={config.get('architectures')})")
 
 
-def _build_timm(config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+def _build_timm(config: dict, state: dict[str, torch.Tensor], plan: dict | None = None) -> nn.Module:
     import timm
 
     kwargs = {"num_classes": config.get("num_classes"), **(config.get("model_args") or {})}
     model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+    if plan:  # a purged checkpoint of a model without a purge-aware config: the recorded shapes
+        _resize(model, plan)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _resize(model: nn.Module, plan: dict) -> nn.Module:
+    from ..structure.purge import PurgeError, resize_to_plan
+
+    try:
+        return resize_to_plan(model, plan)
+    except PurgeError as e:
+        raise CheckpointError(f"the purge plan in {SPARSITY_FILE} does not fit {type(model).__name__}: {e}") from None
 
 
 def verify_densities(sparsity: dict, state: dict[str, Any]) -> list[str]:
@@ -597,11 +613,16 @@ def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, 
         return _with_runtime(loaded.eval(), runtime)
     config = _read_config(folder)
     library = sparsity.get("library") or ("timm" if "architecture" in config else "transformers")
+    plan = (sparsity.get("purged") or {}).get("plan") if sparsity.get("format") == "purged" else None
     if library == "timm":
-        model = _build_timm(config, state)
+        model = _build_timm(config, state, plan)
     else:
         cls = _transformers_class(sparsity, config)
-        if (folder / BITMASK_WEIGHTS).is_file():
+        if plan and (sparsity.get("purged") or {}).get("config") is None:  # the config holds the dense widths
+            model = _resize(cls._from_config(cls.config_class.from_pretrained(folder)), plan)
+            info = {}
+            load_into(model, state, folder)
+        elif (folder / BITMASK_WEIGHTS).is_file():
             cfg = cls.config_class.from_pretrained(folder)
             model, info = cls.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
         else:

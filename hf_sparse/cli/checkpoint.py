@@ -130,8 +130,45 @@ def format_table(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_groups(groups: list, model, source: str) -> str:
+    """The channel-group table ``hf-sparse inspect --groups`` prints."""
+    rows = [("group", "channels", "entries per channel", "tensors (out + in)")]
+    for g in groups:
+        outs = sorted({s.tensor for s in g.slices if s.role == "out"})
+        ins = sorted({s.tensor for s in g.slices if s.role == "in"})
+        rows.append((g.name, str(g.channels), f"{g.entries_per_channel(model):,}", f"{len(outs)} + {len(ins)}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{source}: {len(groups)} channel groups, {sum(g.channels for g in groups):,} channels", ""]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return "\n".join(lines)
+
+
+def _inspect_groups(args: argparse.Namespace) -> int:
+    """``inspect --groups RECIPE``: build the recipe's model and print its coupled channel groups."""
+    from ..models.build import TimmClassifier
+    from ..structure.groups import find_groups
+    from ..training.recipe import RecipeError, load_recipe
+    from ..training.run import prepare_run
+
+    try:
+        recipe = load_recipe(args.path, args.set)
+        run = prepare_run(recipe, "unused-output-dir")
+    except RecipeError as e:
+        return _fail("inspect", str(e))
+    model = run.model.model if isinstance(run.model, TimmClassifier) else run.model
+    batch = run.data.collator([run.data.eval[0]])
+    inputs = batch["pixel_values"] if isinstance(run.model, TimmClassifier) else \
+        {k: v for k, v in batch.items() if k != "labels"}
+    groups = find_groups(model, inputs, exclude=recipe.sparsity.targets.exclude)
+    print(format_groups(groups, model, args.path))
+    return 0
+
+
 def inspect_cmd(args: argparse.Namespace) -> int:
-    """Print per-layer shapes and densities measured from the tensors."""
+    """Print per-layer shapes and densities measured from the tensors (with ``--groups``: a recipe's
+    model's channel groups)."""
+    if getattr(args, "groups", False):
+        return _inspect_groups(args)
     try:
         info = inspect_checkpoint(args.path, revision=args.revision)
     except (CheckpointError, OSError) as e:
@@ -173,9 +210,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=export_cmd)
 
     p = subparsers.add_parser("inspect", help="per-layer shapes and densities of a sparse checkpoint")
-    p.add_argument("path", metavar="PATH", help="a checkpoint folder or a Hub repo id")
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder or a Hub repo id (with --groups: a recipe)")
     p.add_argument("--revision", default=None, help="Hub revision (for a repo id)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--groups", action="store_true",
+                   help="PATH is a recipe: print its model's coupled channel groups (what structured pruning removes)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --groups: override a recipe value (repeatable)")
     p.set_defaults(func=inspect_cmd)
 
     p = subparsers.add_parser("push", help="push a sparse checkpoint to the Hugging Face Hub",
@@ -189,4 +230,4 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=push_cmd)
 
 
-__all__ = ["add_subcommands", "export_cmd", "format_table", "inspect_cmd", "push_cmd"]
+__all__ = ["add_subcommands", "export_cmd", "format_groups", "format_table", "inspect_cmd", "push_cmd"]

@@ -24,6 +24,7 @@ The engine calls, for each optimizer step ``step`` (0-based count of steps alrea
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +33,8 @@ from torch import nn
 
 from .granularity import UNSTRUCTURED, Granularity, GroupGrid, build_grids
 from .targets import Target
+
+logger = logging.getLogger(__name__)
 
 
 class MethodConfig(BaseModel):
@@ -73,9 +76,11 @@ class SparsityMethod:
     #: "required", "optional" or "unused": how the method treats ``sparsity.target_density``.
     target_density_mode: ClassVar[str] = "optional"
     #: Values of ``sparsity.granularity`` (kinds) the method implements.
-    granularities: ClassVar[tuple[str, ...]] = ("unstructured", "block", "n:m", "channel")
+    granularities: ClassVar[tuple[str, ...]] = ("unstructured", "block", "n:m", "channel", "group")
     #: Whether Trainer's weight decay may act on the targeted weights.
     weight_decay_on_targets: bool = True
+    #: Whether the method follows FSDP2-sharded parameters (see :mod:`.sharding`).
+    supports_fsdp2: ClassVar[bool] = False
 
     def __init__(self, targets: list[Target], config: MethodConfig, target_density: float | None, seed: int = 0,
                  granularity: Granularity = UNSTRUCTURED, model: nn.Module | None = None):
@@ -87,7 +92,20 @@ class SparsityMethod:
         self.seed = seed
         self.total_steps = 0
         self.grids = self.build_grids(model)
+        if granularity.kind == "group":  # targets no group produces keep their width: not the method's
+            grouped = {id(m.target.param) for g in self.grids for m in g.weights}
+            left = [t.name for t in targets if id(t.param) not in grouped]
+            if left:
+                logger.info("granularity group: %d targeted weights belong to no removable channel group and stay "
+                            "dense (e.g. %s); see hf-sparse inspect --groups", len(left), ", ".join(left[:3]))
+            self.targets = [t for t in targets if id(t.param) in grouped]
         self.covered = [m for g in self.grids for m in g.members]  # every tensor a grid acts on, in grid order
+        #: ``group`` granularity: the coupled channel groups the grids act on (purge and cost models)
+        self.channel_groups = [g.channel_group for g in self.grids if g.channel_group is not None]
+        self.sharded = any(g.shard is not None for g in self.grids)
+        if self.sharded and not self.supports_fsdp2:
+            raise ValueError(f"method {self.name!r} does not support FSDP2-sharded parameters yet; "
+                             "use DDP or one of the methods that do (gmp, dns, l0)")
 
     def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
         return build_grids(self.targets, self.granularity, model)
@@ -140,7 +158,9 @@ class SparsityMethod:
         for g, keep in zip(self.grids, self.group_masks()):
             for m in g.weights:
                 full[id(m.target.param)] = m.full(keep)
-        return [full[id(t.param)] for t in self.targets]
+        # a target outside every grid (group granularity: a layer that keeps its width) stays dense
+        return [full[id(t.param)] if id(t.param) in full else torch.ones_like(t.param, dtype=torch.bool)
+                for t in self.targets]
 
     def metrics(self) -> dict[str, float]:
         """Method-specific numbers for Trainer's logs (thresholds, counts, multipliers...)."""
@@ -150,7 +170,9 @@ class SparsityMethod:
         """Channel granularity: target name -> indices of surviving output units/channels."""
         if not self.granularity.structured:
             return None
-        return {m.target.name: torch.nonzero(keep).flatten().tolist()
+        from .sharding import gather  # FSDP2: the whole layer's units, on every rank
+
+        return {m.target.name: torch.nonzero(gather(g, keep)).flatten().tolist()
                 for g, keep in zip(self.grids, self.group_masks()) for m in g.weights}
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -196,8 +218,9 @@ class MaskedMethod(SparsityMethod):
         clipping shrinks the updates of the weights that are actually kept.
         """
         for m, f in zip(self.covered, self._factors):
-            if m.param.grad is not None:
-                m.param.grad.mul_(f)
+            grad = m.target.grad  # under FSDP2 this rank's shard of the gradient
+            if grad is not None:
+                grad.mul_(f)
 
     @torch.no_grad()
     def zero_masked(self) -> None:

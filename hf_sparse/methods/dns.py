@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from . import register_method
+from . import register_method, sharding
 from .base import MaskedMethod, MethodConfig, step_generator
 from .granularity import keep_top, thresholds
 from .reparam import RealWeights
@@ -68,6 +68,7 @@ class DynamicNetworkSurgery(MaskedMethod):
     name = "dns"
     Config = DNSConfig
     target_density_mode = "optional"
+    supports_fsdp2 = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -111,8 +112,12 @@ class DynamicNetworkSurgery(MaskedMethod):
     def set_thresholds(self, step: int, scores: list[torch.Tensor]) -> None:
         if self.target_density is None:
             if self.surgeries == 0:
-                for i, a in enumerate(scores):
-                    self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
+                for i, (g, a) in enumerate(zip(self.grids, scores)):
+                    if g.shard is None:
+                        self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
+                    else:  # FSDP2: the layer's statistics from all shards
+                        mean, std = sharding.mean_std(g, a)
+                        self.t[i] = max(mean + self.config.c * std, 0.0)
         elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
             self.t.copy_(torch.tensor(thresholds(self.grids, scores, self.target_density, self.config.scope)))
             self.calibrated_at = step
@@ -140,7 +145,8 @@ class DynamicNetworkSurgery(MaskedMethod):
         self.real.store()
 
     def _weights(self, flags: list[torch.Tensor]) -> int:
-        return int(sum(float((g.sizes * f).sum()) for g, f in zip(self.grids, flags)))
+        per_grid = [float((g.sizes * f).sum()) for g, f in zip(self.grids, flags)]
+        return int(sum(sharding.sum_floats(self.grids, per_grid) if self.sharded else per_grid))
 
     def spliced(self) -> int:
         """Weights that surgery pruned at some point and that are kept now: spliced back."""

@@ -37,6 +37,7 @@ class GradualMagnitudePruning(MaskedMethod):
     name = "gmp"
     Config = GMPConfig
     target_density_mode = "required"
+    supports_fsdp2 = True
 
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)

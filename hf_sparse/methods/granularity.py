@@ -14,6 +14,11 @@ method works at every granularity with one code path:
   block of both ``weight_ih_lK`` and ``weight_hh_lK`` (one group grid per layer and direction).
   Its *companions* follow it: the unit's biases and, where an affine BatchNorm normalises the
   layer's output, that BatchNorm's weight and bias, so a removed channel emits exactly zero.
+* ``group``: coupled channel groups (:func:`hf_sparse.structure.groups.find_groups`): the channels
+  that a residual add, a depthwise conv, an attention head or a recurrent unit ties together, one
+  group per channel over every tensor that produces it (weights, biases, norms, layer scales).
+  A targeted weight that no group produces (a layer that keeps its width: the stem, the head,
+  anything tied to them) stays dense; densities count the grouped weights.
 
 A :class:`GroupGrid` is one grid of groups (one mask, gate or score tensor) and the tensors it
 covers. It reduces per-entry values to per-group values (``sum`` or ``max``; the scores ``l1``,
@@ -26,14 +31,16 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from . import sharding
+from .sharding import ShardLayout, layout_for
 from .targets import Target
 
-Kind = Literal["unstructured", "block", "n:m", "channel", "factorized"]
+Kind = Literal["unstructured", "block", "n:m", "channel", "group", "factorized"]
 #: Spellings of ``sparsity.granularity`` that mean ``channel``.
 CHANNEL_ALIASES = ("channel", "neuron", "unit")
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -68,15 +75,16 @@ class Granularity:
             return cls("n:m", n=n, m=m)
         if text in CHANNEL_ALIASES:
             return cls("channel")
-        if text in ("unstructured", "factorized"):
+        if text in ("unstructured", "factorized", "group"):
             return cls(text)  # type: ignore[arg-type]
         raise ValueError(f"unknown granularity {text!r}; allowed: unstructured, block (with block_shape), "
-                         f"'N:M' such as '2:4', channel (neuron, unit), factorized (l0 only)")
+                         f"'N:M' such as '2:4', channel (neuron, unit), group (coupled channel groups), "
+                         f"factorized (l0 only)")
 
     @property
     def structured(self) -> bool:
         """Whether groups are whole output units (the model can be purged to a smaller one)."""
-        return self.kind == "channel"
+        return self.kind in ("channel", "group")
 
     @property
     def fixed_density(self) -> float | None:
@@ -146,12 +154,39 @@ class _Rows:
         return g.view(-1, *([1] * (self.ndim - 1)))
 
 
+class _Slices:
+    """A coupled group's channels along one dim of a tensor: row ``c`` of ``index`` holds the
+    positions of channel ``c``; positions outside the group are always kept."""
+
+    def __init__(self, shape: torch.Size, dim: int, index: torch.Tensor):
+        self.shape, self.dim, self.index = tuple(shape), dim, index.long()
+        self.group_shape = (int(index.shape[0]),)
+        self.per = int(index.shape[1])
+        flat = self.index.flatten()
+        self.flat = flat
+        self.identity = len(flat) == self.shape[dim] and bool((flat == torch.arange(len(flat))).all())
+
+    def reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        picked = x.index_select(self.dim, self.flat.to(x.device)).movedim(self.dim, 0)
+        picked = picked.reshape(self.group_shape[0], -1)
+        return picked.sum(1) if op == "sum" else picked.amax(1)
+
+    def expand(self, g: torch.Tensor) -> torch.Tensor:
+        per_pos = g.repeat_interleave(self.per) if self.per > 1 else g
+        if not self.identity:
+            full = g.new_ones(self.shape[self.dim])
+            per_pos = full.index_put((self.flat.to(g.device),), per_pos)
+        view = [1] * len(self.shape)
+        view[self.dim] = self.shape[self.dim]
+        return per_pos.view(view)
+
+
 @dataclass
 class Member:
     """One tensor under a grid: a targeted weight (scored and counted) or a companion of its units."""
 
     target: Target
-    tiling: _Entries | _Blocks | _Rows
+    tiling: _Entries | _Blocks | _Rows | _Slices
     role: Literal["weight", "bias", "norm"] = "weight"
 
     @property
@@ -178,15 +213,20 @@ class GroupGrid:
     name: str
     granularity: Granularity
     members: list[Member]
+    #: ``group`` granularity: the coupled channel group the grid gates (for purging and cost models).
+    channel_group: Any = field(default=None, repr=False)
     shape: tuple[int, ...] = field(init=False)
     sizes: torch.Tensor = field(init=False, repr=False)  # weights behind each group (float32)
+    #: FSDP2: how the grid is split over the ranks (shape, sizes, numel, num are then this rank's rows).
+    shard: ShardLayout | None = field(init=False, repr=False)
 
     def __post_init__(self):
         self.shape = self.members[0].tiling.group_shape
         device = self.members[0].param.device
         ones = [torch.ones(m.param.shape, device=device) for m in self.weights]
         self.sizes = self.reduce(ones, "sum")
-        self.uniform = bool(self.sizes.min() == self.sizes.max())
+        self.shard = layout_for(self)
+        self.uniform = self.shard.uniform if self.shard else bool(self.sizes.min() == self.sizes.max())
 
     @property
     def weights(self) -> list[Member]:
@@ -199,6 +239,16 @@ class GroupGrid:
     @property
     def num(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def total_numel(self) -> int:
+        """Weights behind the whole grid, on all ranks (= ``numel`` unless FSDP2-sharded)."""
+        return self.numel if self.shard is None else self.shard.total_numel
+
+    @property
+    def total_num(self) -> int:
+        """Groups of the whole grid, on all ranks (= ``num`` unless FSDP2-sharded)."""
+        return self.num if self.shard is None else self.shard.total_num
 
     def reduce(self, values: list[torch.Tensor], op: Literal["sum", "max"] = "sum") -> torch.Tensor:
         """Per-entry values of the weight members (in their order) -> one value per group."""
@@ -223,10 +273,14 @@ class GroupGrid:
         """Boolean group mask keeping the best groups: ``density`` of the weights (N:M: per M)."""
         if self.granularity.kind == "n:m":
             return nm_mask(scores, self.granularity, density)
+        if self.shard is not None:
+            return sharding.select(self, scores, density)
         return _top_by_size(scores.flatten(), self.sizes.flatten(), density * self.numel).view(self.shape)
 
     def threshold(self, scores: torch.Tensor, density: float) -> float:
         """The score of the last group that :meth:`select` keeps (``inf`` when it keeps none)."""
+        if self.shard is not None:
+            return sharding.threshold(self, scores, density)
         return _threshold(scores.flatten(), self.sizes.flatten(), density * self.numel)
 
 
@@ -240,6 +294,8 @@ def build_grids(targets: list[Target], granularity: Granularity, model: nn.Modul
     affine parameters as companions. Other granularities: one grid per target, no companions.
     """
     kind = granularity.kind
+    if kind == "group":
+        return _group_grids(targets, granularity, model)
     if kind != "channel":
         grids = []
         for t in targets:
@@ -260,14 +316,46 @@ def build_grids(targets: list[Target], granularity: Granularity, model: nn.Modul
         for t in members:
             bias_attr = t.attr.replace("weight", "bias", 1)
             bias = getattr(t.module, bias_attr, None)
-            if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == t.shape[0]:
-                grid_members.append(Member(Target(_sibling(t.name, bias_attr), t.module, bias_attr),
-                                           _Rows(bias.shape, units), "bias"))
+            if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == t.parameter.shape[0]:
+                bias_target = Target(_sibling(t.name, bias_attr), t.module, bias_attr)  # .shape: this rank's rows
+                grid_members.append(Member(bias_target, _Rows(bias_target.shape, units), "bias"))
         norm_name, norm = following_batchnorm(modules, first) if modules and not first.is_recurrent else (None, None)
         if norm is not None:
-            grid_members += [Member(Target(f"{norm_name}.{a}", norm, a), _Rows(norm.weight.shape, units), "norm")
-                             for a in ("weight", "bias")]
+            norm_targets = [Target(f"{norm_name}.{a}", norm, a) for a in ("weight", "bias")]
+            grid_members += [Member(nt, _Rows(nt.shape, units), "norm") for nt in norm_targets]
         grids.append(GroupGrid(first.name, granularity, grid_members))
+    return grids
+
+
+def _group_grids(targets: list[Target], granularity: Granularity, model: nn.Module | None) -> list[GroupGrid]:
+    """One grid per coupled channel group that produces at least one target: the targets among its
+    "out" slices are scored, its other producing parameters (biases, norms, layer scales) follow."""
+    if model is None:
+        raise ValueError("granularity 'group' needs the model, to find its coupled channel groups")
+    from ..structure.groups import find_groups
+
+    by_name = {t.name: t for t in targets}
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    grids = []
+    for group in find_groups(model):
+        outs = [s for s in group.slices if s.role == "out" and s.tensor in params]
+        weights = [Member(by_name[s.tensor], _Slices(params[s.tensor].shape, s.dim, s.index))
+                   for s in outs if s.tensor in by_name]
+        if not weights:
+            continue
+        companions = []
+        for s in outs:
+            if s.tensor in by_name:
+                continue
+            owner, _, attr = s.tensor.rpartition(".")
+            companion = Target(s.tensor, modules[owner], attr)
+            companions.append(Member(companion, _Slices(params[s.tensor].shape, s.dim, s.index),
+                                     "bias" if attr == "bias" else "norm"))
+        grids.append(GroupGrid(group.name, granularity, weights + companions, channel_group=group))
+    if not grids:
+        raise ValueError("granularity 'group': no coupled channel group produces any targeted weight "
+                         "(see hf-sparse inspect --groups)")
     return grids
 
 
@@ -297,7 +385,7 @@ def following_batchnorm(modules: dict[str, nn.Module], target: Target) -> tuple[
     for name in names[names.index(child) + 1:]:
         sub = parent._modules[name]
         if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            ok = sub.affine and sub.num_features == target.shape[0]
+            ok = sub.affine and sub.num_features == target.parameter.shape[0]
             return (f"{parent_name}.{name}" if parent_name else name, sub) if ok else (None, None)
         if sub is not None and any(isinstance(x, (nn.Linear, nn.modules.conv._ConvNd)) for x in sub.modules()):
             return None, None
@@ -316,6 +404,8 @@ def keep_top(grids: list[GroupGrid], scores: list[torch.Tensor], density: float,
     (``layer``) or of all grids together (``global``; N:M grids always select per M)."""
     if scope == "layer" or any(g.granularity.kind == "n:m" for g in grids):
         return [g.select(s, density) for g, s in zip(grids, scores)]
+    if any(g.shard is not None for g in grids):
+        return sharding.keep_top_global(grids, scores, density)
     flat, sizes, numel = _pooled(grids, scores)
     keep = _top_by_size(flat, sizes, density * numel)
     return [k.view(g.shape) for k, g in zip(keep.split([g.num for g in grids]), grids)]
@@ -326,6 +416,8 @@ def thresholds(grids: list[GroupGrid], scores: list[torch.Tensor], density: floa
     """Per grid, the score of the last group :func:`keep_top` keeps (``global``: one shared value)."""
     if scope == "layer":
         return [g.threshold(s, density) for g, s in zip(grids, scores)]
+    if any(g.shard is not None for g in grids):
+        return [sharding.threshold_global(grids, scores, density)] * len(grids)
     flat, sizes, numel = _pooled(grids, scores)
     return [_threshold(flat, sizes, density * numel)] * len(grids)
 
@@ -402,7 +494,7 @@ def check_mask_rule(weight: torch.Tensor, granularity: Granularity, units: int |
         if bool((nonzero != tiling.expand(any_kept)).any()):
             return "a block mixes kept and pruned weights"
         return None
-    if granularity.kind == "channel":
+    if granularity.kind in ("channel", "group"):
         tiling = _Rows(weight.shape, units or weight.shape[0])
         any_kept = tiling.reduce(nonzero.float(), "max") > 0
         if bool((nonzero != tiling.expand(any_kept).expand(weight.shape)).any()):

@@ -61,7 +61,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from . import hard_concrete as hc
-from . import register_method
+from . import register_method, sharding
 from .base import MethodConfig, SparsityMethod, step_generator
 from .constraints import AugmentedLagrangianController, LagrangianController
 from .granularity import GroupGrid, Member, build_grids, nm_mask
@@ -123,7 +123,8 @@ class _Gates:
 
     @property
     def num(self) -> int:
-        return self.log_alpha.numel()
+        """Gates of the whole grid (under FSDP2 on all ranks; ``log_alpha`` holds this rank's)."""
+        return self.log_alpha.numel() if self.grid.shard is None else self.grid.total_num
 
     @property
     def paired(self) -> bool:
@@ -146,8 +147,10 @@ class L0(SparsityMethod):
 
     name = "l0"
     Config = L0Config
+    budgets = True  # sparsity.budget: a params/MACs budget of the purged model (see set_budget)
     target_density_mode = "optional"
-    granularities = ("unstructured", "block", "n:m", "channel", "factorized")
+    granularities = ("unstructured", "block", "n:m", "channel", "group", "factorized")
+    supports_fsdp2 = True
 
     @classmethod
     def config_error(cls, config: L0Config, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
@@ -159,6 +162,8 @@ class L0(SparsityMethod):
         super().__init__(*args, **kwargs)
         cfg = self.config
         self.factorized = self.granularity.kind == "factorized"
+        if self.sharded and self.factorized:
+            raise ValueError("l0 with factorized gates does not support FSDP2-sharded parameters yet")
         gen = step_generator(self.seed, 0, "l0-init")
         self.gates = [self._factorized_gates(g.weights[0].target, gen) if self.factorized else self._gates(g, gen)
                       for g in self.grids]
@@ -175,6 +180,42 @@ class L0(SparsityMethod):
         self._violation: torch.Tensor | None = None
         self._la_before: list[torch.Tensor] | None = None
         self._holds = "real"  # what the targets hold now: "real" W, "train" W*z or "eval" W*z_eval
+        self.budget: tuple[str, float] | None = None  # ("params" | "macs", fraction of dense)
+        self.cost = None  # the CostModel of the purged model under a budget
+        self.cost_names: list[str] = []  # the cost model's group name of each grid
+
+    def set_budget(self, kind: str, fraction: float, cost, names: list[str] | None = None) -> None:
+        """Constrain the expected ``kind`` ("params"/"macs") of the purged model to ``fraction`` of dense.
+
+        ``cost`` is a :class:`~hf_sparse.structure.budget.CostModel` over the channel groups the
+        gates act on; ``names`` gives each grid's group in it (default: the grid names). The
+        constraint ``E[cost]/dense <= fraction`` replaces ``E[density] <= target``; the hard mask
+        spends the budget (see :meth:`hard_counts`).
+        """
+        if self.controller is None or self.config.constraint != "model":
+            raise ValueError("a budget needs control constrained or augmented with constraint: model")
+        if self.sharded:
+            raise ValueError("a sparsity.budget is not supported with FSDP2-sharded parameters yet")
+        names = [g.name for g in self.gates] if names is None else list(names)
+        known = dict(zip(cost.group_names, cost.channels))
+        for g, n in zip(self.gates, names):
+            if known.get(n) != g.num:
+                raise ValueError(f"gate grid {g.name!r} ({g.num} gates) has no group of that size in the cost "
+                                 f"model (group {n!r}: {known.get(n)} channels)")
+        floor = cost.minimum(kind)
+        if fraction <= floor:
+            raise ValueError(f"a {kind} budget of {fraction:g} cannot be met: the layers outside the channel groups "
+                             f"alone cost {floor:.4f} of dense; use a budget above that")
+        self.budget, self.cost, self.cost_names = (kind, float(fraction)), cost, names
+        self.target_density = float(fraction)
+        self.target_schedule = LinearWarmup(1.0, self.target_density, self.target_schedule.steps)
+
+    def _probs(self, hard: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Each group's keep probabilities (``hard``: 0/1 masks) keyed by the cost model's names."""
+        if hard is not None:
+            return {n: k.reshape(-1).to(torch.float64) for n, k in zip(self.cost_names, hard)}
+        return {n: hc.prob_nonzero(g.log_alpha, self.config.temperature).reshape(-1)
+                for n, g in zip(self.cost_names, self.gates)}
 
     def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
         return build_grids(self.targets, self.granularity, model, self.config.batchnorm)
@@ -182,12 +223,14 @@ class L0(SparsityMethod):
     # -- construction --------------------------------------------------------------------------
     def _gates(self, grid: GroupGrid, gen: torch.Generator) -> _Gates:
         device = grid.members[0].param.device
-        la = nn.Parameter(hc.init_log_alpha(grid.shape, self.config.init_drop_rate, gen).to(device))
+        # drawn at the whole grid's shape: under FSDP2 each rank keeps its rows of the one-process draw
+        init = sharding.local_sample(grid, lambda shape: hc.init_log_alpha(shape, self.config.init_drop_rate, gen))
+        la = nn.Parameter(init.to(device))
         real = RealWeights([m.target for m in grid.members])
         if self.config.count == "gates":
-            return _Gates(grid.name, la, grid, real, 1.0, float(grid.num))
+            return _Gates(grid.name, la, grid, real, 1.0, float(grid.total_num))
         sizes = None if grid.uniform else grid.sizes
-        return _Gates(grid.name, la, grid, real, grid.numel / grid.num, float(grid.numel), sizes)
+        return _Gates(grid.name, la, grid, real, grid.total_numel / grid.total_num, float(grid.total_numel), sizes)
 
     def _factorized_gates(self, t: Target, gen: torch.Generator) -> _Gates:
         if t.param.dim() != 2:
@@ -231,7 +274,9 @@ class L0(SparsityMethod):
             if self.frozen:
                 g.z, g.slope = self.masks[i].to(torch.float32), None
             else:
-                g.noise = hc.logistic_noise(hc.sample_uniform(g.log_alpha.shape, gen)).to(g.log_alpha.device)
+                u = (hc.sample_uniform(g.log_alpha.shape, gen) if g.grid.shard is None
+                     else sharding.local_sample(g.grid, lambda shape: hc.sample_uniform(shape, gen)))
+                g.noise = hc.logistic_noise(u).to(g.log_alpha.device)
                 g.z, g.slope = hc.sample_and_slope(g.log_alpha, g.noise, self.config.temperature)
         self._write([g.z for g in self.gates], train=True)
         self._holds = "train"
@@ -247,7 +292,7 @@ class L0(SparsityMethod):
                     continue
                 total = torch.zeros_like(g.z)
                 for member, real in zip(g.grid.members, g.real.values):
-                    grad = member.param.grad
+                    grad = member.target.grad  # under FSDP2 this rank's shard
                     if g.scaled(member) and grad is not None:
                         total += member.tiling.reduce(real.float() * grad.float(), "sum")
                         grad.mul_(member.expand(g.z).to(grad.dtype))
@@ -338,8 +383,13 @@ class L0(SparsityMethod):
         return self.target_schedule(step)
 
     def _expected(self) -> list[torch.Tensor]:
-        """Expected density units per grid (differentiable in log_alpha)."""
-        return [g.expected(self.config.temperature) for g in self.gates]
+        """Expected density units per grid (differentiable in log_alpha; FSDP2: summed over the shards)."""
+        expected = [g.expected(self.config.temperature) for g in self.gates]
+        return sharding.sum_across(self.grids, expected) if self.sharded else expected
+
+    def _across(self, values: list[float]) -> list[float]:
+        """Per-grid floats summed over the FSDP2 shards (unchanged without sharding)."""
+        return sharding.sum_floats(self.grids, values) if self.sharded else values
 
     def _regulariser(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(term added to the loss, constraint values measured now for the dual step)."""
@@ -348,7 +398,9 @@ class L0(SparsityMethod):
         totals = torch.tensor([g.total for g in self.gates], device=expected[0].device)
         if cfg.control == "penalty":
             return cfg.penalty * torch.stack(expected).sum() / totals.sum(), None
-        if cfg.constraint == "model":
+        if self.budget is not None:  # the expected cost of the purged model, as a fraction of dense
+            density = self.cost.fraction(self._probs(), self.budget[0]).reshape(1).to(expected[0].dtype)
+        elif cfg.constraint == "model":
             density = (torch.stack(expected).sum() / totals.sum()).reshape(1)
         else:
             density = torch.stack(expected) / totals
@@ -368,10 +420,7 @@ class L0(SparsityMethod):
             if self.granularity.kind == "n:m":
                 self.masks.append(nm_mask(la, self.granularity))
                 continue
-            order = torch.argsort(la.flatten(), descending=True, stable=True)
-            keep = torch.zeros(g.num, dtype=torch.bool, device=la.device)
-            keep[order[:k]] = True
-            self.masks.append(keep.view(la.shape))
+            self.masks.append(sharding.top_k(g.grid, la, k))  # FSDP2: over the whole grid, this rank's rows
         self.frozen = True
 
     @torch.no_grad()
@@ -386,13 +435,56 @@ class L0(SparsityMethod):
         when the gates freeze yields a mask that satisfies it.
         """
         cfg = self.config
-        expected = [float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.gates]
+        expected = self._across([float(hc.expected_l0(g.log_alpha, cfg.temperature)) for g in self.gates])
+        if self.budget is not None:
+            return self._budget_counts(expected)
         if cfg.control == "penalty":
             return [min(g.num, round(e)) for g, e in zip(self.gates, expected)]
         t = float(self.target_density)
         if cfg.constraint == "layer":
             return [_spend([g], [1.0], t * g.total)[0] for g in self.gates]
         return _spend(self.gates, expected, t * sum(g.total for g in self.gates))
+
+    def _top(self, counts: list[int]) -> list[torch.Tensor]:
+        """Per grid, the boolean mask of its ``k`` gates with the largest ``log_alpha``."""
+        masks = []
+        for g, k in zip(self.gates, counts):
+            order = torch.argsort(g.log_alpha.detach().flatten(), descending=True, stable=True)
+            keep = torch.zeros(g.num, dtype=torch.bool, device=g.log_alpha.device)
+            keep[order[:k]] = True
+            masks.append(keep.view(g.log_alpha.shape))
+        return masks
+
+    @torch.no_grad()
+    def _budget_counts(self, expected: list[float]) -> list[int]:
+        """Gate counts whose hard mask spends the budget: ``k = round(s * E[L0])`` per grid (at least 1),
+        with the largest scale ``s`` whose purged model costs at most the budget (bisection; the
+        cost only grows with ``s``), so the allocation the gates learnt is kept."""
+        kind, fraction = self.budget
+
+        def counts(s: float) -> list[int]:
+            return [min(g.num, max(1, round(s * e))) for g, e in zip(self.gates, expected)]
+
+        def cost(s: float) -> float:
+            return float(self.cost.kept(self._probs(self._top(counts(s))))[kind]) / (
+                self.cost.dense_params if kind == "params" else self.cost.dense_macs)
+
+        lo, hi = 0.0, max(g.num / max(e, 1e-6) for g, e in zip(self.gates, expected))
+        if cost(hi) <= fraction:
+            return counts(hi)
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if cost(mid) <= fraction else (lo, mid)
+        return counts(lo)
+
+    def hard_cost(self) -> dict[str, float] | None:
+        """Under a budget: the params and MACs fractions of the purged model the current hard gates give."""
+        if self.cost is None:
+            return None
+        with torch.no_grad():
+            kept = self.cost.kept(self._probs(self.group_masks()))
+        return {"params_fraction": float(kept.params) / self.cost.dense_params,
+                "macs_fraction": float(kept.macs) / self.cost.dense_macs}
 
     def _eval_gates(self) -> list[torch.Tensor]:
         if self.frozen:
@@ -452,7 +544,8 @@ class L0(SparsityMethod):
                   for g, o in zip(self.gates, self.group_masks())]
         out = {
             "expected_density": float(sum(self._expected())) / total,
-            "hard_density": sum(float(o.sum()) * g.cost for g, o in zip(self.gates, opened)) / total,
+            "hard_density": sum(n * g.cost for g, n in zip(self.gates, self._across([float(o.sum()) for o in opened])))
+            / total,
             "frozen": float(self.frozen),
         }
         if cfg.control == "penalty":
@@ -463,6 +556,10 @@ class L0(SparsityMethod):
         expected = torch.stack(self._expected()).double()
         totals = torch.tensor([g.total for g in self.gates], dtype=torch.float64)
         density = (expected.sum() / totals.sum()).reshape(1) if cfg.constraint == "model" else expected / totals
+        if self.budget is not None:
+            density = self.cost.fraction(self._probs(), self.budget[0]).detach().reshape(1)
+            out[f"expected_{self.budget[0]}_fraction"] = float(density)
+            out.update({f"hard_{k}": v for k, v in self.hard_cost().items()})
         out["violation"] = float((density - out["target_density"]).max())
         if isinstance(self.controller, LagrangianController):
             lam = self.controller.multipliers

@@ -54,8 +54,21 @@ class Target:
     attr: str
 
     @property
-    def param(self) -> nn.Parameter:
+    def parameter(self) -> nn.Parameter:
+        """The registered parameter (under FSDP2 a DTensor sharded over the ranks)."""
         return getattr(self.module, self.attr)
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The values this process holds and writes: the parameter, or under FSDP2 this rank's shard."""
+        p = getattr(self.module, self.attr)
+        return p._local_tensor if _is_dtensor(p) else p
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        """The gradient of :attr:`param` (under FSDP2 this rank's shard of the reduce-scattered one)."""
+        g = getattr(self.module, self.attr).grad
+        return g._local_tensor if g is not None and _is_dtensor(g) else g
 
     @property
     def layer_type(self) -> str:
@@ -71,6 +84,12 @@ class Target:
 
     def numel(self) -> int:
         return self.param.numel()
+
+
+def _is_dtensor(x) -> bool:
+    from .sharding import is_sharded
+
+    return is_sharded(x)
 
 
 def pattern_matches(pattern: str, name: str) -> bool:

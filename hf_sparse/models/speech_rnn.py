@@ -161,6 +161,14 @@ class SpeechRNNPreTrainedModel(PreTrainedModel):
             for p in module.parameters(recurse=False):
                 init.uniform_(p, -bound, bound)
 
+    def purge(self, structure: dict[str, list[int]] | None = None) -> tuple[SpeechRNNPreTrainedModel, dict[str, list[int]]]:
+        """The physically smaller model for unit-level sparsity: removed GRU/LSTM hidden units are
+        cut from every gate block, the next layer and the head, and ``config.hidden_size`` shrinks
+        (see :func:`hf_sparse.structure.recurrent.purge_speech_rnn`)."""
+        from ..structure.recurrent import purge_speech_rnn
+
+        return purge_speech_rnn(self, structure)
+
 
 class SpeechRNNModel(SpeechRNNPreTrainedModel):
     """Front-end + recurrent stack; returns per-frame states and the valid length of each utterance."""

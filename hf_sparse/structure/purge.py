@@ -425,6 +425,8 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     50 frames of ``num_mel_bins`` features.
     """
     gen = torch.Generator().manual_seed(0)
+    if hasattr(model, "timm_name") and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # hf_sparse's Trainer wrapper of a timm model: the same positional input
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_mel_bins"):
         return {"input_features": torch.randn(1, 50, int(config.num_mel_bins), generator=gen)}
@@ -442,7 +444,8 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     return torch.randn(1, chans, int(h), int(w), generator=gen)
 
 
-def _call(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+def output_tensor(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The model's output tensor on ``inputs``: bare logits, ``ModelOutput.logits`` or its first field."""
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     if isinstance(out, torch.Tensor):
         return out
@@ -524,10 +527,10 @@ def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
         for name, wanted in (structure or {}).items():
             if name in keep:
                 keep[name] = torch.as_tensor(sorted(int(i) for i in wanted), dtype=torch.long)
-        reference = _call(model, inputs)
+        reference = output_tensor(model, inputs)
         dense_params, dense_macs = count_params(model), count_macs(model, inputs).total
         plan = purge_model(small, groups, keep)
-        diff = float((_call(small, inputs) - reference).abs().max())
+        diff = float((output_tensor(small, inputs) - reference).abs().max())
         if not diff <= PURGE_TOLERANCE:
             raise PurgeError(f"the purged {type(model).__name__} differs from the gated one by {diff:.3g} (max abs) on "
                              f"an example input, above {PURGE_TOLERANCE:g}; refusing to save a wrong model")

@@ -90,6 +90,27 @@ class TargetsConfig(_Section):
     include_head: bool = Field(False, description="also sparsify the output head (classifier/lm_head), dense by default")
 
 
+class BudgetConfig(_Section):
+    """A cost budget for the purged model: exactly one of ``params`` / ``macs``, a fraction of dense."""
+
+    params: float | None = Field(None, gt=0, le=1, description="expected parameters of the purged model / dense")
+    macs: float | None = Field(None, gt=0, le=1, description="expected MACs per sample of the purged model / dense")
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.params is None) == (self.macs is None):
+            raise ValueError("give exactly one of params or macs, e.g. {macs: 0.25}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "params" if self.params is not None else "macs"
+
+    @property
+    def fraction(self) -> float:
+        return float(self.params if self.params is not None else self.macs)
+
+
 class SparsityConfig(_Section):
     method: str = Field("none", description="a registered method name, or 'none' for dense training")
     target_density: float | None = Field(None, gt=0, le=1, description="kept fraction of the targeted weights")
@@ -98,6 +119,9 @@ class SparsityConfig(_Section):
     granularity: str = Field("unstructured", description="what is kept or removed together: unstructured, block "
                                                          "(with block_shape), 'N:M' such as '2:4', channel")
     block_shape: list[int] | None = Field(None, description="granularity block: [rows, cols] of each block")
+    budget: BudgetConfig | None = Field(None, description="l0 constrained/augmented at group granularity: a "
+                                                          "params or macs budget of the purged model instead of "
+                                                          "target_density, e.g. {macs: 0.25}")
 
     def granularity_spec(self):
         """The parsed :class:`~hf_sparse.methods.granularity.Granularity`."""
@@ -111,7 +135,7 @@ class SparsityConfig(_Section):
 
         if self.method == "none":
             # set to something other than the default (a saved recipe.yaml spells out the defaults)
-            ignored = [k for k in ("target_density", "targets", "params", "granularity", "block_shape")
+            ignored = [k for k in ("target_density", "targets", "params", "granularity", "block_shape", "budget")
                        if k in self.model_fields_set
                        and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)]
             if ignored:
@@ -122,6 +146,8 @@ class SparsityConfig(_Section):
             raise _KeyedError(("method",), f"unknown method {self.method!r}; allowed: none, {', '.join(sorted(METHODS))}")
         cls = METHODS[self.method]
         self._check_granularity(cls)
+        if self.budget is not None:
+            self._check_budget(cls)
         if cls.target_density_mode == "required" and self.target_density is None:
             raise _KeyedError(("target_density",), f"method {self.method!r} needs a target_density in (0, 1]")
         try:
@@ -129,7 +155,8 @@ class SparsityConfig(_Section):
         except ValidationError as e:
             err = e.errors()[0]
             raise _KeyedError(("params", *err["loc"]), _describe(err, cls.Config)) from None
-        problem = cls.config_error(config, self.target_density) or _schedule_order_error(config, self.params)
+        density = self.target_density if self.budget is None else self.budget.fraction  # a budget stands in for it
+        problem = cls.config_error(config, density) or _schedule_order_error(config, self.params)
         if problem:
             raise _KeyedError(*problem)
         return self
@@ -138,6 +165,24 @@ class SparsityConfig(_Section):
         from ..methods import METHODS
 
         return METHODS[self.method].Config(**self.params)
+
+    def _check_budget(self, cls) -> None:
+        """A budget needs a method that trains against one, a structured granularity and no target_density."""
+        if not getattr(cls, "budgets", False):
+            raise _KeyedError(("budget",), f"method {self.method!r} has no cost budget; use l0 with control "
+                                           "constrained or augmented")
+        control = self.params.get("control", "constrained")
+        if control not in ("constrained", "augmented"):
+            raise _KeyedError(("params", "control"), f"a budget needs control constrained or augmented, not {control!r}")
+        if self.params.get("constraint", "model") != "model":
+            raise _KeyedError(("params", "constraint"), "a budget is one constraint on the whole model; "
+                                                        "use constraint: model")
+        kind = self.granularity_spec().kind
+        if kind not in ("group", "channel"):
+            raise _KeyedError(("granularity",), f"a budget counts the purged model, so it needs granularity "
+                                                f"group (coupled channel groups), not {self.granularity!r}")
+        if self.target_density is not None:
+            raise _KeyedError(("target_density",), "give either target_density or budget, not both")
 
     def _check_granularity(self, cls) -> None:
         """Granularity errors, located; N:M sets the target density to N/M."""
@@ -149,7 +194,7 @@ class SparsityConfig(_Section):
         if spec.kind not in cls.granularities:
             raise _KeyedError(("granularity",), f"method {self.method!r} has no {spec.kind!r} granularity; "
                                                 f"allowed: {', '.join(cls.granularities)}")
-        if spec.structured and self.targets.include_head:
+        if spec.kind == "channel" and self.targets.include_head:  # groups never hold the head's outputs
             raise _KeyedError(("targets", "include_head"), "channel granularity would remove whole output units "
                                                            "of the head (classes); keep the head dense")
         if spec.fixed_density is not None:

@@ -172,9 +172,9 @@ def _unknown_config_keys(recipe: Recipe, model: nn.Module) -> list[str]:
     return [k for k in recipe.model.config if k != "model_type" and k not in known]
 
 
-def _check_targets(recipe: Recipe, model: nn.Module) -> None:
+def _check_targets(recipe: Recipe, model: nn.Module, data: DataBundle | None = None) -> None:
     """Targets exist, each keeps at least one weight at the target density, and the method accepts them."""
-    from .sparsifier import Sparsifier
+    from .sparsifier import Sparsifier, example_batch
 
     spec = TargetSpec(**recipe.sparsity.targets.model_dump())
     targets = resolve_targets(model, spec)
@@ -192,8 +192,11 @@ def _check_targets(recipe: Recipe, model: nn.Module) -> None:
                                f"{f' and {len(dead) - 1} more layers' if len(dead) > 1 else ''}): the model "
                                f"would be dead; use at least {1 / smallest:.3g}")
     try:
-        Sparsifier(copy.deepcopy(model), recipe.sparsity, seed=0)
+        example = example_batch(data.train, data.collator) if data is not None and recipe.sparsity.budget else None
+        Sparsifier(copy.deepcopy(model), recipe.sparsity, seed=0, example_inputs=example)
     except Exception as e:  # noqa: BLE001 - the method refusing this model is a recipe error
+        if recipe.sparsity.budget is not None and "budget" in str(e):
+            raise recipe.error(("sparsity", "budget"), str(e)) from None
         raise recipe.error(("sparsity", "method"), f"{recipe.sparsity.method} cannot sparsify this model: "
                                                    f"{type(e).__name__}: {e}") from None
 
@@ -229,7 +232,7 @@ def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
                                f"pattern {pattern!r} matches no weight of the {'/'.join(spec.layer_types)} layers")
         if problem := target_problem(resolve_targets(model, spec), recipe.sparsity.granularity_spec()):
             raise recipe.error(("sparsity", "granularity"), problem)
-        _check_targets(recipe, model)
+        _check_targets(recipe, model, data)
     return PreparedRun(recipe, data, model, args)
 
 

@@ -96,7 +96,12 @@ class SparseTrainer(Trainer):
         self.recipe = recipe
         self.sparsifier: Sparsifier | None = None
         if sparsity is not None and sparsity.method != "none":
-            self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed)
+            example = None
+            if sparsity.budget is not None or sparsity.granularity_spec().structured:  # MACs at the training resolution
+                from .sparsifier import example_batch
+
+                example = example_batch(self.train_dataset, self.data_collator)
+            self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed, example_inputs=example)
             self.add_callback(_SparsityCallback(self))
         self._forward_ready = False
 

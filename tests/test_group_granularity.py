@@ -138,3 +138,13 @@ def test_l0_meets_a_mac_budget_on_coupled_groups():
     model.eval()
     small, info = purge_copy(model, inputs=x[:1])
     assert info["macs"]["fraction"] <= 0.5 + 1e-6 and info["max_abs_diff"] <= 1e-5
+
+
+def test_a_model_without_removable_groups_is_one_clear_error():
+    """A hidden layer normalised by a LayerNorm over its channels cannot lose a channel exactly."""
+    from hf_sparse.structure.purge import PurgeError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    assert find_groups(model, torch.randn(1, 4)) == []
+    with pytest.raises(PurgeError, match="no channel group that can be removed exactly"):
+        purge_copy(model, inputs=torch.randn(1, 4))

@@ -171,6 +171,10 @@ def _head_group(model: nn.Module, name: str, qkv: list[str], proj: str, heads: i
 # -- DepGraph groups -> our slices ----------------------------------------------------------------------------
 
 
+class GroupError(ValueError):
+    """A model whose channel groups cannot be found (its forward pass cannot be traced)."""
+
+
 class _Skip(Exception):
     """This DepGraph group cannot be purged exactly (the reason is logged)."""
 
@@ -251,6 +255,9 @@ def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Ma
     try:
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, inputs, forward_fn=output_tensor, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is one clear error, never a wrong model
+        raise GroupError(f"cannot trace {type(model).__name__} to find its channel groups: "
+                         f"{type(e).__name__}: {e}") from None
     finally:
         model.train(was_training)
     param_names = dict(dg._param_to_name)
@@ -309,4 +316,4 @@ def find_groups(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tens
     return groups
 
 
-__all__ = ["ChannelGroup", "Slice", "find_groups", "head_module", "stem_module"]
+__all__ = ["ChannelGroup", "GroupError", "Slice", "find_groups", "head_module", "stem_module"]

@@ -523,6 +523,9 @@ def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
 
             with torch.enable_grad():  # a tracer may rely on autograd
                 groups = find_groups(small, inputs)
+            if not groups:
+                raise PurgeError(f"{type(model).__name__} has no channel group that can be removed exactly "
+                                 "(see hf-sparse inspect --groups); use format 'bitmask' or 'dense'")
         keep = zero_channels(small, groups)
         for name, wanted in (structure or {}).items():
             if name in keep:

@@ -1,11 +1,12 @@
-"""Dense vs purged: a channel-gated run's checkpoint purged by its channel groups, side by side.
+"""Dense vs purged: a structured run's purged checkpoint against its dense architecture, side by side.
 
-For a run trained with ``granularity: channel`` (e.g. ``recipes/fmnist_resnet18_l0_macs.yaml``),
-rebuild the channel groups of its gated layers, remove every channel whose producing tensors are all
-zero (rows of the gated conv, its BatchNorm entries) together with the next layer's input columns,
-and report: the max abs difference of the outputs (gated vs purged, fp32), parameters and MACs per
-sample (training resolution and 224x224, measured by hooks on the purged model), and CPU latency at
-batch 1 in PyTorch and ONNX Runtime (one thread, variants interleaved, medians of per-round ratios).
+For a run whose checkpoint is ``purged`` (e.g. ``recipes/fmnist_resnet18_l0_macs.yaml``; a dense
+checkpoint is purged here with :func:`hf_sparse.structure.purge.purge_copy`), report: the max abs
+difference of the outputs gated vs purged (recorded at export, fp32), parameters and MACs per
+sample (training resolution and 224x224, measured by hooks) of the purged model and of the recipe's
+dense-shape model, and CPU latency at batch 1 in PyTorch and ONNX Runtime (one thread, variants
+interleaved, medians of per-round ratios; the dense model's weights are the recipe's
+initialisation: latency depends on the shapes only).
 
     OMP_NUM_THREADS=1 python bench/bench_budget.py RUN_DIR [--recipe RUN_DIR/model/recipe.yaml] \\
         [--size 224] [--rounds 30] [--json out.json] [--no-timing]
@@ -14,7 +15,6 @@ batch 1 in PyTorch and ONNX Runtime (one thread, variants interleaved, medians o
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import statistics
@@ -25,51 +25,11 @@ import torch
 from torch import nn
 
 from hf_sparse.checkpoint.save_and_load import load_sparse
-from hf_sparse.methods.granularity import build_grids
-from hf_sparse.methods.targets import TargetSpec, resolve_targets
 from hf_sparse.models.build import TimmClassifier
-from hf_sparse.structure.budget import count_macs, count_params, groups_from_channel_grids
+from hf_sparse.structure.budget import count_macs, count_params
+from hf_sparse.structure.purge import purge_copy
 from hf_sparse.training.recipe import load_recipe
-
-
-def kept_channels(model: nn.Module, group) -> torch.Tensor:
-    """Channels with any nonzero entry in a producing ("out") parameter."""
-    params = dict(model.named_parameters())
-    alive = torch.zeros(group.channels, dtype=torch.bool)
-    for s in group.slices:
-        if s.role == "out" and s.tensor in params:
-            t = params[s.tensor].detach().movedim(s.dim, 0)
-            per = t[s.index.reshape(-1)].reshape(group.channels, -1)
-            alive |= (per != 0).any(1)
-    return alive.nonzero().flatten()
-
-
-@torch.no_grad()
-def purge(model: nn.Module, groups, keep: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy with the removed channels sliced out of every tensor of their groups (Conv/BN/Linear)."""
-    small = copy.deepcopy(model)
-    tensors = {**dict(small.named_parameters()), **dict(small.named_buffers())}
-    modules = dict(small.named_modules())
-    for g in groups:
-        for s in g.slices:
-            rows = s.index[keep[g.name]].reshape(-1)
-            t = tensors[s.tensor]
-            t.data = t.data.index_select(s.dim, rows).contiguous()
-            m = modules[s.module]
-            n = t.shape[s.dim]
-            if isinstance(m, nn.modules.conv._ConvNd):
-                if s.dim == 0:
-                    m.out_channels = n
-                else:
-                    m.in_channels = n
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.num_features = n
-            elif isinstance(m, nn.Linear):
-                if s.dim == 0:
-                    m.out_features = n
-                else:
-                    m.in_features = n
-    return small
+from hf_sparse.training.run import prepare_run
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -131,21 +91,20 @@ def main() -> None:
     torch.set_num_threads(1)
     run = Path(args.run_dir)
     recipe = load_recipe(args.recipe or run / "model" / "recipe.yaml")
-    model = load_sparse(run / "model").eval()
+    dense = prepare_run(recipe, "unused-output-dir").model.eval()  # the dense shapes, as trained
+    loaded = load_sparse(run / "model").eval()
+    sparsity = json.loads((run / "model" / "sparsity.json").read_text())
+    if sparsity.get("format") == "purged":
+        small, diff = loaded, float(sparsity["purged"]["max_abs_diff"])
+    else:
+        small, info = purge_copy(loaded)
+        diff = info["max_abs_diff"]
     if recipe.model.source == "timm":  # load_sparse gives the bare timm model; the recipe names its wrapper
-        model = TimmClassifier(model, recipe.model.name).eval()
-    targets = resolve_targets(model, TargetSpec(**recipe.sparsity.targets.model_dump()))
-    grids = build_grids(targets, recipe.sparsity.granularity_spec(), model)
-    groups = groups_from_channel_grids(model, grids)
-    keep = {g.name: kept_channels(model, g) for g in groups}
-    small = purge(model, groups, keep).eval()
+        small = TimmClassifier(small, recipe.model.name).eval()
+    model = dense
     chans = int(model.model.conv1.in_channels) if hasattr(model, "model") else 3
     train_size = recipe.data.image_size or 28
-    x = torch.randn(8, chans, train_size, train_size)
-    with torch.no_grad():
-        diff = float((_logits(model, x) - _logits(small, x)).abs().max())
-    result = {"run": str(run), "kept": {k: int(v.numel()) for k, v in keep.items()},
-              "channels": {g.name: g.channels for g in groups}, "max_abs_diff": diff,
+    result = {"run": str(run), "max_abs_diff_gated_vs_purged": diff,
               "params": count_params(small), "dense_params": count_params(model)}
     result["params_fraction"] = result["params"] / result["dense_params"]
     for size in (train_size, args.size):

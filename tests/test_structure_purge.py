@@ -81,10 +81,14 @@ def inputs(model: nn.Module, batch: int = 2) -> torch.Tensor | dict[str, torch.T
     return {"pixel_values": x} if hasattr(model, "config") else x
 
 
+def logits(model: nn.Module, x) -> torch.Tensor:
+    out = model(**x) if isinstance(x, dict) else model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
 def run(model: nn.Module, x) -> torch.Tensor:
     with torch.no_grad():
-        out = model(**x) if isinstance(x, dict) else model(x)
-    return out.logits if hasattr(out, "logits") else out
+        return logits(model, x)
 
 
 def gated(model: nn.Module, density: float = 0.5):
@@ -291,3 +295,34 @@ def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
     (folder / "sparsity.json").write_text(json.dumps(sparsity))
     with pytest.raises(CheckpointError, match="no.such.weight"):
         load_sparse(folder)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_few_group_steps_then_purge(name):
+    """Train a few steps of gmp at ``granularity: group`` (every coupled group to half its channels),
+    then purge: the purged model gives the trained model's outputs and is smaller."""
+    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.training.sparsifier import Sparsifier
+
+    model = MODELS[name]().train()
+    config = SparsityConfig(method="gmp", target_density=0.5, granularity="group",
+                            targets={"layer_types": ["Conv2d", "Linear"]},
+                            params={"start_fraction": 0.0, "end_fraction": 0.5, "frequency": 1})
+    sp = Sparsifier(model, config, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = inputs(model, 4), torch.arange(4)
+    steps = 4
+    sp.setup(steps)
+    for step in range(steps):
+        sp.before_forward(step)
+        nn.functional.cross_entropy(logits(model, x), y).backward()
+        sp.after_backward(step)
+        opt.step()
+        sp.after_step(step, opt)
+        opt.zero_grad()
+    sp.finalize()
+    model.eval()
+    small, info = purge_copy(model, inputs=inputs(model, 1))
+    assert info["max_abs_diff"] <= TOL and info["params"]["purged"] < info["params"]["dense"]
+    x = inputs(model)
+    assert (run(small, x) - run(model, x)).abs().max() <= TOL

@@ -115,3 +115,18 @@ def test_corrupt_fsdd_is_a_data_error(tmp_path):
     (folder / "fsdd.tar.gz").write_bytes(b"\x1f\x8b junk")
     with pytest.raises(DataError, match=r"fsdd.tar.gz: not a readable tar.gz archive"):
         load_data(DataConfig(name="fsdd", path=str(folder)))
+
+
+def test_a_rebuilt_source_is_reused_until_its_files_change(tmp_path):
+    """The same process asking twice for unchanged data gets the same decoded splits (validate then
+    train decode once); rewriting a file builds afresh; each caller's bundle is its own to change."""
+    folder = write_idx(tmp_path / "idx")
+    cfg = DataConfig(name="idx", path=str(folder))
+    first, second = load_data(cfg), load_data(cfg)
+    assert second.train is first.train and second is not first
+    second.info["num_channels"] = 3
+    assert first.info.get("num_channels") != 3
+    assert load_data(DataConfig(name="idx", path=str(folder), max_train_samples=5)).train.num_rows == 5
+    assert load_data(cfg).train.num_rows == 40
+    write_idx(folder, n_train=20)
+    assert load_data(cfg).train.num_rows == 20

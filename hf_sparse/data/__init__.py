@@ -6,6 +6,9 @@ A source is a function ``(DataConfig) -> DataBundle`` registered under a name wi
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +72,43 @@ def register_data(*names: str) -> Callable:
     return deco
 
 
+#: Recently built source bundles, keyed by what they were built from (see :func:`_source_key`).
+_BUILT: OrderedDict[tuple, DataBundle] = OrderedDict()
+_BUILT_MAX = 4
+
+
+def _source_key(cfg) -> tuple | None:
+    """What a local source's bundle depends on: the source's settings and every file under its folder
+    (path, size, modification time), so an edited or replaced file builds afresh. ``None`` (no reuse)
+    for Hub data and folders that cannot be listed."""
+    if cfg.hub_id:
+        return None
+    folder = Path(cfg.path) if cfg.path else BUNDLED_DATA
+    try:
+        stamp = tuple(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*") if f.is_file()))
+    except OSError:
+        return None
+    settings = json.dumps([cfg.name, cfg.path, cfg.split, cfg.options, cfg.seed], sort_keys=True, default=repr)
+    return settings, str(folder.resolve()), stamp
+
+
+def _build_source(cfg) -> DataBundle:
+    """The source's bundle, reused when the same process asks again for the same unchanged data:
+    ``validate`` then ``train``, a test suite or a recipe fuzzer decode and featurise each dataset once."""
+    key = _source_key(cfg)
+    if key is not None and key in _BUILT:
+        _BUILT.move_to_end(key)
+        built = _BUILT[key]
+    else:
+        built = DATA_SOURCES[cfg.name](cfg)
+        if key is not None:
+            _BUILT[key] = built
+            while len(_BUILT) > _BUILT_MAX:
+                _BUILT.popitem(last=False)
+    # Callers replace splits and the collator (subsampling, resizing): hand out a shallow copy.
+    return dataclasses.replace(built, info=dict(built.info))
+
+
 def load_data(cfg) -> DataBundle:
     """Build the bundle for a recipe's ``data`` section (a ``recipe.DataConfig``)."""
     if cfg.hub_id:
@@ -77,7 +117,7 @@ def load_data(cfg) -> DataBundle:
         bundle = load_hub_images(cfg)
     else:
         try:
-            bundle = DATA_SOURCES[cfg.name](cfg)
+            bundle = _build_source(cfg)
         except DataError:
             if cfg.path or BUNDLED_DATA.is_dir():
                 raise

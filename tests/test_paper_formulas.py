@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_sparse.methods import get_method
+from hf_sparse.methods import bitset, get_method
 from hf_sparse.methods.base import step_generator
 from hf_sparse.methods.targets import resolve_targets
 
@@ -108,6 +108,17 @@ def test_dns_thresholds_surgery_and_splicing():
     m.after_step(1, None)
     assert m.masks[0].tolist() == [[True, False, False, False, False, True, True, True]]
     assert m.metrics()["spliced"] == 1
+
+
+def test_packed_flags_round_trip():
+    """DNS keeps its ever-pruned flags eight to a byte; unpacking gives the flags back exactly."""
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1,), (8,), (3, 5), (7, 3, 3)]:
+        flags = torch.rand(shape, generator=gen) > 0.5
+        packed = bitset.pack(flags)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(flags.numel() / 8)
+        assert torch.equal(bitset.unpack(packed, flags.shape), flags)
+    assert bitset.pack(torch.tensor([True, False, True] + [False] * 5)).tolist() == [0b101]
 
 
 def test_dns_surgery_probability_and_shared_draws():

@@ -252,7 +252,7 @@ class AutoPrune(SparsityMethod):
             if m.device != dev:
                 moved = True
                 m.data = m.data.to(dev)  # same Parameter object: the optimizer keeps tracking it
-                g.sizes = g.sizes.to(dev)
+                g.follow(dev)
                 self.masks[i], self.ever_restored[i] = self.masks[i].to(dev), self.ever_restored[i].to(dev)
         if moved:
             self._refresh_factors()

@@ -139,13 +139,25 @@ class SparsityMethod:
             for t, m in zip(self.targets, self.hard_masks()):
                 t.param.mul_(m)
 
-    def mask_factors(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-grid boolean masks as float multipliers of every covered tensor (``covered`` order).
+    def mask_factors(self, masks: list[torch.Tensor], compact: bool = False) -> list[torch.Tensor]:
+        """Per-grid boolean masks as multipliers of every covered tensor (``covered`` order).
 
-        Multiplying by a float mask is ~4x faster than by a bool one; for units the factor is a
-        broadcast view (one float per unit), for single weights a full-size tensor.
+        For units the factor is a broadcast view of one float per unit. A factor as large as its
+        tensor (single weights, blocks) is a float 0/1 copy (4 bytes per weight), or with
+        ``compact`` the boolean mask viewed as ``uint8``: no copy at all for single weights, 1 byte
+        per weight for blocks. Both give bit-identical products; measured per multiply on one
+        thread, float 0.65 ms, uint8 1.07 ms, bool 1.9 ms, ``masked_fill_`` 8.4 ms (2.4M weights,
+        half of them pruned at random).
         """
-        return [m.expand(mask.to(m.param.dtype)) for g, mask in zip(self.grids, masks) for m in g.members]
+        out = []
+        for g, mask in zip(self.grids, masks):
+            for m in g.members:
+                factor = m.expand(mask)
+                if compact and factor.numel() >= m.param.numel():
+                    out.append(factor.view(torch.uint8))
+                else:
+                    out.append(factor.to(m.param.dtype))
+        return out
 
     # -- reporting ---------------------------------------------------------------------------
     def group_masks(self) -> list[torch.Tensor]:
@@ -187,7 +199,9 @@ class MaskedMethod(SparsityMethod):
     """A method whose state is one boolean mask per grid (DNS, GMP, Narang).
 
     The mask of a grid covers its weights and their companions (unit biases, BatchNorm affine
-    parameters at channel granularity), so a pruned unit emits exactly zero.
+    parameters at channel granularity), so a pruned unit emits exactly zero. Memory: the mask
+    itself, 1 byte per group (per weight when unstructured), and for blocks one full-size byte
+    mask to multiply with; no float copy.
     """
 
     def __init__(self, targets, config, target_density, seed=0, granularity=UNSTRUCTURED, model=None):
@@ -197,8 +211,8 @@ class MaskedMethod(SparsityMethod):
         self.masks_changed()
 
     def masks_changed(self) -> None:
-        """Refresh the float multipliers after the masks changed."""
-        self._factors = self.mask_factors(self.masks)
+        """Refresh the multipliers after the masks changed (compact: see :meth:`mask_factors`)."""
+        self._factors = self.mask_factors(self.masks, compact=True)
 
     def group_masks(self) -> list[torch.Tensor]:
         return [m.clone() for m in self.masks]

@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from . import register_method, sharding
+from . import bitset, register_method, sharding
 from .base import MaskedMethod, MethodConfig, step_generator
 from .granularity import keep_top, thresholds
 from .reparam import RealWeights
@@ -73,7 +73,7 @@ class DynamicNetworkSurgery(MaskedMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.real = RealWeights([m.target for m in self.covered])
-        self.ever_pruned = [torch.zeros_like(m) for m in self.masks]
+        self.ever_pruned = [bitset.pack(torch.zeros_like(m)) for m in self.masks]  # packed: read by reports only
         self.t = torch.zeros(len(self.grids), dtype=torch.float64)
         self.surgeries = 0
         self.calibrated_at = -1  # target mode: iteration of the last threshold refresh
@@ -135,7 +135,7 @@ class DynamicNetworkSurgery(MaskedMethod):
                 # against a per-group threshold (lo*t where kept, hi*t where pruned) does both.
                 t = float(self.t[i])
                 new = a > m.to(a.dtype).mul_((lo - hi) * t).add_(hi * t)
-            ever |= ~new
+            ever |= bitset.pack(~new)
             m.copy_(new)
         self.masks_changed()
         self.surgeries += 1
@@ -150,7 +150,7 @@ class DynamicNetworkSurgery(MaskedMethod):
 
     def spliced(self) -> int:
         """Weights that surgery pruned at some point and that are kept now: spliced back."""
-        return self._weights([e & m for e, m in zip(self.ever_pruned, self.masks)])
+        return self._weights([bitset.unpack(e, m.shape) & m for e, m in zip(self.ever_pruned, self.masks)])
 
     def metrics(self) -> dict[str, float]:
         return {"spliced": self.spliced(), "surgeries": self.surgeries,
@@ -165,7 +165,7 @@ class DynamicNetworkSurgery(MaskedMethod):
         super().load_state_dict(state)
         self.real.load_state_dict(state["dense"])
         for d, s in zip(self.ever_pruned, state["ever_pruned"], strict=True):
-            d.copy_(s)
+            d.copy_(bitset.pack(s) if s.dtype == torch.bool else s)  # bool: a checkpoint from before packing
         self.t.copy_(state["t"])
         self.surgeries = int(state["surgeries"])
         self.calibrated_at = int(state["calibrated_at"])

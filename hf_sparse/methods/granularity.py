@@ -223,14 +223,25 @@ class GroupGrid:
     def __post_init__(self):
         self.shape = self.members[0].tiling.group_shape
         device = self.members[0].param.device
-        ones = [torch.ones(m.param.shape, device=device) for m in self.weights]
-        self.sizes = self.reduce(ones, "sum")
+        if len(self.weights) == 1 and isinstance(self.weights[0].tiling, _Entries):
+            # one weight per group: a broadcast 1, not a float per weight (4 bytes per targeted weight)
+            self.sizes = torch.ones((), device=device).expand(self.shape)
+        else:
+            ones = [torch.ones(m.param.shape, device=device) for m in self.weights]
+            self.sizes = self.reduce(ones, "sum")
         self.shard = layout_for(self)
         self.uniform = self.shard.uniform if self.shard else bool(self.sizes.min() == self.sizes.max())
 
     @property
     def weights(self) -> list[Member]:
         return [m for m in self.members if m.scored]
+
+    def follow(self, device: torch.device) -> None:
+        """Move ``sizes`` to ``device``, keeping a broadcast 1 a broadcast (``.to`` would materialise it)."""
+        if self.sizes.device != device:
+            small = self.sizes.stride() == (0,) * self.sizes.dim() and self.sizes.dim() > 0
+            self.sizes = (torch.ones((), device=device).expand(self.shape) if small
+                          else self.sizes.to(device))
 
     @property
     def numel(self) -> int:

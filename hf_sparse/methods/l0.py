@@ -117,7 +117,6 @@ class _Gates:
     sizes: torch.Tensor | None = None  # per-gate cost when not uniform (ragged edge blocks)
     P: nn.Parameter | None = None
     Q: nn.Parameter | None = None
-    noise: torch.Tensor | None = field(default=None, repr=False)  # this step's logistic noise
     z: torch.Tensor | None = field(default=None, repr=False)  # this step's gate values
     slope: torch.Tensor | None = field(default=None, repr=False)  # dz/dlog_alpha at this step
 
@@ -276,8 +275,8 @@ class L0(SparsityMethod):
             else:
                 u = (hc.sample_uniform(g.log_alpha.shape, gen) if g.grid.shard is None
                      else sharding.local_sample(g.grid, lambda shape: hc.sample_uniform(shape, gen)))
-                g.noise = hc.logistic_noise(u).to(g.log_alpha.device)
-                g.z, g.slope = hc.sample_and_slope(g.log_alpha, g.noise, self.config.temperature)
+                noise = hc.logistic_noise(u).to(g.log_alpha.device)  # not kept: 4 bytes per gate
+                g.z, g.slope = hc.sample_and_slope(g.log_alpha, noise, self.config.temperature)
         self._write([g.z for g in self.gates], train=True)
         self._holds = "train"
 

@@ -1,13 +1,17 @@
-"""Dense vs sparsity methods on LeNet-300-100 + Fashion-MNIST, side by side in one process.
+"""Dense vs sparsity methods on Fashion-MNIST, side by side in one process.
 
 Every variant starts from the same initial weights and sees the same batches. For each batch the
 variants take one training step each (forward, backward, the method's hooks, Adam step) in
 rotating order, so the CPU's fast and slow phases hit all of them alike. The script reports the
 median per-step time ratio to dense, and the achieved density and test accuracy after training.
-Hyper-parameters and sparsity settings are read from recipes/fmnist_lenet300_<variant>.yaml
-(variants: gmp, gradual, dns, l0_constrained, l0_augmented, autoprune, ...).
+Sparsity settings are read from recipes/fmnist_lenet300_<variant>.yaml (variants: gmp, gradual,
+dns, l0_constrained, l0_augmented, autoprune, ...). ``--model`` picks the network: LeNet-300-100
+(its dense recipe's training settings), or a conv model (timm ``resnet18`` from
+recipes/fmnist_resnet18_dense.yaml, images resized to ``--image-size``) with the same methods on
+every Conv2d/Linear weight.
 
     python bench/bench_engine.py [--epochs 10] [--density 0.1] [--methods gmp gradual dns]
+    python bench/bench_engine.py --model resnet18 --image-size 64 --steps 40 --methods gmp dns l0_constrained
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ from hf_sparse.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def evaluate(model, data, batch=1000) -> float:
+#: --model -> (dense recipe with the training settings, extra recipe overrides).
+MODELS = {"lenet300": "recipes/fmnist_lenet300_dense.yaml", "resnet18": "recipes/fmnist_resnet18_dense.yaml"}
+
+
+def evaluate(model, data, limit: int, batch: int = 500) -> float:
     model.eval()
-    correct = 0
+    correct, n = 0, min(limit, len(data.eval))
     with torch.no_grad():
-        for i in range(0, len(data.eval), batch):
-            b = data.collator(data.eval.__getitems__(list(range(i, min(i + batch, len(data.eval))))))
+        for i in range(0, n, batch):
+            b = data.collator(data.eval.__getitems__(list(range(i, min(i + batch, n)))))
             correct += int((model(b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum())
     model.train()
-    return correct / len(data.eval)
+    return correct / n
 
 
 def main() -> None:
@@ -45,16 +53,24 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.1)
     ap.add_argument("--methods", nargs="+", default=["gmp", "gradual", "dns"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--model", choices=sorted(MODELS), default="lenet300")
+    ap.add_argument("--image-size", type=int, default=None, help="resize the images (conv models)")
+    ap.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the dense recipe's)")
+    ap.add_argument("--eval-samples", type=int, default=10_000)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    dense_recipe = load_recipe(REPO / "recipes/fmnist_lenet300_dense.yaml")
+    sets = [f"data.image_size={args.image_size}"] if args.image_size else []
+    if args.batch:
+        sets.append(f"training.per_device_train_batch_size={args.batch}")
+    dense_recipe = load_recipe(REPO / MODELS[args.model], sets)
     tr = dense_recipe.training
     data = load_data(dense_recipe.data)
     torch.manual_seed(tr["seed"])
     base = build_model(dense_recipe.model, data)
     steps_per_epoch = math.ceil(len(data.train) / tr["per_device_train_batch_size"])
-    total = int(args.epochs * steps_per_epoch)
+    total = args.steps or int(args.epochs * steps_per_epoch)
 
     variants = {}
     for name in ["dense", *args.methods]:
@@ -62,7 +78,10 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
         sp = None
         if name != "dense":
-            recipe = load_recipe(REPO / f"recipes/fmnist_lenet300_{name}.yaml", [f"sparsity.target_density={args.density}"])
+            overrides = [f"sparsity.target_density={args.density}"]
+            if args.model != "lenet300":  # the method's settings, on the conv model's Conv2d/Linear weights
+                overrides.append("sparsity.targets.include_head=false")
+            recipe = load_recipe(REPO / f"recipes/fmnist_lenet300_{name}.yaml", overrides)
             sp = Sparsifier(model, recipe.sparsity, seed=tr["seed"])
             sp.setup(total)
             for group in sp.method.param_groups(tr["learning_rate"]):  # gates, auxiliary masks
@@ -104,8 +123,9 @@ def main() -> None:
                 ratios[n].append(times[n] / times["dense"])
             i += 1
 
-    print(f"LeNet-300-100, Fashion-MNIST, {args.epochs:g} epochs ({total} steps), target density {args.density}, "
-          f"{args.threads} threads")
+    size = f", {args.image_size}x{args.image_size} images" if args.image_size else ""
+    print(f"{args.model}, Fashion-MNIST{size}, batch {tr['per_device_train_batch_size']}, {total} steps, "
+          f"target density {args.density}, {args.threads} threads")
     print("| variant | step time / dense (median) | achieved density | test accuracy |")
     print("|---|---|---|---|")
     for name, (model, _, _, sp) in variants.items():
@@ -113,7 +133,7 @@ def main() -> None:
             sp.finalize()
         ratio = "1.00" if name == "dense" else f"{statistics.median(ratios[name]):.3f}"
         density = "1.0000" if sp is None else f"{sp.density():.4f}"
-        print(f"| {name} | {ratio} | {density} | {evaluate(model, data):.4f} |")
+        print(f"| {name} | {ratio} | {density} | {evaluate(model, data, args.eval_samples):.4f} |")
 
 
 if __name__ == "__main__":

@@ -61,12 +61,17 @@ class DataError(ValueError):
 
 
 DATA_SOURCES: dict[str, Callable[..., DataBundle]] = {}
+#: Sources whose bundles are not kept for reuse (see :func:`_build_source`): lazy ones, whose
+#: folders are too large to stamp file by file and cost nothing to open again.
+_NOT_REUSED: set[str] = set()
 
 
-def register_data(*names: str) -> Callable:
+def register_data(*names: str, reuse: bool = True) -> Callable:
     def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
         for n in names:
             DATA_SOURCES[n] = fn
+            if not reuse:
+                _NOT_REUSED.add(n)
         return fn
 
     return deco
@@ -80,8 +85,8 @@ _BUILT_MAX = 4
 def _source_key(cfg) -> tuple | None:
     """What a local source's bundle depends on: the source's settings and every file under its folder
     (path, size, modification time), so an edited or replaced file builds afresh. ``None`` (no reuse)
-    for Hub data and folders that cannot be listed."""
-    if cfg.hub_id:
+    for Hub data, sources registered with ``reuse=False`` and folders that cannot be listed."""
+    if cfg.hub_id or cfg.name in _NOT_REUSED:
         return None
     folder = Path(cfg.path) if cfg.path else BUNDLED_DATA
     try:
@@ -111,6 +116,12 @@ def _build_source(cfg) -> DataBundle:
 
 def load_data(cfg) -> DataBundle:
     """Build the bundle for a recipe's ``data`` section (a ``recipe.DataConfig``)."""
+    if cfg.transforms == "timm" and not (cfg.hub_id or cfg.name == "image_folder"):
+        raise DataError(f"transforms 'timm' applies to image_folder and hub_id images, not data.name {cfg.name!r}",
+                        key="transforms")
+    if cfg.transforms == "stored" and cfg.name == "image_folder" and not cfg.hub_id:
+        raise DataError("image_folder always decodes images when read: transforms must be 'timm' (or unset)",
+                        key="transforms")
     if cfg.hub_id:
         from .hub_images import load_hub_images
 
@@ -140,6 +151,6 @@ def _subsample(bundle: DataBundle, cfg) -> DataBundle:
 
 
 # Importing the modules registers the sources.
-from . import fsdd, idx  # noqa: E402,F401
+from . import fsdd, idx, lazy_images  # noqa: E402,F401
 
 __all__ = ["BUNDLED_DATA", "DATA_SOURCES", "DataBundle", "DataError", "load_data", "register_data"]

@@ -1,7 +1,9 @@
 """Image-classification datasets from the Hub (``data.hub_id``), via ``datasets.load_dataset``.
 
 This is the path for users with internet access. Without it (as on hf_sparse's CI) the load
-fails and the user gets one sentence saying so, not a traceback.
+fails and the user gets one sentence saying so, not a traceback. By default the images are
+decoded once into memory (small datasets such as Fashion-MNIST or CIFAR); ``data.transforms: timm``
+keeps them encoded and transforms each when read (:mod:`.lazy_images`, for ImageNet).
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ import numpy as np
 
 from . import DataBundle, DataError
 from .idx import image_bundle, images_to_dataset
-
-_IMAGE_COLUMNS = ("image", "img", "pixel_values")
-_LABEL_COLUMNS = ("label", "labels", "fine_label")
+from .lazy_images import image_and_label_columns, lazy_image_bundle
 
 
 def load_hub_images(cfg) -> DataBundle:
@@ -25,14 +25,12 @@ def load_hub_images(cfg) -> DataBundle:
                         f"at a local copy or use a built-in data.name") from None
     if not isinstance(dd, datasets.DatasetDict) or "train" not in dd:
         raise DataError(f"Hub dataset {cfg.hub_id!r} has no 'train' split")
+    if cfg.transforms == "timm":
+        return lazy_image_bundle(dd, cfg.hub_id, cfg.image_size)
     test_split = next((s for s in ("test", "validation") if s in dd), None)
     if test_split is None:
         raise DataError(f"Hub dataset {cfg.hub_id!r} has no 'test' or 'validation' split")
-    columns = dd["train"].column_names
-    image_col = next((c for c in _IMAGE_COLUMNS if c in columns), None)
-    label_col = next((c for c in _LABEL_COLUMNS if c in columns), None)
-    if image_col is None or label_col is None:
-        raise DataError(f"Hub dataset {cfg.hub_id!r}: need an image and a label column, found {columns}")
+    image_col, label_col = image_and_label_columns(dd["train"], f"Hub dataset {cfg.hub_id!r}")
     label_feature = dd["train"].features[label_col]
     names = list(getattr(label_feature, "names", None) or map(str, sorted(set(dd["train"][label_col]))))
 

@@ -54,6 +54,11 @@ def resize_images(bundle, cfg):
     if bundle.task != "image-classification":
         raise DataError(f"image_size/channels apply to images; data {cfg.name!r} is {bundle.task}",
                         key="image_size" if cfg.image_size else "channels")
+    if bundle.info.get("lazy_images"):  # the per-example transforms already resize (and make RGB)
+        if cfg.channels and cfg.channels != 3:
+            raise DataError(f"images read with data.transforms 'timm' are RGB (3 channels), not {cfg.channels}",
+                            key="channels")
+        return bundle
     stored = int(bundle.info.get("num_channels", 1))
     if cfg.channels and cfg.channels != stored and stored != 1:
         raise DataError(f"the images have {stored} channels; only 1-channel images can be replicated to "
@@ -66,11 +71,17 @@ def resize_images(bundle, cfg):
 
 
 def adopt_timm_preprocessing(bundle, model: torch.nn.Module, pretrained: bool) -> None:
-    """Take the timm model's interpolation (and mean/std when its weights are pretrained) for resized images."""
-    if not isinstance(bundle.collator, ResizingCollator):
-        return
+    """Take the timm model's interpolation (and mean/std when its weights are pretrained) for resized
+    images; images decoded per example get the model's whole train/eval transform pipeline."""
     from timm.data import resolve_data_config
 
+    if bundle.info.get("lazy_images"):
+        from .lazy_images import set_timm_transforms
+
+        set_timm_transforms(bundle, resolve_data_config({}, model=model))
+        return
+    if not isinstance(bundle.collator, ResizingCollator):
+        return
     config = resolve_data_config({}, model=model)
     bundle.collator.interpolation = str(config.get("interpolation") or "bilinear")
     if pretrained:

@@ -79,6 +79,10 @@ class DataConfig(_Section):
     seed: int = Field(0, description="seed for subsampling and generated data")
     image_size: PositiveInt | None = Field(None, description="resize images to this many pixels a side (default: as stored)")
     channels: PositiveInt | None = Field(None, description="image channels the model reads: 3 replicates grey images to RGB")
+    transforms: Literal["stored", "timm"] | None = Field(
+        None, description="stored: images decoded once into memory, used as stored; timm: kept encoded and "
+                          "decoded per example with timm's train/eval transforms (for ImageNet-size data). "
+                          "Default: timm for image_folder, stored otherwise")
 
 
 class TargetsConfig(_Section):

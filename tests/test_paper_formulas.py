@@ -118,6 +118,7 @@ def test_packed_flags_round_trip():
         packed = bitset.pack(flags)
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(flags.numel() / 8)
         assert torch.equal(bitset.unpack(packed, flags.shape), flags)
+        assert torch.equal(bitset._pack_tensor(flags), packed)  # the path of non-CPU devices: same bytes
     assert bitset.pack(torch.tensor([True, False, True] + [False] * 5)).tolist() == [0b101]
 
 

@@ -179,7 +179,9 @@ def run_grid(grid: Sequence[GridRun], jobs: int = 1, poll_s: float = 0.2) -> Gri
     outcome = GridOutcome(skipped=len(grid) - len(todo), finished=[], failed=[])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     running: dict[subprocess.Popen, tuple[GridRun, object]] = {}
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # SIGINT too: a shell starts background jobs (`cmd &`) with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt, so `kill -INT` would be lost.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=len(grid), initial=outcome.skipped, unit="run", desc="compare", dynamic_ncols=True)
     try:
         while todo or running:
@@ -204,6 +206,7 @@ def run_grid(grid: Sequence[GridRun], jobs: int = 1, poll_s: float = 0.2) -> Gri
             log.close()
         raise KeyboardInterrupt from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
     return outcome

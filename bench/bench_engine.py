@@ -32,7 +32,7 @@ from hf_sparse.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-#: --model -> (dense recipe with the training settings, extra recipe overrides).
+#: --model -> the dense recipe whose model, data and training settings the bench uses.
 MODELS = {"lenet300": "recipes/fmnist_lenet300_dense.yaml", "resnet18": "recipes/fmnist_resnet18_dense.yaml"}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
+from ..training.recipe import first_line
 from . import DataBundle, DataError
 from .idx import image_bundle, images_to_dataset
 from .lazy_images import image_and_label_columns, lazy_image_bundle
@@ -20,7 +21,7 @@ def load_hub_images(cfg) -> DataBundle:
     try:
         dd = datasets.load_dataset(cfg.hub_id, **cfg.options)
     except Exception as e:  # network, auth, missing repo: all reported the same way
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise DataError(f"cannot load Hub dataset {cfg.hub_id!r} ({reason}); without Hub access, point data.path "
                         f"at a local copy or use a built-in data.name") from None
     if not isinstance(dd, datasets.DatasetDict) or "train" not in dd:

@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 import torch
 
+from ..training.recipe import first_line
 from . import DataBundle, DataError, register_data
 from .idx import accuracy
 
@@ -28,7 +29,7 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values")
 LABEL_COLUMNS = ("label", "labels", "fine_label")
 #: Evaluation split, in order of preference: ImageNet-1k's ``test`` split carries no labels (-1).
 EVAL_SPLITS = ("validation", "val", "valid", "test")
-#: Side of the images until a model's own config is known (timm's default input size).
+#: Side of the images until a model's own config is known, unless the recipe sets data.image_size.
 DEFAULT_IMAGE_SIZE = 224
 
 
@@ -62,13 +63,12 @@ def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def lazy_image_bundle(dd: datasets.DatasetDict, name: str, image_size: int | None) -> DataBundle:
-    """A bundle over ``dd``'s ``train`` and evaluation splits whose images are decoded when read.
+    """A bundle over ``dd``'s ``train`` split (the callers check it exists) and its evaluation
+    split, whose images are decoded when read.
 
     Columns are renamed to ``pixel_values``/``labels`` so that Trainer's ``remove_unused_columns``
     (which keeps only the model's forward arguments) leaves them in place.
     """
-    if "train" not in dd:
-        raise DataError(f"{name} has no 'train' split (found {', '.join(dd) or 'none'})")
     eval_split = next((s for s in EVAL_SPLITS if s in dd), None)
     if eval_split is None:
         raise DataError(f"{name} has no evaluation split: need one of {', '.join(EVAL_SPLITS)}")
@@ -85,8 +85,7 @@ def lazy_image_bundle(dd: datasets.DatasetDict, name: str, image_size: int | Non
     bundle = DataBundle(
         train=prepare(dd["train"]), eval=prepare(dd[eval_split]), collator=_stack, compute_metrics=accuracy,
         task="image-classification", num_labels=feature.num_classes, label_names=list(feature.names),
-        info={"num_channels": 3, "image_size": image_size or DEFAULT_IMAGE_SIZE, "lazy_images": True,
-              "image_size_given": image_size is not None},
+        info={"num_channels": 3, "lazy_images": True, "requested_image_size": image_size},
         card_name=name)
     set_timm_transforms(bundle, {})
     return bundle
@@ -99,7 +98,7 @@ def set_timm_transforms(bundle: DataBundle, data_config: dict[str, Any]) -> None
     from timm.data import create_transform, resolve_data_config
 
     config = {**resolve_data_config(pretrained_cfg={"input_size": (3, DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)}), **data_config}
-    size = int(bundle.info["image_size"] if bundle.info.get("image_size_given") else config["input_size"][-1])
+    size = int(bundle.info["requested_image_size"] or config["input_size"][-1])
     config["input_size"] = (3, size, size)
     bundle.info["image_size"] = size
     keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
@@ -121,5 +120,5 @@ def image_folder_source(cfg) -> DataBundle:
     try:
         dd = datasets.load_dataset("imagefolder", data_dir=str(folder), **cfg.options)
     except (ValueError, FileNotFoundError) as e:
-        raise DataError(f"{folder}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise DataError(f"{folder}: {first_line(e)}") from None
     return lazy_image_bundle(dd, str(folder), cfg.image_size)

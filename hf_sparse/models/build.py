@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..training.recipe import first_line
 from . import MODEL_REGISTRY
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def forward_problem(model: nn.Module, data: DataBundle) -> str | None:
         with torch.no_grad():
             model(**batch)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:  # TypeError: inputs the model does not take
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         shape = tuple(batch["pixel_values"].shape[1:]) if "pixel_values" in batch else None
         where = f" on {'×'.join(map(str, shape))} inputs" if shape else ""
         hint = "; set data.image_size to a larger size" if shape and len(shape) == 3 else ""

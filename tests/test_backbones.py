@@ -288,3 +288,15 @@ def test_exporting_a_one_channel_timm_model_does_not_warn_about_its_mean_and_std
     assert "does not match" not in caplog.text
     config = json.loads((out / "config.json").read_text())["pretrained_cfg"]
     assert len(config["mean"]) == len(config["std"]) == 1
+
+
+def test_fixed_size_vit_on_small_images_names_both_fixes(tmp_path, capsys, one_thread):
+    """timm's ViT checks its input size with torch._assert (an AssertionError, not a RuntimeError)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  source: timm\n  name: vit_tiny_patch16_224\ndata:\n  name: fashion_mnist\n"
+                    "  max_train_samples: 16\n  max_eval_samples: 8\nsparsity:\n  method: gmp\n  target_density: 0.5\n")
+    assert cli_main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}:" in err and "Traceback" not in err
+    assert "built for 224×224 images" in err and "model.kwargs: {img_size: 28}" in err
+    assert cli_main(["validate", str(path), "--set", "model.kwargs={img_size: 28}"]) == 0

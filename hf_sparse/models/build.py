@@ -116,12 +116,26 @@ def forward_problem(model: nn.Module, data: DataBundle) -> str | None:
     try:
         with torch.no_grad():
             model(**batch)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e:  # TypeError: inputs the model does not take
+    # TypeError: inputs the model does not take; AssertionError: torch._assert shape checks
+    # (timm's fixed-size patch embeddings: "Input height (28) doesn't match model (224)")
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as e:
         first = first_line(e)
         shape = tuple(batch["pixel_values"].shape[1:]) if "pixel_values" in batch else None
         where = f" on {'×'.join(map(str, shape))} inputs" if shape else ""
-        hint = "; set data.image_size to a larger size" if shape and len(shape) == 3 else ""
-        return f"the model fails on a batch of the data{where} ({first}){hint}"
+        return f"the model fails on a batch of the data{where} ({first}){_size_hint(model, shape)}"
     finally:
         model.train(was_training)
     return None
+
+
+def _size_hint(model: nn.Module, shape: tuple[int, ...] | None) -> str:
+    """What to change when images are the wrong size for the model."""
+    if not shape or len(shape) != 3:
+        return ""
+    patch_embed = getattr(getattr(model, "model", None), "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if getattr(patch_embed, "strict_img_size", False) and size and tuple(size) != tuple(shape[1:]):
+        # timm ViT-style models are built for one input size; img_size rebuilds them for another
+        return (f"; the model is built for {'×'.join(map(str, size))} images: set data.image_size: {size[0]}, "
+                f"or model.kwargs: {{img_size: {shape[-1]}}}")
+    return "; set data.image_size to a larger size"

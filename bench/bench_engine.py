@@ -12,6 +12,7 @@ every Conv2d/Linear weight.
 
     python bench/bench_engine.py [--epochs 10] [--density 0.1] [--methods gmp gradual dns]
     python bench/bench_engine.py --model resnet18 --image-size 64 --steps 40 --methods gmp dns l0_constrained
+    python bench/bench_engine.py --epochs 1 --methods l0_constrained --breakdown   # + ms per phase of a step
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from hf_sparse.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+#: the parts of one training step, timed separately for ``--breakdown``
+PHASES = ("before_forward", "forward+backward", "after_backward", "optimizer", "after_step")
 
 #: --model -> the dense recipe whose model, data and training settings the bench uses.
 MODELS = {"lenet300": "recipes/fmnist_lenet300_dense.yaml", "resnet18": "recipes/fmnist_resnet18_dense.yaml"}
@@ -58,6 +62,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="train this many steps instead of --epochs")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the dense recipe's)")
     ap.add_argument("--eval-samples", type=int, default=10_000)
+    ap.add_argument("--breakdown", action="store_true", help="also print the median time of each phase of a step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -89,22 +94,30 @@ def main() -> None:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
         variants[name] = (model, opt, sched, sp)
 
+    phases = {n: {p: [] for p in PHASES} for n in variants}
+
     def step(name, batch, i) -> float:
         model, opt, sched, sp = variants[name]
-        start = time.perf_counter()
+        marks = [time.perf_counter()]
         if sp:
             sp.before_forward(i)
+        marks.append(time.perf_counter())
         loss = model(**batch).loss
         loss.backward()
+        marks.append(time.perf_counter())
         if sp:
             sp.after_backward(i)
+        marks.append(time.perf_counter())
         opt.step()
+        marks.append(time.perf_counter())
         if sp:
             sp.after_step(i, opt)
         opt.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+        marks.append(time.perf_counter())
         sched.step()
-        return elapsed
+        for phase, a, b in zip(PHASES, marks, marks[1:]):
+            phases[name][phase].append(b - a)
+        return marks[-1] - marks[0]
 
     names = list(variants)
     ratios = {n: [] for n in names[1:]}
@@ -134,6 +147,12 @@ def main() -> None:
         ratio = "1.00" if name == "dense" else f"{statistics.median(ratios[name]):.3f}"
         density = "1.0000" if sp is None else f"{sp.density():.4f}"
         print(f"| {name} | {ratio} | {density} | {evaluate(model, data, args.eval_samples):.4f} |")
+    if args.breakdown:
+        print("\nms per step (median) in each phase of the step")
+        print("| variant | " + " | ".join(PHASES) + " |")
+        print("|---|" + "---|" * len(PHASES))
+        for name, times in phases.items():
+            print(f"| {name} | " + " | ".join(f"{1e3 * statistics.median(times[p]):.2f}" for p in PHASES) + " |")
 
 
 if __name__ == "__main__":

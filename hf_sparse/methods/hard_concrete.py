@@ -57,9 +57,9 @@ def logistic_noise(u: torch.Tensor) -> torch.Tensor:
     """``log u - log(1 - u)``: the part of a sample that does not depend on ``log_alpha``.
 
     Computed as ``torch.logit(u)``, one vectorised op. The two-op form ``log(u) - log1p(-u)``
-    agrees to 1e-6 (absolute, on values within +-14) but took 3.3x as long on CPU for LeNet-300-100's
-    266k gates (6.5 ms against 2.0 ms per step with the uniform draw, one thread; ``log1p`` alone
-    was about 5x ``log``), and the noise is drawn for every gate at every training step.
+    agrees to 1e-6 (absolute, on values within +-14) but took 4.16 ms against 0.66 ms on CPU for
+    LeNet-300-100's 266k gates (one thread, ``bench/bench_elementwise.py``), and the noise is drawn
+    for every gate at every training step.
     """
     return torch.logit(_fp32(u))
 

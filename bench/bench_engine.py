@@ -13,11 +13,13 @@ every Conv2d/Linear weight.
     python bench/bench_engine.py [--epochs 10] [--density 0.1] [--methods gmp gradual dns]
     python bench/bench_engine.py --model resnet18 --image-size 64 --steps 40 --methods gmp dns l0_constrained
     python bench/bench_engine.py --epochs 1 --methods l0_constrained --breakdown   # + ms per phase of a step
+    python bench/bench_engine.py --device cuda --bf16 --steps 300 ...   # on a GPU (bench/gpu_check.sh)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import statistics
@@ -40,13 +42,14 @@ PHASES = ("before_forward", "forward+backward", "after_backward", "optimizer", "
 MODELS = {"lenet300": "recipes/fmnist_lenet300_dense.yaml", "resnet18": "recipes/fmnist_resnet18_dense.yaml"}
 
 
-def evaluate(model, data, limit: int, batch: int = 500) -> float:
+def evaluate(model, data, limit: int, batch: int = 500, device: str = "cpu") -> float:
     model.eval()
     correct, n = 0, min(limit, len(data.eval))
     with torch.no_grad():
         for i in range(0, n, batch):
             b = data.collator(data.eval.__getitems__(list(range(i, min(i + batch, n)))))
-            correct += int((model(b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum())
+            logits = model(b["pixel_values"].to(device)).logits
+            correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
     model.train()
     return correct / n
 
@@ -63,8 +66,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the dense recipe's)")
     ap.add_argument("--eval-samples", type=int, default=10_000)
     ap.add_argument("--breakdown", action="store_true", help="also print the median time of each phase of a step")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (timed with a synchronize at each mark)")
+    ap.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     sets = [f"data.image_size={args.image_size}"] if args.image_size else []
     if args.batch:
@@ -79,7 +89,7 @@ def main() -> None:
 
     variants = {}
     for name in ["dense", *args.methods]:
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
         sp = None
         if name != "dense":
@@ -98,22 +108,29 @@ def main() -> None:
 
     def step(name, batch, i) -> float:
         model, opt, sched, sp = variants[name]
-        marks = [time.perf_counter()]
+
+        def mark():
+            sync()
+            marks.append(time.perf_counter())
+
+        marks: list[float] = []
+        mark()
         if sp:
             sp.before_forward(i)
-        marks.append(time.perf_counter())
-        loss = model(**batch).loss
+        mark()
+        with autocast():
+            loss = model(**batch).loss
         loss.backward()
-        marks.append(time.perf_counter())
+        mark()
         if sp:
             sp.after_backward(i)
-        marks.append(time.perf_counter())
+        mark()
         opt.step()
-        marks.append(time.perf_counter())
+        mark()
         if sp:
             sp.after_step(i, opt)
         opt.zero_grad(set_to_none=True)
-        marks.append(time.perf_counter())
+        mark()
         sched.step()
         for phase, a, b in zip(PHASES, marks, marks[1:]):
             phases[name][phase].append(b - a)
@@ -129,7 +146,7 @@ def main() -> None:
             if i >= total:
                 break
             idx = order[b * tr["per_device_train_batch_size"]:(b + 1) * tr["per_device_train_batch_size"]]
-            batch = data.collator(data.train.__getitems__(idx))
+            batch = {k: v.to(device) for k, v in data.collator(data.train.__getitems__(idx)).items()}
             rot = names[i % len(names):] + names[:i % len(names)]
             times = {n: step(n, batch, i) for n in rot}
             for n in ratios:
@@ -137,8 +154,9 @@ def main() -> None:
             i += 1
 
     size = f", {args.image_size}x{args.image_size} images" if args.image_size else ""
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device) + (", bf16 autocast" if args.bf16 else "")
     print(f"{args.model}, Fashion-MNIST{size}, batch {tr['per_device_train_batch_size']}, {total} steps, "
-          f"target density {args.density}, {args.threads} threads")
+          f"target density {args.density}, {where}")
     print("| variant | step time / dense (median) | achieved density | test accuracy |")
     print("|---|---|---|---|")
     for name, (model, _, _, sp) in variants.items():
@@ -146,7 +164,7 @@ def main() -> None:
             sp.finalize()
         ratio = "1.00" if name == "dense" else f"{statistics.median(ratios[name]):.3f}"
         density = "1.0000" if sp is None else f"{sp.density():.4f}"
-        print(f"| {name} | {ratio} | {density} | {evaluate(model, data, args.eval_samples):.4f} |")
+        print(f"| {name} | {ratio} | {density} | {evaluate(model, data, args.eval_samples, device=device):.4f} |")
     if args.breakdown:
         print("\nms per step (median) in each phase of the step")
         print("| variant | " + " | ".join(PHASES) + " |")

@@ -36,13 +36,14 @@ SETTINGS = {"unstructured": ["sparsity.granularity=unstructured", "sparsity.targ
             "channel": ["sparsity.granularity=channel", "sparsity.target_density=0.25"]}
 
 
-def train(method: str, granularity: str, epochs: int | None, out: Path) -> dict:
+def train(method: str, granularity: str, epochs: int | None, out: Path, extra: list[str]) -> dict:
     run_dir = out / method / granularity.replace(":", "-")
     if not (run_dir / "results.json").exists():
         sets = [*SETTINGS[granularity], "sparsity.targets.include_head=false"]
         # per-layer ranking, as the table was measured (the LeNet recipes rank globally; N:M needs per layer)
         sets += ["sparsity.params.scope=layer"] if method in ("gmp", "gradual", "dns") else []
         sets += [f"training.num_train_epochs={epochs}"] if epochs else []
+        sets += extra
         cmd = [sys.executable, "-m", "hf_sparse", "train", str(REPO / "recipes" / RECIPES[method]),
                "--output-dir", str(run_dir), "--set", *sets]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
@@ -79,12 +80,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(RECIPES))
     parser.add_argument("--granularities", nargs="+", default=list(SETTINGS))
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_granularity")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for every run, e.g. training.learning_rate=0.001")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = {}
     for method in args.methods:
         for granularity in args.granularities:
-            rows[f"{method}/{granularity}"] = r = train(method, granularity, args.epochs, args.out)
+            rows[f"{method}/{granularity}"] = r = train(method, granularity, args.epochs, args.out, args.set)
             print(f"{method:10s} {granularity:12s} density {r['density']:.4f} acc {r['accuracy']:.4f} {r['rule']}",
                   flush=True)
     lines = ["| method | granularity | target | achieved density | within 0.01 | mask rule | accuracy |",

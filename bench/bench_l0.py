@@ -91,10 +91,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override training.seed (one row each)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--out", default="runs/bench_l0")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for every run, e.g. training.learning_rate=0.001")
     args = ap.parse_args()
     recipes = RECIPES[args.model]
     out = Path(args.out)
-    common = ["training.disable_tqdm=true", "training.logging_steps=1000"]
+    common = ["training.disable_tqdm=true", "training.logging_steps=1000", *args.set]
     if args.epochs is not None:
         common.append(f"training.num_train_epochs={args.epochs}")
     plan = [] if args.no_dense else [("dense", "", [])]

@@ -3,6 +3,13 @@
 # Sections (each prints its own header; add new ones below as further "section_*" blocks):
 #   1. semi-structured 2:4 sparsity: torch.sparse.to_sparse_semi_structured on a 4096x4096 Linear
 #      (compute capability >= 8.0): outputs vs dense, and speed vs dense at batch 1 / 64 / 1024.
+#   2. step cost of every method on CUDA with bf16 autocast, interleaved with dense in one process
+#      (bench/bench_engine.py --device cuda --bf16): LeNet-300-100 and timm resnet18 at 64x64.
+#   3. the speech GRU on CUDA (cuDNN, flatten_parameters): dense and gradual recipes for 300 steps
+#      with bf16, steps per second and the density reached.
+#   4. with 2 or more GPUs: the two-rank DDP test (masks equal on both ranks after every step, every
+#      method and granularity) and the SparseTrainer FSDP2 tests (masks = one process, resume,
+#      export) on CUDA/nccl (HF_SPARSE_TEST_DEVICE=cuda). With one GPU: skipped, says so.
 #
 #   bash bench/gpu_check.sh            (uses .venv/bin/python when present, else python3)
 set -euo pipefail
@@ -78,3 +85,36 @@ else:
         except Exception as e:  # report and go on: one batch size failing says something too
             print(f"| {batch} | - | - | - | failed: {type(e).__name__}: {e} |")
 PYEOF
+
+METHODS="gmp gradual dns l0_constrained autoprune"
+
+echo; echo "== 2. step cost on CUDA, bf16 autocast, interleaved with dense (median ratio) =="
+"$PY" bench/bench_engine.py --device cuda --bf16 --steps 300 --eval-samples 2000 --methods $METHODS --breakdown \
+    || echo "section 2 (lenet300) failed: exit $?"
+"$PY" bench/bench_engine.py --device cuda --bf16 --model resnet18 --image-size 64 --steps 300 --eval-samples 2000 \
+    --methods $METHODS --breakdown || echo "section 2 (resnet18) failed: exit $?"
+
+echo; echo "== 3. speech GRU on CUDA (cuDNN), bf16, 300 steps =="
+OUT3=$(mktemp -d)
+for recipe in fsdd_gru_dense fsdd_gru_gradual; do
+    if "$PY" -m hf_sparse train "recipes/$recipe.yaml" --output-dir "$OUT3/$recipe" \
+        --set training.max_steps=300 training.bf16=true training.use_cpu=false > "$OUT3/$recipe.log" 2>&1; then
+        "$PY" - "$OUT3/$recipe/results.json" "$recipe" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[2]}: {r['train_steps'] / r['train_runtime_s']:.1f} steps/s, density {r.get('achieved_density', 1.0)}, "
+      f"accuracy {r['eval'].get('accuracy')}")
+PYEOF
+    else
+        echo "$recipe failed; last lines of its log:"; tail -5 "$OUT3/$recipe.log"
+    fi
+done
+
+echo; echo "== 4. DDP and FSDP2 on CUDA/nccl, two ranks =="
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$NGPU" -lt 2 ]; then
+    echo "skipped: $NGPU GPU (two ranks need two GPUs with nccl)"
+else
+    HF_SPARSE_TEST_DEVICE=cuda "$PY" -m pytest -q tests/test_distributed.py tests/test_fsdp_trainer.py \
+        || echo "section 4 failed: exit $?"
+fi

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from hf_sparse.data import load_data
 from hf_sparse.training.recipe import DataConfig
-from tests.helpers import fast_sparsity, make_trainer, method_granularities, state_digest
+from tests.helpers import BACKEND, fast_sparsity, make_trainer, method_granularities, state_digest
 
 
 def suite(name: str) -> tuple[dict[str, dict], int]:
@@ -51,7 +51,7 @@ def main(suite_name: str, out: Path) -> None:
     record, rank = {}, 0
     for name, sparsity in sorted(configs.items()):
         trainer = make_trainer(data, out / name, sparsity, max_steps=steps, per_device_train_batch_size=16,
-                               ddp_backend="gloo")
+                               ddp_backend=BACKEND)
         record[name] = {"masks": [], "state": []}
         trainer.add_callback(RecordState(trainer, record[name]))
         trainer.train()

@@ -37,6 +37,8 @@ CONFIGS = {
     "gmp/unstructured": fast_sparsity("gmp"),
     "gmp/global": {**fast_sparsity("gmp"), "params": {**fast_sparsity("gmp")["params"], "scope": "global"}},
     "gmp/channel": fast_sparsity("gmp", "channel"),
+    "gradual/unstructured": fast_sparsity("gradual"),
+    "gradual/paper": {"method": "gradual", "params": {"start_itr": 2, "ramp_itr": 6, "end_itr": 14, "freq": 3}},
     "dns/unstructured": fast_sparsity("dns"),
     "dns/paper": {"method": "dns", "params": {"start_iter": 2, "iter_stop": 14, "gamma": 0.01, "c": 0.5}},
     "dns/channel": fast_sparsity("dns", "channel"),

@@ -16,6 +16,22 @@ from transformers import TrainingArguments
 from hf_sparse import SparseTrainer
 from hf_sparse.models.lenet import LeNetConfig, LeNetForImageClassification
 
+REPO = Path(__file__).resolve().parents[1]
+
+#: ``HF_SPARSE_TEST_DEVICE=cuda`` runs the trainer and multi-process tests on GPUs (nccl), as
+#: bench/gpu_check.sh does; by default they run on CPU over gloo.
+ON_CUDA = os.environ.get("HF_SPARSE_TEST_DEVICE", "cpu") == "cuda"
+BACKEND = "nccl" if ON_CUDA else "gloo"
+
+
+def launch_env() -> dict[str, str]:
+    """Environment of a test's subprocess: the repository importable, one intra-op thread, no GPU
+    unless the tests were asked to use one."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if not ON_CUDA:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
 
 def tiny_lenet(seed: int = 0, hidden=(32, 16)) -> LeNetForImageClassification:
     torch.manual_seed(seed)
@@ -25,7 +41,7 @@ def tiny_lenet(seed: int = 0, hidden=(32, 16)) -> LeNetForImageClassification:
 def tiny_args(output_dir, **overrides) -> TrainingArguments:
     kwargs = dict(output_dir=str(output_dir), max_steps=20, per_device_train_batch_size=32, learning_rate=1e-2,
                   report_to="none", save_strategy="no", logging_steps=5, seed=0, disable_tqdm=True,
-                  use_cpu=True, dataloader_num_workers=0)
+                  use_cpu=not ON_CUDA, dataloader_num_workers=0)
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
@@ -68,8 +84,6 @@ def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_over
                          compute_metrics=data.compute_metrics, sparsity=sparsity)
 
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def state_digest(state: Any) -> str:
     """SHA-256 over every tensor and plain value of a (nested) ``state_dict``."""
@@ -92,6 +106,16 @@ def state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
+def assert_ranks_resume_exactly(ranks: list[dict], name: str, resume_at: int) -> None:
+    """Each rank's resumed run equals its uninterrupted one bitwise (masks after every step from
+    ``resume_at``, the final method state and weights), resumed from its own state file."""
+    for rank, r in enumerate(ranks):
+        assert r[name]["resumed_masks"] == r[name]["masks"][resume_at:]
+        assert r[name]["resumed_state"] == r[name]["state"]  # masks, real weights, gates, multipliers
+        assert r[name]["resumed_weights"] == r[name]["weights"]
+        assert r[name]["state_file"] == f"sparsity_state-rank{rank}-of-{len(ranks)}.pt"
+
+
 def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
     """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo;
     ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) and return
@@ -99,7 +123,6 @@ def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(REPO / "tests" / "dist_worker.py"), suite, str(out_dir)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -50,6 +50,16 @@ def test_dense_recipe_reports_density_one(tmp_path):
     assert results["achieved_density"] == 1.0 and results["model_density"] == 1.0
 
 
+def test_fsdp_in_one_process_is_a_located_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    fsdp = ["training.fsdp=true", "training.fsdp_config={fsdp_version: 2}"]
+    assert main(["validate", str(REPO / "recipes/quickstart.yaml"), "--set", *fsdp]) == 0  # a launch away
+    assert main(["train", str(REPO / "recipes/quickstart.yaml"), "--output-dir", str(out), "--set", *TINY, *fsdp]) == 2
+    err = capsys.readouterr().err
+    assert "training.fsdp" in err and "accelerate launch" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_resume_flag_continues_from_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     common = ["train", str(REPO / "recipes/fmnist_lenet300_gradual.yaml"), "--output-dir", str(out), "--set", *TINY,

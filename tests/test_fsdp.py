@@ -13,7 +13,7 @@ import torch
 
 from hf_sparse.checkpoint.save_and_load import load_sparse
 from tests.fsdp_worker import CONFIGS, EXPORTED, RESUME_AT
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_ranks_resume_exactly
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +43,7 @@ def test_fsdp2_matches_one_process(runs, name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fsdp2_resume_equals_uninterrupted(runs, name):
     _, (_, a, b) = runs
-    for r, rank in ((a, 0), (b, 1)):
-        assert r[name]["resumed_masks"] == r[name]["masks"][RESUME_AT:]
-        assert r[name]["resumed_state"] == r[name]["state"]  # bitwise: masks, real weights, gates, multipliers
-        assert r[name]["resumed_weights"] == r[name]["weights"]
-        assert r[name]["state_file"] == f"sparsity_state-rank{rank}-of-2.pt"
+    assert_ranks_resume_exactly([a, b], name, RESUME_AT)
 
 
 @pytest.mark.parametrize("name", EXPORTED)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from .granularity import UNSTRUCTURED, Granularity, GroupGrid, build_grids
+from .sharding import is_sharded
 from .targets import Target
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ class SparsityMethod:
         self.target_density = granularity.fixed_density or target_density
         self.seed = seed
         self.total_steps = 0
+        if granularity.kind == "group" and any(is_sharded(t.parameter) for t in targets):
+            raise ValueError("granularity group is not supported with FSDP2-sharded parameters yet: a group couples "
+                             "the output rows of one weight with the input columns of the next, which FSDP2's dim-0 "
+                             "shards put on different ranks; use DDP or granularity channel")
         self.grids = self.build_grids(model)
         if granularity.kind == "group":  # targets no group produces keep their width: not the method's
             grouped = {id(m.target.param) for g in self.grids for m in g.weights}
@@ -105,7 +110,7 @@ class SparsityMethod:
         self.sharded = any(g.shard is not None for g in self.grids)
         if self.sharded and not self.supports_fsdp2:
             raise ValueError(f"method {self.name!r} does not support FSDP2-sharded parameters yet; "
-                             "use DDP or one of the methods that do (gmp, dns, l0)")
+                             "use DDP or one of the methods that do (gmp, gradual, dns, l0)")
 
     def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
         return build_grids(self.targets, self.granularity, model)

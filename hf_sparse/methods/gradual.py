@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from . import register_method
+from . import register_method, sharding
 from .base import MaskedMethod, MethodConfig
 from .granularity import keep_top, thresholds
 from .schedules import NarangThreshold, StepWindow, resolve_step
@@ -58,6 +58,7 @@ class GradualThresholdPruning(MaskedMethod):
     name = "gradual"
     Config = GradualConfig
     target_density_mode = "optional"
+    supports_fsdp2 = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,8 +94,8 @@ class GradualThresholdPruning(MaskedMethod):
             final = keep_top(self.grids, scores, self.target_density, self.config.scope) if step == self.window.end \
                 else None
         if step == self.window.start and self.target_density is None:
-            for i, s in enumerate(scores):
-                q = float(torch.quantile(s.flatten().double(), self.config.q_percentile / 100))
+            for i, (g, s) in enumerate(zip(self.grids, scores)):  # FSDP2: the quantile of the whole grid
+                q = float(torch.quantile(sharding.gather(g, s).flatten().double(), self.config.q_percentile / 100))
                 self.theta[i], self.phi[i] = self.slopes(q)
         for i, (g, s, mask) in enumerate(zip(self.grids, scores, self.masks)):
             if self.target_density is None:

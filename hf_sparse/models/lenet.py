@@ -57,6 +57,10 @@ class LeNetForImageClassification(PreTrainedModel):
             self.classifier = nn.Linear(h[2], config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> None:
+        """No token embeddings (Accelerate's FSDP2 preparation asks; transformers' default raises)."""
+        return None
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # torch's default, made explicit

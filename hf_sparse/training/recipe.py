@@ -606,6 +606,11 @@ def _allowed_types(annotation) -> tuple[type, ...] | None:
     return None
 
 
+#: Types TrainingArguments takes beyond its annotation: ``fsdp: true`` is the documented form now,
+#: while the field is still annotated ``str | None``.
+_ALSO_ACCEPTED = {"fsdp": (bool,)}
+
+
 def _check_training_args(training: dict, source: str, positions: dict) -> None:
     fields = _training_fields()
     for key, value in training.items():
@@ -614,6 +619,8 @@ def _check_training_args(training: dict, source: str, positions: dict) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise _located(f"not a transformers.TrainingArguments field{hint}", source, ("training", key), positions)
         allowed = _allowed_types(fields[key].type)
+        if allowed:
+            allowed += _ALSO_ACCEPTED.get(key, ())
         if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
             names = "/".join(sorted({t.__name__ for t in allowed}))
             raise _located(f"expected {names}, got {value!r}", source, ("training", key), positions)

@@ -241,12 +241,15 @@ def make_trainer(run: PreparedRun):
 
     from .trainer import SparseTrainer
 
+    launched = launched_processes()
+    if run.args.fsdp and launched <= 1:  # (a recipe may be validated in one process, not trained in one)
+        raise run.recipe.error(("training", "fsdp"), "FSDP shards the model over several processes; start the run "
+                                                     "with `accelerate launch --num_processes N -m hf_sparse train ...`")
     trainer = SparseTrainer(
         model=run.model, args=run.args, train_dataset=run.data.train, eval_dataset=run.data.eval,
         data_collator=run.data.collator, compute_metrics=run.data.compute_metrics,
         preprocess_logits_for_metrics=run.data.info.get("preprocess_logits_for_metrics"),
         processing_class=run.data.info.get("feature_extractor"), recipe=run.recipe)
-    launched = launched_processes()
     if launched > 1 and (trainer.accelerator.distributed_type == DistributedType.NO
                          or trainer.accelerator.num_processes != launched):
         raise run.recipe.error(("training",), f"{launched} processes were launched but the model would not be "
@@ -276,10 +279,11 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
     trainer.check_finite("at the end of training")
     if trainer.args.should_save:
         warn_empty_layers(report)
+    model = trainer._model_to_save()  # every process: under FSDP2 the shards are gathered
     if trainer.args.should_save:
         write_folder_atomically(out / "model", lambda folder: trainer.save_sparse_model(
             folder, report=report, eval_metrics=results["eval"], dataset=run.data.card_name or None,
-            task=run.data.task))
+            task=run.data.task, model=model))
         export = run.recipe.export
         if export.push_to_hub:
             from ..checkpoint.hub import push_to_hub

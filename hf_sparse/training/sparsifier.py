@@ -123,6 +123,7 @@ class Sparsifier:
     # -- reporting ----------------------------------------------------------------------------
     @torch.no_grad()
     def per_layer(self) -> dict[str, dict[str, Any]]:
+        self._reshard()  # after an evaluation the FSDP2 root holds whole parameters, not its shards
         out = {}
         masks = self.method.hard_masks()
         # FSDP2: each rank counts its shard; the sums are the whole layers'
@@ -154,6 +155,7 @@ class Sparsifier:
     def method_metrics(self) -> dict[str, float]:
         """The method's own numbers (thresholds, counts, multipliers, L0's gate-count density), and
         for structured runs the parameters and MACs per sample of the purged model (``purged_*``)."""
+        self._reshard()
         out = {k: float(v) for k, v in self.method.metrics().items()}
         out.update(self.purged_cost() or {})
         return out
@@ -185,6 +187,7 @@ class Sparsifier:
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The method's state; under FSDP2 this rank's shard of it, tagged with (rank, world size)."""
+        self._reshard()
         out = {"method": self.config.method, "state": self.method.state_dict(), "finalized": self.finalized}
         if self.shard is not None:
             out["shard"] = list(self.shard)

@@ -10,7 +10,9 @@ The method is driven through Trainer's own extension points:
   Trainer's optimizer as extra param groups, so their optimizer state is checkpointed with it;
 * ``_save_checkpoint``/``_load_from_checkpoint`` (overrides): every checkpoint carries
   ``sparsity_state.pt`` and a resumed run continues exactly;
-* ``log`` (override): density and the method's state go to every logging backend.
+* ``log`` (override): density and the method's state go to every logging backend;
+* under Accelerate's FSDP2, ``create_scheduler`` and the optimizer save/load overrides build the
+  method on the sharded model and keep its own tensors' optimizer state per rank (``fsdp2.py``).
 
 With no sparsity configured it is exactly Trainer.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..methods import sharding
+from . import fsdp2
 from .recipe import Recipe, SparsityConfig, load_recipe
 from .report import SparsityReport
 from .sparsifier import Sparsifier
@@ -94,16 +99,35 @@ class SparseTrainer(Trainer):
         if isinstance(sparsity, dict):
             sparsity = SparsityConfig(**sparsity)
         self.recipe = recipe
+        if (self.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not self.is_fsdp_enabled:
+            warnings.warn("FSDP was requested, but Accelerate enables it on accelerator devices only: this run "
+                          f"is {self.accelerator.distributed_type.value} with a whole model on every process",
+                          stacklevel=2)
         self.sparsifier: Sparsifier | None = None
+        self._pending: tuple[SparsityConfig, Any] | None = None  # FSDP2: built once the model is sharded
+        self._export_skeleton: fsdp2.ExportSkeleton | None = None
+        self._own_optimizer_state: dict[str, Any] | None = None  # FSDP2: the method groups' state at resume
         if sparsity is not None and sparsity.method != "none":
             example = None
             if sparsity.budget is not None or sparsity.granularity_spec().structured:  # MACs at the training resolution
                 from .sparsifier import example_batch
 
                 example = example_batch(self.train_dataset, self.data_collator)
-            self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed, example_inputs=example)
+            if self.is_fsdp_enabled and not self._fsdp2:
+                raise ValueError("sparsity under FSDP needs FSDP2 (fsdp_config: {fsdp_version: 2}): FSDP1 flattens "
+                                 "the parameters, so the method's per-weight state would not line up with them")
+            if self._fsdp2:
+                # Targets are resolved on the sharded model, after Accelerate's fully_shard (see create_scheduler)
+                self._pending = (sparsity, example)
+                self._export_skeleton = fsdp2.ExportSkeleton(self.model) if self.args.should_save else None
+            else:
+                self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed, example_inputs=example)
             self.add_callback(_SparsityCallback(self))
         self._forward_ready = False
+
+    @property
+    def _fsdp2(self) -> bool:
+        return self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
 
     # -- the step ---------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs) -> torch.Tensor:
@@ -147,6 +171,20 @@ class SparseTrainer(Trainer):
                 optimizer.add_param_group(group)
         return optimizer
 
+    def create_scheduler(self, *args, **kwargs):
+        """Under FSDP2 Trainer creates the optimizer before ``accelerator.prepare`` shards the model,
+        and Accelerate then swaps the optimizer's parameters for their shards by name, which the
+        method's own tensors (gate logits) do not have. So the Sparsifier is built here, on the
+        sharded model once prepare is done, and its param groups join the prepared optimizer before
+        the scheduler is made (so they are scheduled) and before a checkpoint is loaded."""
+        if self._pending is not None and sharding.model_is_sharded(self.model):
+            sparsity, example = self._pending
+            self._pending = None
+            self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed, example_inputs=example)
+            for group in self.sparsifier.param_groups(self.args.learning_rate):
+                self.optimizer.add_param_group(group)
+        return super().create_scheduler(*args, **kwargs)
+
     def get_decay_parameter_names(self, model) -> list[str]:
         names = super().get_decay_parameter_names(model)
         if self.sparsifier is not None:
@@ -179,8 +217,13 @@ class SparseTrainer(Trainer):
         if self.args.should_save:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)  # rewriting a folder: incomplete until done
-            if self.sparsifier is not None:
-                torch.save(self.sparsifier.state_dict(), folder / SPARSITY_STATE)
+        self.accelerator.wait_for_everyone()
+        sharded = self.sparsifier is not None and self.sparsifier.shard is not None
+        if self.sparsifier is not None and (self.args.should_save or sharded):  # FSDP2: one file per rank
+            state = self.sparsifier.state_dict()
+            if own := self._own_groups():
+                state["optimizer"] = fsdp2.groups_state(self.optimizer, own)
+            torch.save(state, folder / self.sparsifier.state_file(SPARSITY_STATE))
         super()._save_checkpoint(model, trial, *args, **kwargs)
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
         if self.args.should_save and folder.is_dir():
@@ -206,37 +249,74 @@ class SparseTrainer(Trainer):
                                     "stopped while writing it); resume from an earlier checkpoint")
         super()._load_from_checkpoint(resume_from_checkpoint, *args, **kwargs)
         if self.sparsifier is not None:
-            path = Path(resume_from_checkpoint) / SPARSITY_STATE
+            path = Path(resume_from_checkpoint) / self.sparsifier.state_file(SPARSITY_STATE)
             if not path.exists():
                 raise FileNotFoundError(f"{resume_from_checkpoint} has no {SPARSITY_STATE}: it was not written by a "
                                         f"SparseTrainer with sparsity, so the run cannot resume exactly")
-            state: dict[str, Any] = torch.load(path, map_location=self.args.device, weights_only=True)
+            device = self.args.device  # under FSDP on CPU: cpu:0, which torch.load cannot map to
+            state: dict[str, Any] = torch.load(path, map_location="cpu" if device.type == "cpu" else device,
+                                               weights_only=True)
+            self._own_optimizer_state = state.pop("optimizer", None)
             self.sparsifier.load_state_dict(state)
             self._forward_ready = False
+
+    def _own_groups(self) -> list[dict[str, Any]]:
+        """Under FSDP2, the optimizer's groups of the method's own tensors (see ``fsdp2``); else none."""
+        if self.sparsifier is None or self.sparsifier.shard is None or self.optimizer is None:
+            return []
+        own = [p for g in self.sparsifier.param_groups(self.args.learning_rate) for p in g["params"]]
+        return fsdp2.own_groups(self.optimizer, own) if own else []
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        with fsdp2.without_groups(self.optimizer, self._own_groups()):
+            super()._save_optimizer_and_scheduler(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        own = self._own_groups()
+        with fsdp2.without_groups(self.optimizer, own):
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if own and checkpoint is not None:
+            fsdp2.load_groups_state(self.optimizer, own, self._own_optimizer_state or {"groups": [], "state": []})
 
     # -- export -----------------------------------------------------------------------------
     def save_sparse_model(self, output_dir: str | os.PathLike, *, report: SparsityReport | dict | None = None,
                           eval_metrics: dict | None = None, format: str | None = None,
-                          dataset: str | None = None, task: str | None = None) -> Path:
+                          dataset: str | None = None, task: str | None = None,
+                          model: torch.nn.Module | None = None) -> Path:
         """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``.
 
-        Training is over once this is called: the method's final hard masks are written first.
+        Training is over once this is called: the method's final hard masks are written first. Under
+        FSDP2 call it on every process (the shards are gathered); the main process writes.
         """
         from ..checkpoint.save_and_load import save_sparse_checkpoint
         from .sparsifier import dense_report
 
-        if self.sparsifier is not None:
-            self.sparsifier.finalize()
-        self.check_finite("before saving the model")
-        model = self.accelerator.unwrap_model(self.model)
         if report is None:
-            report = self.sparsifier.report(model) if self.sparsifier else dense_report(model)
+            if self.sparsifier is not None:
+                self.sparsifier.finalize()
+            trained = self.accelerator.unwrap_model(self.model)
+            report = self.sparsifier.report(trained) if self.sparsifier else dense_report(trained)
+        model = model if model is not None else self._model_to_save()
+        if model is None or not self.args.should_save:  # FSDP2: the other processes only join the gather
+            return Path(output_dir)
         report = report.to_dict() if isinstance(report, SparsityReport) else report
         export = self.recipe.export if self.recipe is not None else None
         return save_sparse_checkpoint(
             model, output_dir, report=report, recipe_yaml=self.recipe.to_yaml() if self.recipe else None,
             format=format or (export.format if export else "dense"), eval_metrics=eval_metrics,
             structure=report.get("structure"), processor=self.processing_class, dataset=dataset, task=task)
+
+    def _model_to_save(self) -> torch.nn.Module | None:
+        """The trained model with its final hard masks, whole: under FSDP2 the shards are gathered (a
+        collective: every process calls this) into an unsharded copy on the main process, and the
+        other processes get None."""
+        if self.sparsifier is not None:
+            self.sparsifier.finalize()
+        self.check_finite("before saving the model")
+        model = self.accelerator.unwrap_model(self.model)
+        if not sharding.model_is_sharded(model):
+            return model
+        return fsdp2.gather_model(model, self._export_skeleton)
 
     def push_to_hub(self, repo_id: str | None = None, *, private: bool = False, revision: str | None = None,
                     token: str | None = None, endpoint: str | None = None, format: str | None = None,
@@ -253,8 +333,7 @@ class SparseTrainer(Trainer):
         if not repo_id:
             raise ValueError("push_to_hub needs repo_id= or TrainingArguments.hub_model_id")
         folder = Path(self.args.output_dir) / "model"
-        if self.args.should_save:
-            self.save_sparse_model(folder, format=format)
+        self.save_sparse_model(folder, format=format)  # every process: under FSDP2 the shards are gathered
         self.accelerator.wait_for_everyone()
         return push_folder(folder, repo_id, private=private, revision=revision, token=token or self.args.hub_token,
                            endpoint=endpoint, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)

@@ -45,6 +45,8 @@ CONFIGS = {
     "dns/unstructured": fast_sparsity("dns"),
     "dns/global": {**fast_sparsity("dns"), "params": {**fast_sparsity("dns")["params"], "scope": "global"}},
     "l0/unstructured": fast_sparsity("l0"),
+    # init 3x the step size (see tests/fsdp_worker.py); weight decay on: AutoPrune keeps it off W
+    "autoprune/unstructured": {**fast_sparsity("autoprune"), "params": {"init": 0.03}},
     "l0/channel": fast_sparsity("l0", "channel"),
     "gmp/timm-resnet10t": fast_sparsity("gmp"),
     # checkpoints in Accelerate's sharded format (torch.distributed.checkpoint folders) instead of
@@ -97,8 +99,9 @@ def fsdp_args(out: Path, world: int, name: str = ""):
     if name.endswith("+sharded-checkpoint"):
         config["state_dict_type"] = "SHARDED_STATE_DICT"
     fsdp = {"fsdp": True, "fsdp_config": config, "ddp_backend": BACKEND} if world > 1 else {}
+    decay = {"weight_decay": 0.1} if name.startswith("autoprune") else {}  # which must skip the targets
     return tiny_args(out, max_steps=STEPS, per_device_train_batch_size=BATCH * (2 // world), save_strategy="steps",
-                     save_steps=RESUME_AT, logging_steps=RESUME_AT, **fsdp)
+                     save_steps=RESUME_AT, logging_steps=RESUME_AT, **fsdp, **decay)
 
 
 def trainer_for(name: str, out: Path, data, world: int) -> SparseTrainer:

@@ -42,6 +42,10 @@ CONFIGS = {
     "dns/unstructured": fast_sparsity("dns"),
     "dns/paper": {"method": "dns", "params": {"start_iter": 2, "iter_stop": 14, "gamma": 0.01, "c": 0.5}},
     "dns/channel": fast_sparsity("dns", "channel"),
+    "autoprune/unstructured": fast_sparsity("autoprune"),
+    # init 3x the step size: with init == lr, Adam's first step lands M on 0 +- rounding, which the
+    # data-parallel gradient average rounds differently from one process
+    "autoprune/channel": {**fast_sparsity("autoprune", "channel"), "params": {"init": 0.03}},
     "l0/unstructured": fast_sparsity("l0"),
     "l0/channel": fast_sparsity("l0", "channel"),
 }

@@ -50,12 +50,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from . import register_method
+from . import register_method, sharding
 from .base import MethodConfig, SparsityMethod, optimizer_states
 from .constraints import LagrangianController
 from .granularity import density_of, keep_top
 from .reparam import RealWeights
 from .schedules import CubicSchedule, StepWindow, resolve_step
+from .sharding import local
 
 
 class AutoPruneConfig(MethodConfig):
@@ -101,6 +102,7 @@ class AutoPrune(SparsityMethod):
     name = "autoprune"
     Config = AutoPruneConfig
     target_density_mode = "optional"
+    supports_fsdp2 = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -110,7 +112,7 @@ class AutoPrune(SparsityMethod):
         self.M = [nn.Parameter(torch.full(g.shape, config.init, device=g.members[0].param.device))
                   for g in self.grids]
         self.real = RealWeights([m.target for m in self.covered])
-        self.numel = sum(g.numel for g in self.grids)
+        self.numel = sum(g.total_numel for g in self.grids)  # FSDP2: the whole grids' weights
         self.masks = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
         self._factors: list[torch.Tensor] = []  # h(M) per covered tensor, float, broadcastable to it
         self._refresh_factors()
@@ -158,11 +160,11 @@ class AutoPrune(SparsityMethod):
         for g, m in zip(self.grids, self.M):
             corr = torch.zeros_like(m)
             for member in g.members:
-                p, f, w = member.param, next(factors), next(values)
-                if p.grad is not None:
+                grad, f, w = member.target.grad, next(factors), next(values)  # FSDP2: this rank's shard
+                if grad is not None:
                     if not self.frozen and member.scored:
-                        corr += member.tiling.reduce(p.grad.float() * torch.sign(w), "sum")
-                    p.grad.mul_(f)
+                        corr += member.tiling.reduce(grad.float() * torch.sign(w), "sum")
+                    grad.mul_(f)
             if self.frozen:
                 m.grad = None  # frozen masks: the optimizer skips M
             else:
@@ -184,8 +186,8 @@ class AutoPrune(SparsityMethod):
             if self.total_steps and step + 1 >= self.freeze_at:
                 self.freeze()
         for member, f in zip(self.covered, self._factors):
-            for s in optimizer_states(optimizer, member.param):
-                s.mul_(f)  # no stale moments for pruned weights
+            for s in optimizer_states(optimizer, member.target.parameter):
+                local(s).mul_(f)  # no stale moments for pruned weights (FSDP2: this rank's rows)
         self.real.write(self._factors)
 
     def finalize(self) -> None:
@@ -224,7 +226,9 @@ class AutoPrune(SparsityMethod):
 
         Ties are broken deterministically (by position), so every rank makes the same choice.
         """
-        keep = keep_top(self.grids, [m.detach().float().cpu() for m in self.M], density, "global")
+        sharded = any(g.shard is not None for g in self.grids)  # FSDP2: gathered on the device's backend
+        keep = keep_top(self.grids, [m.detach().float() if sharded else m.detach().float().cpu() for m in self.M],
+                        density, "global")
         return [k.to(m.device) for k, m in zip(keep, self.M)]
 
     def _set_masks(self, new: list[torch.Tensor]) -> None:
@@ -260,9 +264,13 @@ class AutoPrune(SparsityMethod):
     # -- reporting ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
         restored = sum(self._kept(g, e) for g, e in enumerate(self.ever_restored))
+        restore_events = self.restore_events
+        if any(g.shard is not None for g in self.grids):  # FSDP2: counted on each rank's rows
+            restored, restore_events = (int(v) for v in sharding.sum_floats(self.grids[:1] * 2,
+                                                                             [restored, restore_events]))
         active = not self.frozen and self.last_step >= self.start
         out = {"density": self.density(), "reg_coef": self.reg_coef() if active else 0.0, "restored_weights": restored,
-               "restore_events": self.restore_events, "frozen": float(self.frozen)}
+               "restore_events": restore_events, "frozen": float(self.frozen)}
         if self.controller is not None:
             out["constraint_target"] = self.constraint_target
         return out

@@ -110,7 +110,7 @@ class SparsityMethod:
         self.sharded = any(g.shard is not None for g in self.grids)
         if self.sharded and not self.supports_fsdp2:
             raise ValueError(f"method {self.name!r} does not support FSDP2-sharded parameters yet; "
-                             "use DDP or one of the methods that do (gmp, gradual, dns, l0)")
+                             "use DDP or one of the methods that do")
 
     def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
         return build_grids(self.targets, self.granularity, model)

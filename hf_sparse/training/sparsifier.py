@@ -219,6 +219,14 @@ def model_density(model: nn.Module) -> float:
     return sum(c[0] for c in counts) / max(total, 1)
 
 
+def targets_without_weight_decay(model: nn.Module, config: SparsityConfig) -> set[str]:
+    """:meth:`Sparsifier.no_decay_parameter_names` before the Sparsifier exists (under FSDP2 Trainer
+    makes the optimizer before the model is sharded, and the method is built after)."""
+    if getattr(config.method_config(), "weight_decay_on_targets", True):
+        return set()
+    return {t.name for t in resolve_targets(model, TargetSpec(**config.targets.model_dump()))}
+
+
 def example_batch(dataset: Any, collator: Any) -> dict[str, Any] | None:
     """One collated training example without its labels (a forward pass at the training resolution)."""
     if dataset is None or collator is None or len(dataset) == 0:

@@ -190,6 +190,11 @@ class SparseTrainer(Trainer):
         if self.sparsifier is not None:
             excluded = self.sparsifier.no_decay_parameter_names()
             names = [n for n in names if n not in excluded]
+        elif self._pending is not None:  # FSDP2: the method is built after the optimizer
+            from .sparsifier import targets_without_weight_decay
+
+            excluded = targets_without_weight_decay(model, self._pending[0])
+            names = [n for n in names if n not in excluded]
         return names
 
     # -- logging ----------------------------------------------------------------------------

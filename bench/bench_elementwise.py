@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-EPS = 1e-6
+from hf_sparse.methods.hard_concrete import sample_uniform
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 7, calls: int = 20) -> float:
@@ -38,7 +38,7 @@ def best_ms(fn: Callable[[], object], repeats: int = 7, calls: int = 20) -> floa
 def operations(n: int) -> dict[str, Callable[[], object]]:
     """The timed operations on tensors of ``n`` elements."""
     gen = torch.Generator().manual_seed(0)
-    u = torch.rand(n, generator=gen).mul_(1 - 2 * EPS).add_(EPS)
+    u = sample_uniform((n,), gen)
     keep = torch.rand(n, generator=gen) > 0.5
     as_float, as_uint8 = keep.float(), keep.view(torch.uint8)
     w = torch.randn(n, generator=gen)

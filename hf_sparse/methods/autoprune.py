@@ -226,8 +226,8 @@ class AutoPrune(SparsityMethod):
 
         Ties are broken deterministically (by position), so every rank makes the same choice.
         """
-        sharded = any(g.shard is not None for g in self.grids)  # FSDP2: gathered on the device's backend
-        keep = keep_top(self.grids, [m.detach().float() if sharded else m.detach().float().cpu() for m in self.M],
+        # FSDP2: the scores are gathered, so they stay on the device the process group reduces
+        keep = keep_top(self.grids, [m.detach().float() if self.sharded else m.detach().float().cpu() for m in self.M],
                         density, "global")
         return [k.to(m.device) for k, m in zip(keep, self.M)]
 
@@ -263,11 +263,12 @@ class AutoPrune(SparsityMethod):
 
     # -- reporting ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        restored = sum(self._kept(g, e) for g, e in enumerate(self.ever_restored))
+        restored = [self._kept(g, e) for g, e in enumerate(self.ever_restored)]
         restore_events = self.restore_events
-        if any(g.shard is not None for g in self.grids):  # FSDP2: counted on each rank's rows
-            restored, restore_events = (int(v) for v in sharding.sum_floats(self.grids[:1] * 2,
-                                                                             [restored, restore_events]))
+        if self.sharded:  # FSDP2: each rank counts its rows (the event count is one number for all grids)
+            restored = sharding.sum_floats(self.grids, restored)
+            restore_events = int(sharding.sum_floats(self.grids[:1], [restore_events])[0])
+        restored = int(sum(restored))
         active = not self.frozen and self.last_step >= self.start
         out = {"density": self.density(), "reg_coef": self.reg_coef() if active else 0.0, "restored_weights": restored,
                "restore_events": restore_events, "frozen": float(self.frozen)}

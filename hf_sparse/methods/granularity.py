@@ -484,10 +484,10 @@ def _top_by_size(scores: torch.Tensor, sizes: torch.Tensor, budget: float) -> to
 def density_of(grids: list[GroupGrid], masks: list[torch.Tensor]) -> float:
     """Kept fraction of the weights behind group masks (not counting companions); under FSDP2 of
     the whole grids (a collective)."""
-    kept = sum(float((g.sizes * m).sum()) for g, m in zip(grids, masks))
+    kept = [float((g.sizes * m).sum()) for g, m in zip(grids, masks)]
     if any(g.shard is not None for g in grids):
-        kept = sharding.sum_floats(grids[:1], [kept])[0]
-    return kept / sum(g.total_numel for g in grids)
+        kept = sharding.sum_floats(grids, kept)
+    return sum(kept) / sum(g.total_numel for g in grids)
 
 
 def check_mask_rule(weight: torch.Tensor, granularity: Granularity, units: int | None = None) -> str | None:

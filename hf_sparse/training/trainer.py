@@ -33,7 +33,7 @@ from ..methods import sharding
 from . import fsdp2
 from .recipe import Recipe, SparsityConfig, load_recipe
 from .report import SparsityReport
-from .sparsifier import Sparsifier
+from .sparsifier import Sparsifier, targets_without_weight_decay
 
 SPARSITY_STATE = "sparsity_state.pt"
 #: Written into a checkpoint folder after everything else: a folder without it was cut short (a kill
@@ -186,16 +186,13 @@ class SparseTrainer(Trainer):
         return super().create_scheduler(*args, **kwargs)
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        names = super().get_decay_parameter_names(model)
         if self.sparsifier is not None:
             excluded = self.sparsifier.no_decay_parameter_names()
-            names = [n for n in names if n not in excluded]
         elif self._pending is not None:  # FSDP2: the method is built after the optimizer
-            from .sparsifier import targets_without_weight_decay
-
             excluded = targets_without_weight_decay(model, self._pending[0])
-            names = [n for n in names if n not in excluded]
-        return names
+        else:
+            excluded = set()
+        return [n for n in super().get_decay_parameter_names(model) if n not in excluded]
 
     # -- logging ----------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -17,7 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from hf_sparse.training.recipe import load_recipe
+from hf_sparse.config.recipe import load_recipe
 from hf_sparse.training.run import make_trainer, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]

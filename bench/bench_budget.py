@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from hf_sparse.checkpoint.save_and_load import load_sparse
+from hf_sparse.config.recipe import load_recipe
 from hf_sparse.models.build import TimmClassifier
 from hf_sparse.structure.budget import count_macs, count_params
 from hf_sparse.structure.purge import purge_copy
-from hf_sparse.training.recipe import load_recipe
 from hf_sparse.training.run import prepare_run
 
 

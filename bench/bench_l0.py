@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from hf_sparse.training.recipe import load_recipe
+from hf_sparse.config.recipe import load_recipe
 from hf_sparse.training.run import make_trainer, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]

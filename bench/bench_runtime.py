@@ -90,8 +90,8 @@ def run_checkpoint(folder: Path, threads: int, limit: int | None) -> dict:
     import time
 
     from hf_sparse import load_sparse
+    from hf_sparse.config.recipe import load_recipe
     from hf_sparse.data import load_data
-    from hf_sparse.training.recipe import load_recipe
 
     torch.set_num_threads(threads)
     bundle = load_data(load_recipe(folder / "recipe.yaml").data)

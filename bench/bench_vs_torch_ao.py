@@ -45,8 +45,8 @@ def run(recipe_file: str, density: float, seed: int, out_dir: Path, extra: list[
     from transformers import TrainerCallback
 
     from hf_sparse import __version__
+    from hf_sparse.config.recipe import load_recipe
     from hf_sparse.methods.schedules import resolve_step
-    from hf_sparse.training.recipe import load_recipe
     from hf_sparse.training.run import make_trainer, prepare_run
 
     recipe = load_recipe(REPO / "recipes" / recipe_file, [f"sparsity.target_density={density:g}", *extra])

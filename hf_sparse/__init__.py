@@ -17,12 +17,12 @@ __version__ = "0.1.0"
 
 #: public name -> the module that defines it
 _EXPORTS = {
-    "Recipe": ".training.recipe",
-    "RecipeError": ".training.recipe",
+    "Recipe": ".config.recipe",
+    "RecipeError": ".config.recipe",
     "SparseTrainer": ".training.trainer",
     "Sparsifier": ".training.sparsifier",
-    "SparsityConfig": ".training.recipe",
-    "load_recipe": ".training.recipe",
+    "SparsityConfig": ".config.recipe",
+    "load_recipe": ".config.recipe",
     "load_sparse": ".checkpoint.save_and_load",
     "push_to_hub": ".checkpoint.hub",
     "save_sparse_checkpoint": ".checkpoint.save_and_load",
@@ -34,8 +34,8 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from .checkpoint.hub import push_to_hub  # noqa: F401
     from .checkpoint.save_and_load import load_sparse, save_sparse_checkpoint  # noqa: F401
+    from .config.recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: F401
     from .runtime.convert import to_sparse_runtime  # noqa: F401
-    from .training.recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: F401
     from .training.sparsifier import Sparsifier  # noqa: F401
     from .training.trainer import SparseTrainer  # noqa: F401
 

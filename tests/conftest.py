@@ -21,8 +21,8 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def fmnist_full():
+    from hf_sparse.config.recipe import DataConfig
     from hf_sparse.data import load_data
-    from hf_sparse.training.recipe import DataConfig
 
     return load_data(DataConfig(name="fashion_mnist"))
 

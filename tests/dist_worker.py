@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hf_sparse.config.recipe import DataConfig
 from hf_sparse.data import load_data
-from hf_sparse.training.recipe import DataConfig
 from tests.helpers import BACKEND, fast_sparsity, make_trainer, method_granularities, state_digest
 
 

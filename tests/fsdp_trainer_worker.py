@@ -32,8 +32,8 @@ from transformers import TrainerCallback
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hf_sparse.config.recipe import DataConfig  # noqa: E402
 from hf_sparse.data import load_data  # noqa: E402
-from hf_sparse.training.recipe import DataConfig  # noqa: E402
 from hf_sparse.training.trainer import SparseTrainer  # noqa: E402
 from tests.fsdp_worker import full_rows, method_state_bytes, whole_masks  # noqa: E402
 from tests.helpers import BACKEND, fast_sparsity, state_digest, tiny_args, tiny_lenet  # noqa: E402
@@ -112,8 +112,8 @@ def trainer_for(name: str, out: Path, data, world: int) -> SparseTrainer:
 def cli_run(out: Path) -> dict:
     """``hf-sparse train``'s own run (``execute_run``: train, evaluate, export, results.json) of the
     quickstart recipe under FSDP2, with the trainer class above."""
+    from hf_sparse.config.recipe import load_recipe
     from hf_sparse.training import run, trainer
-    from hf_sparse.training.recipe import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
         "data.max_train_samples=256", "data.max_eval_samples=64", "training.max_steps=8",

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint  # noqa: E402
+from hf_sparse.config.recipe import DataConfig, SparsityConfig  # noqa: E402
 from hf_sparse.methods import sharding  # noqa: E402
-from hf_sparse.training.recipe import DataConfig, SparsityConfig  # noqa: E402
 from hf_sparse.training.sparsifier import Sparsifier  # noqa: E402
 from tests.helpers import fast_sparsity, state_digest, tiny_lenet  # noqa: E402
 

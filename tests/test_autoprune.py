@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from hf_sparse.config.recipe import RecipeError, recipe_from_text
 from hf_sparse.methods import get_method
 from hf_sparse.methods.base import optimizer_states
 from hf_sparse.methods.granularity import Granularity
 from hf_sparse.methods.targets import resolve_targets
-from hf_sparse.training.recipe import RecipeError, recipe_from_text
 from tests.helpers import make_trainer
 
 AutoPrune = get_method("autoprune")

@@ -21,8 +21,8 @@ from hf_sparse.checkpoint.save_and_load import (
     saved_names,
 )
 from hf_sparse.cli import main as cli_main
+from hf_sparse.config.recipe import recipe_from_text
 from hf_sparse.methods.targets import TargetSpec, head_weight_names, resolve_targets
-from hf_sparse.training.recipe import recipe_from_text
 from hf_sparse.training.run import prepare_run, summary_table
 from tests.helpers import REPO, tiny_args
 
@@ -204,7 +204,7 @@ def test_too_small_images_are_a_located_validation_error(tmp_path, capsys, one_t
 @pytest.mark.parametrize("name,size", [("resnet18", None), ("mobilenetv3_small_050", None),
                                        ("efficientnet_b0", None), ("convnext_atto", 32)])
 def test_timm_recipe_trains_each_backbone_with_a_dense_head(tmp_path, name, size, one_thread):
-    from hf_sparse.training.recipe import load_recipe
+    from hf_sparse.config.recipe import load_recipe
     from hf_sparse.training.run import make_trainer
 
     overrides = [f"model.name={name}", "data.max_train_samples=64", "data.max_eval_samples=32",

@@ -96,7 +96,7 @@ def test_divergence_stops_the_run_and_saves_nothing(tmp_path, capsys):
 
 
 def test_layers_that_end_empty_are_warned_about(fmnist_small):
-    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.config.recipe import SparsityConfig
     from hf_sparse.training.run import warn_empty_layers
     from hf_sparse.training.sparsifier import Sparsifier
     from tests.helpers import tiny_lenet

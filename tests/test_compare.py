@@ -18,7 +18,7 @@ from PIL import Image
 
 from hf_sparse.cli import main
 from hf_sparse.compare.grid import family_prefix, method_label, plan_grid, run_is_complete
-from hf_sparse.training.recipe import RecipeError
+from hf_sparse.config.recipe import RecipeError
 
 _SPARSITY = {
     "dense": "  method: none\n",

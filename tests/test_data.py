@@ -9,9 +9,9 @@ import struct
 import numpy as np
 import pytest
 
+from hf_sparse.config.recipe import DataConfig
 from hf_sparse.data import DataError, load_data
 from hf_sparse.data.idx import IDX_FILES, read_idx
-from hf_sparse.training.recipe import DataConfig
 
 
 def test_fashion_mnist_matches_provenance(fmnist_full):

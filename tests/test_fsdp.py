@@ -57,7 +57,7 @@ def test_fsdp2_export_loads_on_one_process(runs, name):
 
 
 def test_sharded_state_refuses_another_world_size():
-    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.config.recipe import SparsityConfig
     from hf_sparse.training.sparsifier import Sparsifier
     from tests.helpers import tiny_lenet
 

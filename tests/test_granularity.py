@@ -243,7 +243,7 @@ def test_schedules():
                                      ["sparsity.granularity=2:4", "sparsity.target_density=0.5"],
                                      ["sparsity.granularity=channel", "sparsity.targets.include_head=false"]])
 def test_every_method_recipe_takes_every_granularity(method, setting):
-    from hf_sparse.training.recipe import load_recipe
+    from hf_sparse.config.recipe import load_recipe
 
     name = "l0_constrained" if method == "l0" else method
     if "2:4" in setting[0] and method in ("gmp", "gradual", "dns"):  # their recipes rank globally; N:M is per run
@@ -267,7 +267,7 @@ def test_every_method_recipe_takes_every_granularity(method, setting):
      "whole output units of the head"),
 ])
 def test_bad_granularity_settings_are_located(overrides, key, message):
-    from hf_sparse.training.recipe import RecipeError, load_recipe
+    from hf_sparse.config.recipe import RecipeError, load_recipe
 
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe("recipes/fmnist_lenet300_gmp.yaml", overrides)
@@ -275,7 +275,7 @@ def test_bad_granularity_settings_are_located(overrides, key, message):
 
 
 def test_nm_that_does_not_divide_a_layer_is_a_validation_error(tmp_path):
-    from hf_sparse.training.recipe import RecipeError, load_recipe
+    from hf_sparse.config.recipe import RecipeError, load_recipe
     from hf_sparse.training.run import prepare_run
 
     recipe = load_recipe("recipes/fmnist_lenet300_gmp.yaml", [

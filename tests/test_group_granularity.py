@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from hf_sparse.config.recipe import load_recipe
 from hf_sparse.methods.granularity import Granularity, _Slices
 from hf_sparse.structure.groups import find_groups
 from hf_sparse.structure.purge import purge_copy
-from hf_sparse.training.recipe import load_recipe
 from hf_sparse.training.sparsifier import Sparsifier
 
 RECIPES = {"gmp": "fmnist_lenet300_gmp", "dns": "fmnist_lenet300_dns", "gradual": "fmnist_lenet300_gradual",

@@ -19,8 +19,8 @@ from PIL import Image
 
 from hf_sparse import load_sparse
 from hf_sparse.cli import main as cli_main
+from hf_sparse.config.recipe import DataConfig
 from hf_sparse.data import DataError, load_data
-from hf_sparse.training.recipe import DataConfig
 from tests.helpers import REPO
 
 CLASSES = ("goldfish", "tabby", "tractor")

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_sparse.config.recipe import RecipeError, recipe_from_text
 from hf_sparse.methods import get_method
 from hf_sparse.methods import hard_concrete as hc
 from hf_sparse.methods.base import step_generator
 from hf_sparse.methods.constraints import AugmentedLagrangianController, LagrangianController
 from hf_sparse.methods.granularity import Granularity
 from hf_sparse.methods.targets import resolve_targets
-from hf_sparse.training.recipe import RecipeError, recipe_from_text
 
 L0 = get_method("l0")
 

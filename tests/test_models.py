@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_sparse.config.recipe import ModelConfig
 from hf_sparse.models import build_model
 from hf_sparse.models.build import TimmClassifier
-from hf_sparse.training.recipe import ModelConfig
 from tests.helpers import make_trainer
 
 SOURCES = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hf_sparse.cli import main
-from hf_sparse.training.recipe import RecipeError, load_recipe, recipe_from_text
+from hf_sparse.config.recipe import RecipeError, load_recipe, recipe_from_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import torch
 from transformers import AutoModelForAudioClassification, AutoModelForCTC, TrainerCallback
 
 from hf_sparse import SparseTrainer
+from hf_sparse.config.recipe import DataConfig
 from hf_sparse.data import load_data
 from hf_sparse.methods import METHODS
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
-from hf_sparse.training.recipe import DataConfig
 from tests.helpers import fast_sparsity, tiny_args
 
 STEPS = 20  # tests.helpers.FAST_SPARSITY prunes within 20 steps

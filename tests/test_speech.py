@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForAudioClassification, AutoModelForCTC
 
+from hf_sparse.config.recipe import DataConfig, ModelConfig, load_recipe
 from hf_sparse.data import DataBundle, DataError, load_data
 from hf_sparse.data.fsdd import load_fsdd, load_fsdd_digits, read_fsdd
 from hf_sparse.data.speech import (
@@ -26,7 +27,6 @@ from hf_sparse.data.speech import (
 from hf_sparse.models import build_model
 from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
-from hf_sparse.training.recipe import DataConfig, ModelConfig, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SPEECH_RECIPES = ["fsdd_gru_dense", "fsdd_gru_gradual", "fsdd_lstm_dense", "fsddctc_gru_dense", "fsddctc_gru_gradual"]

@@ -196,7 +196,7 @@ sparsity:
 
 
 def _recipe(method="l0", granularity="channel", control="constrained", extra="  budget: {macs: 0.25}\n"):
-    from hf_sparse.training.recipe import recipe_from_text
+    from hf_sparse.config.recipe import recipe_from_text
 
     return recipe_from_text(_RECIPE.format(method=method, granularity=granularity, control=control, extra=extra),
                             "r.yaml")
@@ -220,7 +220,7 @@ def test_recipe_budget_accepted():
     (dict(extra="  target_density: 0.5\n  budget: {macs: 0.25}\n"), "target_density", "not both"),
 ])
 def test_recipe_budget_errors_are_located(kwargs, where, message):
-    from hf_sparse.training.recipe import RecipeError
+    from hf_sparse.config.recipe import RecipeError
 
     with pytest.raises(RecipeError) as err:
         _recipe(**kwargs)
@@ -237,7 +237,7 @@ def _resnet18():
 
 
 def _sparsity(**extra):
-    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.config.recipe import SparsityConfig
 
     return SparsityConfig(method="l0", granularity="channel", targets={
         "include": [r"re:^model\.layer\d\.\d\.conv1\.weight$"], "layer_types": ["Conv2d"]},

@@ -301,7 +301,7 @@ def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
 def test_a_few_group_steps_then_purge(name):
     """Train a few steps of gmp at ``granularity: group`` (every coupled group to half its channels),
     then purge: the purged model gives the trained model's outputs and is smaller."""
-    from hf_sparse.training.recipe import SparsityConfig
+    from hf_sparse.config.recipe import SparsityConfig
     from hf_sparse.training.sparsifier import Sparsifier
 
     model = MODELS[name]().train()

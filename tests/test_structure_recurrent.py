@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForAudioClassification, AutoModelForCTC
 
+from hf_sparse.config.recipe import DataConfig
 from hf_sparse.data import load_data
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
 from hf_sparse.structure.recurrent import (
@@ -20,7 +21,6 @@ from hf_sparse.structure.recurrent import (
     recurrent_groups,
     removable_units,
 )
-from hf_sparse.training.recipe import DataConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

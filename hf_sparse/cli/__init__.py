@@ -19,7 +19,7 @@ DESCRIPTION = "Train sparse models from a YAML recipe; export, inspect and push 
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..training.recipe import load_recipe
+    from ..config.recipe import load_recipe
     from ..training.run import execute_run, is_finished_run, prepare_run, summary_table
 
     recipe = load_recipe(args.recipe, args.set)
@@ -40,7 +40,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _resume_point(wanted: str, output_dir: Path, rank0: bool) -> str:
     """The checkpoint ``--resume`` continues from: the newest complete one, or the one named."""
-    from ..training.recipe import RecipeError
+    from ..config.recipe import RecipeError
     from ..training.trainer import CHECKPOINT_COMPLETE, is_complete_checkpoint, newest_complete_checkpoint
 
     if wanted != "last":
@@ -63,7 +63,7 @@ def _resume_point(wanted: str, output_dir: Path, rank0: bool) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..training.recipe import load_recipe
+    from ..config.recipe import load_recipe
     from ..training.run import prepare_run
 
     recipe = load_recipe(args.recipe, args.set)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as e:
-        recipe = sys.modules.get("hf_sparse.training.recipe")  # a RecipeError implies that module is loaded
+        recipe = sys.modules.get("hf_sparse.config.recipe")  # a RecipeError implies that module is loaded
         trainer = sys.modules.get("hf_sparse.training.trainer")
         if trainer is not None and isinstance(e, trainer.TrainingDiverged):
             print(f"hf-sparse: error: {e}; no model was saved", file=sys.stderr)

@@ -145,9 +145,9 @@ def format_groups(groups: list, model, source: str) -> str:
 
 def _inspect_groups(args: argparse.Namespace) -> int:
     """``inspect --groups RECIPE``: build the recipe's model and print its coupled channel groups."""
+    from ..config.recipe import RecipeError, load_recipe
     from ..models.build import TimmClassifier
     from ..structure.groups import find_groups
-    from ..training.recipe import RecipeError, load_recipe
     from ..training.run import prepare_run
 
     try:

@@ -35,7 +35,7 @@ def _names(text: str) -> list[str]:
 def _compare(args: argparse.Namespace) -> int:
     # here, not at the top: `hf-sparse --help` must not import torch
     from ..compare import plan_grid, run_grid, write_summary
-    from ..training.recipe import RecipeError
+    from ..config.recipe import RecipeError
 
     if args.jobs < 1:
         raise RecipeError("--jobs must be at least 1", "<command line>", ("--jobs",))

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training.recipe import RecipeError, load_recipe
+from ..config.recipe import RecipeError, load_recipe
 
 DENSE_LABEL = "dense"
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..training.recipe import first_line
+from ..config.recipe import first_line
 from . import MODEL_REGISTRY
 
 if TYPE_CHECKING:

@@ -26,11 +26,11 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from .. import __version__
+from ..config.recipe import Recipe, RecipeError
 from ..data import DataBundle, DataError, load_data
 from ..methods.granularity import target_problem
 from ..methods.targets import TargetSpec, resolve_targets, unmatched_patterns
 from ..models import build_model, forward_problem
-from .recipe import Recipe, RecipeError
 from .report import SparsityReport
 from .sparsifier import dense_report
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config.recipe import SparsityConfig
 from ..methods import get_method
 from ..methods.sharding import local, reshard, sum_counts
 from ..methods.targets import TargetSpec, resolve_targets
-from .recipe import SparsityConfig
 from .report import SparsityReport
 
 

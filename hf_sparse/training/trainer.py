@@ -29,9 +29,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..config.recipe import Recipe, SparsityConfig, load_recipe
 from ..methods import sharding
 from . import fsdp2
-from .recipe import Recipe, SparsityConfig, load_recipe
 from .report import SparsityReport
 from .sparsifier import Sparsifier, targets_without_weight_decay
 

@@ -56,28 +56,66 @@ class ModelConfig(_Section):
 
     source: Literal["hf_sparse", "timm", "transformers"] = Field(
         "hf_sparse", description="hf_sparse's registry, timm.create_model, or a transformers Auto class")
-    name: str | None = Field(None, description="registry name (hf_sparse) or timm model name")
-    path: str | None = Field(None, description="transformers: a checkpoint folder or Hub id to load")
+    name: str | None = Field(None, description="registry name (hf_sparse), or timm model name (also "
+                                               "'local-dir:PATH' and 'hf-hub:ID')")
+    path: str | None = Field(None, description="pretrained weights to start from: a checkpoint folder or Hub id "
+                                               "(transformers, hf_sparse), or a folder written by timm's "
+                                               "save_for_hf / a .safetensors, .bin or .pth file (timm)")
+    revision: str | None = Field(None, description="branch, tag or commit of a Hub model.path")
+    ignore_mismatched_sizes: bool = Field(
+        False, description="transformers/hf_sparse: replace weights whose shapes differ from the model's (a "
+                           "head with another number of labels) by freshly initialised ones")
     auto_class: str | None = Field(
         None, description="transformers: Auto class to use (default from the task, e.g. AutoModelForImageClassification)")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="config values: hf_sparse model config, or a transformers config incl. model_type")
-    pretrained: bool = Field(False, description="timm: load pretrained weights (needs the Hub)")
+    pretrained: bool = Field(False, description="timm: load the model's pretrained weights from the Hub (or from "
+                                                "model.path, which needs no connection)")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="timm: extra create_model keyword arguments")
 
     @model_validator(mode="after")
     def _needs_a_name(self):
-        if self.source in ("hf_sparse", "timm") and not self.name:
-            raise ValueError(f"model.name is required when model.source is {self.source!r}")
+        if self.source == "timm" and not self.name:
+            raise ValueError("model.name is required when model.source is 'timm'")
+        if self.source == "hf_sparse" and not (self.name or self.path):
+            raise ValueError("model.source 'hf_sparse' needs model.name (a registered model) or model.path "
+                             "(a saved hf_sparse checkpoint)")
         if self.source == "transformers" and not (self.path or self.config.get("model_type")):
             raise ValueError("model.source 'transformers' needs model.path or model.config.model_type")
         return self
+
+
+class AugmentConfig(_Section):
+    """Training-only speech augmentation: SpecAugment masks on the features, optional waveform perturbation."""
+
+    time_masks: int = Field(0, ge=0, description="SpecAugment: time masks per utterance")
+    time_mask_width: int = Field(0, ge=0, description="SpecAugment: largest time mask, in frames")
+    freq_masks: int = Field(0, ge=0, description="SpecAugment: frequency masks per utterance")
+    freq_mask_width: int = Field(0, ge=0, description="SpecAugment: largest frequency mask, in mel bins")
+    speed: list[float] | None = Field(None, description="speed perturbation: factors drawn per utterance, e.g. "
+                                                        "[0.9, 1.0, 1.1]")
+    noise_snr_db: list[float] | None = Field(None, description="white noise at an SNR drawn from [low, high] dB")
 
 
 class DataConfig(_Section):
     name: str = Field("fashion_mnist", description="built-in data source (see hf_sparse.data.DATA_SOURCES)")
     path: str | None = Field(None, description="local folder overriding the source's bundled copy")
     hub_id: str | None = Field(None, description="a Hub dataset id, loaded with datasets.load_dataset")
+    config_name: str | None = Field(None, description="Hub dataset: configuration name (e.g. v0.02, clean)")
+    train_split: str | None = Field(None, description="Hub dataset: split to train on (default: train)")
+    eval_split: str | None = Field(None, description="Hub dataset: split to evaluate on (default: validation, "
+                                                     "else test)")
+    task: Literal["audio-classification", "ctc"] | None = Field(
+        None, description="speech data: classification or CTC, when the columns leave it open")
+    audio_column: str = Field("audio", description="speech data: the column holding the audio")
+    label_column: str | None = Field(None, description="speech data: the class column (found when unambiguous)")
+    text_column: str | None = Field(None, description="speech data: the transcript column for CTC (found when "
+                                                      "unambiguous: transcription, text, sentence)")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="audio_folder with only a train split: fraction "
+                                                              "held out (seeded, stratified) for evaluation")
+    max_duration_s: float | None = Field(None, gt=0, description="speech data: clips longer than this are skipped "
+                                                                 "(counted in the log)")
+    augment: AugmentConfig | None = Field(None, description="speech data: training-only augmentation")
     split: str = Field("official", description="which split scheme the source offers (e.g. official, speaker)")
     options: dict[str, Any] = Field(default_factory=dict, description="source-specific options")
     max_train_samples: PositiveInt | None = Field(None, description="use only this many training examples")
@@ -238,6 +276,7 @@ class ExportConfig(_Section):
     hub_model_id: str | None = Field(None, description="repo id to push to")
     private: bool = False
     revision: str | None = None
+    license: str | None = Field(None, description="the card's license (default: the base model's, else unset)")
 
     @model_validator(mode="after")
     def _repo_when_pushing(self):

@@ -14,6 +14,8 @@ every Conv2d/Linear weight.
     python bench/bench_engine.py --model resnet18 --image-size 64 --steps 40 --methods gmp dns l0_constrained
     python bench/bench_engine.py --epochs 1 --methods l0_constrained --breakdown   # + ms per phase of a step
     python bench/bench_engine.py --device cuda --bf16 --steps 300 ...   # on a GPU (bench/gpu_check.sh)
+    python bench/bench_engine.py --distill --steps 300 --methods gmp   # + each variant distilled from
+                                                                      #   a frozen copy of the start ("self")
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from hf_sparse import Sparsifier, load_recipe
+from hf_sparse.config.recipe import DistillationConfig
 from hf_sparse.data import load_data
 from hf_sparse.models import build_model
 
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also print the median time of each phase of a step")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (timed with a synchronize at each mark)")
     ap.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast")
+    ap.add_argument("--distill", action="store_true", help="also time each variant distilled from a frozen copy "
+                                                           "of the starting weights (teacher 'self', kl)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -88,26 +93,35 @@ def main() -> None:
     total = args.steps or int(args.epochs * steps_per_epoch)
 
     variants = {}
-    for name in ["dense", *args.methods]:
+    names = ["dense", *args.methods]
+    if args.distill:
+        names += [f"{n}+distill" for n in names]
+    for name in names:
+        method, distilled = name.removesuffix("+distill"), name.endswith("+distill")
         model = copy.deepcopy(base).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=tr["learning_rate"], weight_decay=tr["weight_decay"])
         sp = None
-        if name != "dense":
+        if method != "dense":
             overrides = [f"sparsity.target_density={args.density}"]
             if args.model != "lenet300":  # the method's settings, on the conv model's Conv2d/Linear weights
                 overrides.append("sparsity.targets.include_head=false")
-            recipe = load_recipe(REPO / f"recipes/fmnist_lenet300_{name}.yaml", overrides)
+            recipe = load_recipe(REPO / f"recipes/fmnist_lenet300_{method}.yaml", overrides)
             sp = Sparsifier(model, recipe.sparsity, seed=tr["seed"])
             sp.setup(total)
             for group in sp.method.param_groups(tr["learning_rate"]):  # gates, auxiliary masks
                 opt.add_param_group(group)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-        variants[name] = (model, opt, sched, sp)
+        distiller = None
+        if distilled:
+            from hf_sparse.training.distill import Distiller
+
+            distiller = Distiller(model, DistillationConfig(teacher="self"))
+        variants[name] = (model, opt, sched, sp, distiller)
 
     phases = {n: {p: [] for p in PHASES} for n in variants}
 
     def step(name, batch, i) -> float:
-        model, opt, sched, sp = variants[name]
+        model, opt, sched, sp, distiller = variants[name]
 
         def mark():
             sync()
@@ -119,7 +133,8 @@ def main() -> None:
             sp.before_forward(i)
         mark()
         with autocast():
-            loss = model(**batch).loss
+            out = model(**batch)
+            loss = out.loss if distiller is None else distiller.combine(out.loss, out, batch, model)
         loss.backward()
         mark()
         if sp:
@@ -159,7 +174,7 @@ def main() -> None:
           f"target density {args.density}, {where}")
     print("| variant | step time / dense (median) | achieved density | test accuracy |")
     print("|---|---|---|---|")
-    for name, (model, _, _, sp) in variants.items():
+    for name, (model, _, _, sp, _) in variants.items():
         if sp:
             sp.finalize()
         ratio = "1.00" if name == "dense" else f"{statistics.median(ratios[name]):.3f}"

@@ -18,7 +18,11 @@ steps on fixed random 64x64 images, batch 8, one intra-op thread. It reports:
   dense run is the method's cost at its worst moment (transients of a mask update included).
 
     OMP_NUM_THREADS=1 python bench/bench_memory.py [--steps 4] [--methods gmp dns ...]
-        [--granularities unstructured channel block] [--out runs/bench_memory]
+        [--granularities unstructured channel block] [--out runs/bench_memory] [--distill]
+
+``--distill`` adds the same runs distilled from a frozen copy of the starting model (teacher
+``self``, kl): their peak RSS against their undistilled twin is the teacher's cost (its weights,
+plus its activations for one forward without gradients).
 
 Prints a Markdown table and writes it with the raw figures (``results.json``) into ``--out``.
 """
@@ -113,14 +117,21 @@ def method_state(method: Any, model: nn.Module, optimizer: torch.optim.Optimizer
 
 
 def run_one(method: str, granularity: str, steps: int) -> dict[str, Any]:
-    """One variant in this process (``method`` 'dense' trains without a sparsifier)."""
+    """One variant in this process (``method`` 'dense' trains without a sparsifier; a ``+distill``
+    suffix distils from a frozen copy of the starting model)."""
     import timm
 
     from hf_sparse import Sparsifier, SparsityConfig
+    from hf_sparse.config.recipe import DistillationConfig
+    from hf_sparse.models.build import TimmClassifier
+    from hf_sparse.training.distill import Distiller
 
+    name, distilled = method, method.endswith("+distill")
+    method = method.removesuffix("+distill")
     torch.manual_seed(0)
     model = timm.create_model("resnet50", num_classes=10)
     model.train()
+    distiller = Distiller(TimmClassifier(model, "resnet50"), DistillationConfig()) if distilled else None
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 3, 64, 64, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
@@ -137,7 +148,10 @@ def run_one(method: str, granularity: str, steps: int) -> dict[str, Any]:
     for i in range(steps):
         if sp:
             sp.before_forward(i)
-        loss = nn.functional.cross_entropy(model(x), y)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        if distiller is not None:
+            loss = distiller.combine(loss, {"logits": logits}, {"pixel_values": x}, model)
         loss.backward()
         if sp:
             sp.after_backward(i)
@@ -145,7 +159,7 @@ def run_one(method: str, granularity: str, steps: int) -> dict[str, Any]:
         if sp:
             sp.after_step(i, opt)
         opt.zero_grad(set_to_none=True)
-    out: dict[str, Any] = {"method": method, "granularity": granularity, "steps": steps,
+    out: dict[str, Any] = {"method": name, "granularity": granularity, "steps": steps,
                            "peak_rss": peak_rss_bytes(), "peak_rss_before_steps": rss_ready,
                            "params": sum(p.numel() for p in model.parameters())}
     if sp:
@@ -163,6 +177,7 @@ def main() -> None:
     ap.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=list(GRANULARITIES))
     ap.add_argument("--out", type=Path, default=REPO / "runs/bench_memory")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "GRANULARITY"), help=argparse.SUPPRESS)
+    ap.add_argument("--distill", action="store_true", help="also each run distilled from a frozen copy of its start")
     args = ap.parse_args()
     if args.one:
         torch.set_num_threads(1)
@@ -171,7 +186,10 @@ def main() -> None:
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rows = []
-    for method, gran in [("dense", "-")] + [(m, g) for m in args.methods for g in args.granularities]:
+    variants = [("dense", "-")] + [(m, g) for m in args.methods for g in args.granularities]
+    if args.distill:
+        variants += [(f"{m}+distill", g) for m, g in variants]
+    for method, gran in variants:
         proc = subprocess.run([sys.executable, __file__, "--one", method, gran, "--steps", str(args.steps)],
                               check=True, env=env, capture_output=True, text=True)
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -184,8 +202,12 @@ def main() -> None:
              "state by attribute (B / weight) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
-        target = METHODS[r["method"]][1]
-        if r["method"] == "l0" and r["granularity"] != "unstructured":
+        if r["method"] == "dense+distill":
+            lines.append(f"| dense+distill | - | - | - | - | {r['peak_rss'] / 2**20:.0f} | "
+                         f"{(r['peak_rss'] - dense) / 2**20:+.0f} | teacher: a frozen copy of the model |")
+            continue
+        target = METHODS[r["method"].removesuffix("+distill")][1]
+        if r["method"].startswith("l0") and r["granularity"] != "unstructured":
             target = None  # the project's L0 figure is for unstructured gates
         met = "-" if target is None else ("yes" if r["bytes_per_weight"] <= target else "no")
         parts = ", ".join(f"{k} {v / r['targeted_weights']:.3g}" for k, v in

@@ -10,7 +10,7 @@ absolute output difference. Layers are converted with ``calibrate=False`` so tha
 times the sparse kernels, including the cases where ``to_sparse_runtime`` would keep them dense.
 
 With ``--checkpoint DIR`` it instead classifies (or CTC-decodes) the test split of the
-checkpoint's own recipe end to end, one utterance at a time, with the checkpoint loaded dense and
+checkpoint's own recipe end to end, `--batch-size` utterances at a time (default 1), with the checkpoint loaded dense and
 with ``runtime="sparse"`` (the two alternate per utterance), and reports utterances per second of
 each, their median per-utterance ratio and whether every prediction agrees.
 
@@ -18,6 +18,7 @@ each, their median per-utterance ratio and whether every prediction agrees.
         [--hidden 512,1024] [--densities 0.2,0.1,0.05] [--structures unstructured,16x16,8x8]
         [--batches 1,8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py --checkpoint runs/fsdd_gru_gradual_block/model
+        [--batch-size 32] [--decide-at 1,32]
 """
 
 from __future__ import annotations
@@ -84,8 +85,11 @@ def run_case(kind: str, hidden: int, density: float, structure: str, batch: int,
 
 
 @torch.no_grad()
-def run_checkpoint(folder: Path, threads: int, limit: int | None) -> dict:
-    """End to end on the checkpoint's test split at batch 1: utterances/s dense vs runtime."""
+def run_checkpoint(folder: Path, threads: int, limit: int | None, batch_size: int = 1,
+                   decide_at: tuple[int, ...] = (1,)) -> dict:
+    """End to end on the checkpoint's test split, ``batch_size`` utterances per call: utterances/s
+    dense vs runtime. The runtime converts each layer only where, timed whole, it beat dense at every
+    batch size in ``decide_at`` (its per-layer decisions and measured ratios are in the result)."""
     import statistics
     import time
 
@@ -95,15 +99,16 @@ def run_checkpoint(folder: Path, threads: int, limit: int | None) -> dict:
 
     torch.set_num_threads(threads)
     bundle = load_data(load_recipe(folder / "recipe.yaml").data)
-    dense, sparse = load_sparse(folder), load_sparse(folder, runtime="sparse")
+    dense, sparse = load_sparse(folder), load_sparse(folder, runtime="sparse", batch_sizes=decide_at)
     rows = bundle.eval if limit is None else bundle.eval.select(range(min(limit, len(bundle.eval))))
     warm = bundle.collator([rows[0]])
     warm.pop("labels", None)
     dense(**warm), sparse(**warm)  # first calls compile or load the kernels
     times = {"dense": [], "sparse": []}
     ratios, agree = [], 0
-    for i, row in enumerate(rows):
-        batch = bundle.collator([row])
+    chunks = [[rows[j] for j in range(i, min(i + batch_size, len(rows)))] for i in range(0, len(rows), batch_size)]
+    for i, chunk in enumerate(chunks):
+        batch = bundle.collator(chunk)
         batch.pop("labels", None)
         outs = {}
         for name in (("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")):
@@ -112,9 +117,12 @@ def run_checkpoint(folder: Path, threads: int, limit: int | None) -> dict:
             outs[name] = model(**batch).logits.argmax(-1)
             times[name].append(time.perf_counter() - t)
         ratios.append(times["dense"][-1] / times["sparse"][-1])
-        agree += bool(torch.equal(outs["dense"], outs["sparse"]))
+        agree += int((outs["dense"] == outs["sparse"]).reshape(len(chunk), -1).all(1).sum())
     n = len(rows)
+    decisions = {e["layer"]: {"converted": e["converted"], "measured": e.get("measured")}
+                 for e in sparse.sparse_runtime_report if e["type"] != "Linear" or e.get("measured")}
     return {"checkpoint": str(folder), "task": bundle.task, "utterances": n, "threads": threads,
+            "batch_size": batch_size, "decided_at": list(decide_at), "decisions": decisions,
             "dense_utt_per_s": n / sum(times["dense"]), "runtime_utt_per_s": n / sum(times["sparse"]),
             "dense_ms_median": 1e3 * statistics.median(times["dense"]),
             "runtime_ms_median": 1e3 * statistics.median(times["sparse"]),
@@ -139,9 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="also write the rows as JSON")
     ap.add_argument("--checkpoint", type=Path, help="a speech checkpoint folder: end to end on its test split")
     ap.add_argument("--limit", type=int, help="with --checkpoint: only the first N test utterances")
+    ap.add_argument("--batch-size", type=int, default=1, help="with --checkpoint: utterances per call")
+    ap.add_argument("--decide-at", default="1", help="with --checkpoint: batch sizes the runtime's per-layer "
+                                                     "decisions are timed at (converted only where faster at all)")
     args = ap.parse_args(argv)
     if args.checkpoint:
-        result = run_checkpoint(args.checkpoint, int(args.threads.split(",")[0]), args.limit)
+        result = run_checkpoint(args.checkpoint, int(args.threads.split(",")[0]), args.limit, args.batch_size,
+                                tuple(int(b) for b in args.decide_at.split(",")))
         print(json.dumps(result, indent=1))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))

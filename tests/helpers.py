@@ -116,13 +116,13 @@ def assert_ranks_resume_exactly(ranks: list[dict], name: str, resume_at: int) ->
         assert r[name]["state_file"] == f"sparsity_state-rank{rank}-of-{len(ranks)}.pt"
 
 
-def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
+def two_rank_records(suite: str, out_dir: Path, timeout: int = 900, worker: str = "dist_worker.py") -> list[dict]:
     """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo;
     ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) and return
     what ranks 0 and 1 recorded."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "tests" / "dist_worker.py"), suite, str(out_dir)]
+           str(REPO / "tests" / worker), suite, str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]

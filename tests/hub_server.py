@@ -13,6 +13,12 @@ answered 500 without applying it), ``delay`` (seconds every request waits before
 a slow Hub), ``truncate_downloads`` (file downloads announce their full length, send half and
 close), ``tamper`` (safetensors downloads have bit 6 of their last byte flipped, an exponent bit
 of the last float32, so even a pruned 0.0 becomes 2.0, under the original ETag), and :func:`closed_endpoint` (a port nobody listens on).
+
+Faults of the connection itself, for the client's timeouts and deadlines: ``silent`` (requests are
+read and never answered, the connection held open), ``drip`` (every answer is sent one byte per
+``drip`` seconds) and ``drop_mid_body`` (every answer with a body announces its full length, sends
+half and closes the connection). Each applies to requests whose path contains ``fault_paths``
+(default: all). ``heal()`` and ``stop()`` release silent and dripping connections.
 """
 
 from __future__ import annotations
@@ -84,6 +90,11 @@ class HubServer:
         self.delay = 0.0
         self.truncate_downloads = False
         self.tamper = False
+        self.silent = False
+        self.drip = 0.0
+        self.drop_mid_body = False
+        self.fault_paths = ""
+        self.released = threading.Event()  # set by stop(): silent and dripping answers give up
         self.requests: list[tuple[str, str]] = []
         self.errors: list[str] = []  # unexpected exceptions inside the server
         self.lock = threading.Lock()
@@ -111,11 +122,21 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        self.released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._thread.join(timeout=5)
             self._httpd = None
+
+    def heal(self) -> None:
+        """Turn the connection faults off and end the answers still hanging or dripping (a dripping
+        answer holds the server's lock)."""
+        self.silent, self.drip, self.drop_mid_body = False, 0.0, False
+        self.released.set()
+        with self.lock:  # taken once the dripping handler has given up
+            pass
+        self.released.clear()
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -189,6 +210,25 @@ def validate_card_metadata(content: str) -> list[str]:
     return errors
 
 
+class _Drip:
+    """A writer that sends one byte every ``interval`` seconds (a Hub on a dying line)."""
+
+    def __init__(self, raw, interval: float, released: threading.Event):
+        self.raw, self.interval, self.released = raw, interval, released
+
+    def write(self, data: bytes) -> int:
+        for i in range(len(data)):
+            if self.released.is_set():
+                raise BrokenPipeError("the loopback Hub stopped")
+            self.raw.write(data[i:i + 1])
+            self.raw.flush()
+            self.released.wait(self.interval)
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_state: HubServer
@@ -208,6 +248,11 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
+        if body and not head and getattr(self, "_drop", False):  # the connection drops mid-body
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if body and not head:
             self.wfile.write(body)
 
@@ -222,6 +267,14 @@ class _Handler(BaseHTTPRequestHandler):
             hub.requests.append((method, url.path))
         if hub.delay:
             time.sleep(hub.delay)
+        faulty = hub.fault_paths in url.path
+        if hub.silent and faulty:  # accept, read, never answer
+            hub.released.wait(600)
+            self.close_connection = True
+            return
+        if hub.drip and faulty:
+            self.wfile = _Drip(self.wfile, hub.drip, hub.released)
+        self._drop = hub.drop_mid_body and faulty
         try:
             with hub.lock:
                 self._route(method, url.path, parse_qs(url.query), body)
@@ -372,7 +425,8 @@ class _Handler(BaseHTTPRequestHandler):
             "_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": commit.oid,
             "private": r.private, "disabled": False, "gated": False, "tags": [], "downloads": 0, "likes": 0,
             "lastModified": "2025-01-01T00:00:00.000Z", "createdAt": "2025-01-01T00:00:00.000Z",
-            "siblings": [{"rfilename": p} for p in sorted(commit.files)],
+            "siblings": [{"rfilename": p, "size": len(commit.files[p]), "blobId": git_blob_oid(commit.files[p])}
+                         for p in sorted(commit.files)],
         })
 
     def _tree(self, repo: str, rev: str, query: dict, sub: str | None = None, **_) -> None:

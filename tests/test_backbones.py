@@ -224,14 +224,12 @@ def test_timm_recipe_trains_each_backbone_with_a_dense_head(tmp_path, name, size
 
 
 def test_summary_table_shows_the_density_in_the_targets_unit():
-    results = {"method": "l0", "target_density": 0.5, "achieved_density": 0.4631,
+    results = {"method": "l0", "target_density": 0.5, "target_unit": "gates", "achieved_density": 0.4631,
                "method_metrics": {"hard_density": 0.5}, "eval": {"accuracy": 0.9},
                "train_runtime_s": 1.0, "train_steps": 3}
-    sparsity = recipe("  method: l0\n  target_density: 0.5\n  granularity: channel\n"
-                      "  params:\n    count: gates\n").sparsity
-    table = summary_table(results, sparsity)
+    table = summary_table(results)
     assert "0.5000 of gates (0.4631 of weights)" in table and "target density    0.5000 of gates" in table
-    assert "0.4631 of weights" in summary_table(results)
+    assert "0.4631 of weights" in summary_table({**results, "target_unit": "weights"})
 
 
 def test_per_layer_densities_go_to_tensorboard_not_the_console(fmnist_small, tmp_path, one_thread, monkeypatch):

@@ -1,7 +1,8 @@
 """Fuzzed recipes: every bundled recipe, mutated, through ``hf-sparse validate``.
 
-Mutations: unknown keys, wrong types, out-of-range and non-finite values, deleted keys, junk and
-truncated YAML, aliases, other encodings, and ``--set`` forms. Each outcome must be exit 0 (the
+Mutations: unknown keys, wrong types, out-of-range and non-finite values, deleted keys, target
+patterns (invalid regular expressions among them), junk and truncated YAML, aliases, other
+encodings, and ``--set`` forms. Each outcome must be exit 0 (the
 mutation happened to be valid) or exit 2 with one line naming the file (or the ``--set``
 argument) and a line, no traceback, and nothing written.
 
@@ -35,6 +36,9 @@ SCALARS = st.one_of(
 )
 VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                           max_size=3), max_leaves=6)
+#: Target patterns, invalid regular expressions among them (``re:(`` used to raise re.error).
+PATTERNS = st.sampled_from(["re:(", "re:[a", "re:*", "re:(?P<x", "re:a{2,1}", "re:fc\\d+", "re:.*weight$", "*", "fc1.*",
+                            "nothing.matches", ""]) | st.text(max_size=8).map(lambda t: "re:" + t)
 JUNK = st.sampled_from(["&a [*a]", "*nowhere", "!!python/object:os.system", "\x00", "\t", "[" * 60, "{", "]", ": :",
                         "- - -", "? [a]", "1: 2", "<<: 3", "!!binary zz", "%YAML 1.1", "---", "...", "\ufeff"])
 
@@ -66,7 +70,7 @@ def mutated(draw, recipe: Path):
     data = yaml.safe_load(text)
     paths = _paths(data)
     kind = draw(st.sampled_from(["value", "unknown_key", "delete", "junk_text", "truncate", "encoding", "set",
-                                 "set_junk", "alias"]))
+                                 "set_junk", "alias", "targets"]))
     sets: list[str] = []
     if kind in ("value", "unknown_key", "delete"):
         path = draw(st.sampled_from(paths))
@@ -98,6 +102,10 @@ def mutated(draw, recipe: Path):
         raw = (text + "\nzz: &x [*x]\n" if draw(st.booleans()) else
                "a: &a [1,2,3,4,5,6,7,8,9]\n" + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
                                                       for p, c in zip("abcdef", "bcdefg")) + text).encode()
+    elif kind == "targets":
+        raw = text.encode()
+        which = draw(st.sampled_from(["include", "exclude"]))
+        sets = [f"sparsity.targets.{which}={json.dumps(draw(st.lists(PATTERNS, min_size=1, max_size=3)))}"]
     else:
         raw = text.encode()
         key = ".".join(map(str, draw(st.sampled_from(paths)))) if draw(st.booleans()) else draw(

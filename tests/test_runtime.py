@@ -114,6 +114,60 @@ def test_runtime_layers_refuse_training():
         runtime(torch.randn(2, 8))
 
 
+# -- decisions: each layer timed whole, at every requested batch size; reproducible without timing -----------
+
+
+class SpeechLike(nn.Module):
+    """A block-sparse GRU (timed over its whole loop) and a small sparse Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = prune_(nn.GRU(64, 128, batch_first=True), 0.1, block=16)
+        self.head = prune_(nn.Linear(128, 10), 0.2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def test_decisions_time_each_layer_whole_at_every_batch_size(caplog, one_thread):
+    model = SpeechLike().eval()
+    with caplog.at_level(logging.INFO, logger="hf_sparse.runtime"):
+        runtime = to_sparse_runtime(model, batch_sizes=(1, 8))
+    report = {e["layer"]: e for e in runtime.sparse_runtime_report}
+    for name, module in (("rnn", SparseRNN), ("head", SparseLinear)):
+        entry = report[name]
+        assert set(entry["measured"]) == {"1", "8"}  # one figure per batch size asked for
+        assert entry["converted"] == (min(entry["measured"].values()) >= 1.0)
+        assert isinstance(getattr(runtime, name), module) == entry["converted"]
+        assert f"whole layer measured {entry['measured']['1']:.2f}x at batch 1, " in entry["reason"]
+    assert "whole layer measured" in caplog.text
+    x = torch.randn(3, 20, 64)
+    torch.testing.assert_close(runtime(x), model(x), atol=ATOL, rtol=0)
+
+
+def test_decisions_reproduce_a_conversion_without_timing(tmp_path, one_thread):
+    """Decisions (a mapping or a JSON file) convert exactly the named layers in the recorded formats,
+    whatever timing would say (a 10x10 layer is always slower than dense when timed)."""
+    model = SpeechLike().eval()
+    decisions = {"rnn": {"converted": True, "formats": {"weight_ih_l0": "bsr16x16", "weight_hh_l0": "bsr16x16"}},
+                 "head": {"converted": False, "formats": {"weight": "dense"}}}
+    (tmp_path / "decisions.json").write_text(json.dumps(decisions))
+    for given in (decisions, tmp_path / "decisions.json"):
+        runtime = to_sparse_runtime(model, decisions=given)
+        assert isinstance(runtime.rnn, SparseRNN) and type(runtime.head) is nn.Linear
+        assert "ih/hh formats: bsr16x16/bsr16x16" in repr(runtime.rnn)
+        assert runtime.sparse_runtime_decisions == decisions
+        assert "measured" not in {k for e in runtime.sparse_runtime_report for k in e}  # nothing was timed
+    tiny = to_sparse_runtime(prune_(nn.Linear(10, 10), 0.1), decisions={"": {"converted": True,
+                                                                           "formats": {"weight": "csr"}}})
+    assert isinstance(tiny, SparseLinear)
+    recorded = to_sparse_runtime(model, batch_sizes=(1,))  # a timed conversion's own record reproduces it
+    again = to_sparse_runtime(model, decisions=recorded.sparse_runtime_decisions)
+    assert [type(m) for m in again.children()] == [type(m) for m in recorded.children()]
+    with pytest.raises(ValueError, match="boolean 'converted'"):
+        to_sparse_runtime(model, decisions={"rnn": {"formats": {}}})
+
+
 # -- checkpoints: load_sparse(runtime="sparse") and the speed in the card ---------------------------------
 
 LENET_LAYERS = ["fc1.weight", "fc2.weight", "classifier.weight"]
@@ -150,7 +204,7 @@ def test_lenet300_checkpoint_runs_sparse_with_its_speed_in_the_card(tmp_path, fm
         assert speed["input_shapes"] == {"pixel_values": [1, 1, 28, 28]} and speed["threads"] == 1
         assert f"**{speed['speedup']:.2f}×**" in card and speed["formats"] == ["csr"]
     else:  # each layer's own batch-1 figure is stated instead
-        assert "fc1: csr measured" in speed["reason"] and "x dense at batch 1" in card
+        assert "fc1: " in speed["reason"] and "whole layer measured" in card and "x at batch 1" in card
 
     images = fmnist_full.collator([fmnist_full.eval[i] for i in range(2000)])["pixel_values"]
     dense = load_sparse(out)

@@ -28,7 +28,12 @@ from hf_sparse.structure.purge import (
 )
 
 TOL = 1e-5
-REPORT = {"method": "l0", "granularity": "group", "per_layer": {}, "structure": None}
+
+
+def report_of(model: nn.Module, method: str = "l0", granularity: str = "group") -> dict:
+    """A run report naming every matrix/conv weight (the checkpoint records and checks their densities)."""
+    return {"method": method, "granularity": granularity, "structure": None,
+            "per_layer": {n: {} for n, p in model.named_parameters() if p.dim() > 1}}
 
 
 def timm_model(name: str, **kwargs) -> nn.Module:
@@ -136,7 +141,7 @@ def test_purge_equals_gated_and_plan_rebuilds_it(name):
 def test_purged_checkpoint_round_trip(name, tmp_path):
     model, _ = gated(MODELS[name]())
     x = inputs(model)
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
     sparsity = json.loads((folder / "sparsity.json").read_text())
     purged = sparsity["purged"]
     assert purged["params"]["purged"] < purged["params"]["dense"] and 0 < purged["macs"]["fraction"] < 1
@@ -157,7 +162,7 @@ def test_uniform_vit_loads_with_plain_from_pretrained(tmp_path):
     from transformers import ViTForImageClassification
 
     model, _ = gated(hf_vit())
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
     plain = ViTForImageClassification.from_pretrained(folder).eval()
     assert plain.config.num_attention_heads == 2
     x = inputs(model)
@@ -175,7 +180,7 @@ def test_uneven_widths_are_refused_by_plain_from_pretrained(tmp_path):
     first = groups[0]
     keep[first.name] = keep[first.name][: max(1, first.channels // 2)]  # one group only: widths differ per layer
     mask_channels(model, groups, keep)
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
     assert json.loads((folder / "sparsity.json").read_text())["purged"]["config"] is None
     with pytest.raises(Exception, match="(?i)size|shape"):
         ViTForImageClassification.from_pretrained(folder)
@@ -266,7 +271,7 @@ def test_push_and_load_purged_from_the_hub(hub, tmp_path):
 
     for repo, build in (("alice/resnet18-purged", lambda: timm_model("resnet18")), ("alice/vit-purged", hf_vit)):
         model, _ = gated(build())
-        folder = save_sparse_checkpoint(model, tmp_path / repo, report=REPORT, format="purged", measure_speed=False)
+        folder = save_sparse_checkpoint(model, tmp_path / repo, report=report_of(model), format="purged", measure_speed=False)
         push_to_hub(folder, repo, token=HUB_TOKEN, endpoint=hub.url)
         loaded = load_sparse(repo, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path / f"cache-{repo}")
         x = inputs(model)
@@ -278,18 +283,64 @@ def test_cli_export_purged(tmp_path, capsys):
     from hf_sparse.cli import main
 
     model, _ = gated(timm_model("resnet10t"))
-    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=REPORT, measure_speed=False)
+    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report_of(model), measure_speed=False)
     assert main(["export", str(tmp_path / "run"), "--format", "purged", "--out", str(tmp_path / "p")]) == 0
-    assert "purged" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    dense, purged = n_params(model), n_params(load_sparse(tmp_path / "p"))
+    assert f"purge removed {dense - purged:,} of {dense:,} parameters" in out and "bitmask" not in out
     loaded = load_sparse(tmp_path / "p")
     x = inputs(model)
     assert n_params(loaded) < n_params(model)
     assert (run(loaded, x) - run(model, x)).abs().max() <= TOL
 
 
+def test_cli_export_purged_of_an_unstructured_run_names_bitmask(tmp_path, capsys):
+    """Half of every weight zeroed at random removes no whole channel: the export says it removed
+    nothing and names bitmask, and the Python API warns the same."""
+    from hf_sparse.cli import main
+
+    model = timm_model("resnet10t")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) < 0.5)
+    report = report_of(model, "gmp", "unstructured")
+    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report, measure_speed=False)
+    assert main(["export", str(tmp_path / "run"), "--format", "purged", "--out", str(tmp_path / "p")]) == 0
+    captured = capsys.readouterr()
+    assert f"purge removed 0 of {n_params(model):,} parameters (0.0%)" in captured.out
+    assert "--format bitmask" in captured.out and "purge removed" not in captured.err  # said once
+    with pytest.warns(UserWarning, match=r"purge removed 0 of .*--format bitmask"):
+        save_sparse_checkpoint(model, tmp_path / "api", report=report, format="purged", measure_speed=False)
+
+
+def test_purged_export_of_an_unstructured_recipe_warns_at_validate(tmp_path):
+    """``export.format: purged`` with an unstructured granularity is a located warning, not an error;
+    a structured granularity gets none."""
+    from hf_sparse.config.recipe import recipe_from_text
+
+    text = ("model: {source: hf_sparse, name: lenet300_100}\n"
+            "sparsity: {method: gmp, target_density: 0.1}\n"
+            "export:\n  format: purged\n")
+    notices = recipe_from_text(text, "r.yaml").notices()
+    assert len(notices) == 1 and notices[0].startswith("r.yaml:4:3: export.format: purged removes whole channels")
+    assert "granularity unstructured" in notices[0] and "bitmask" in notices[0]
+    assert recipe_from_text(text, "r.yaml", ["sparsity.granularity=channel"]).notices() == []
+    assert recipe_from_text(text, "r.yaml", ["export.format=bitmask"]).notices() == []
+
+
+def test_validate_prints_the_purged_warning(tmp_path, capsys):
+    from hf_sparse.cli import main
+    from hf_sparse.config.recipe import RecipeWarning
+
+    with pytest.warns(RecipeWarning, match=r"fmnist_lenet300_gmp.yaml .*export.format: purged removes whole channels"):
+        assert main(["validate", "recipes/fmnist_lenet300_gmp.yaml", "--set", "export.format=purged",
+                     "training.max_steps=1"]) == 0
+
+
 def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
     model, _ = gated(timm_model("resnet10t"))
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=REPORT, format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
     sparsity = json.loads((folder / "sparsity.json").read_text())
     sparsity["purged"]["plan"]["shapes"]["no.such.weight"] = [1]
     (folder / "sparsity.json").write_text(json.dumps(sparsity))

@@ -61,16 +61,112 @@ def _metric_rows(eval_metrics: dict | None, dense: dict | None) -> list[dict[str
     return rows
 
 
-def _recipe_dataset(recipe_yaml: str | None) -> str | None:
+def _recipe_section(recipe_yaml: str | None, name: str) -> dict:
     try:
-        data = (yaml.safe_load(recipe_yaml or "") or {}).get("data") or {}
+        section = (yaml.safe_load(recipe_yaml or "") or {}).get(name) or {}
     except (yaml.YAMLError, AttributeError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
+def _recipe_dataset(recipe_yaml: str | None) -> str | None:
+    data = _recipe_section(recipe_yaml, "data")
+    return data.get("hub_id") or data.get("path") or data.get("name")
+
+
+def _is_local_path(name: str) -> bool:
+    """A folder or file on this machine, not a Hub id (which is never absolute, relative or deeper than owner/name)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or Path(name).expanduser().exists()
+
+
+def card_dataset(dataset: str | None) -> tuple[str | None, str | None]:
+    """(the ``datasets:`` id for the front matter, the name the card shows): a local folder is shown by
+    its own name and never published as an id (its absolute path says nothing on the Hub)."""
+    if not dataset:
+        return None, None
+    if _is_local_path(dataset):
+        return None, Path(dataset).expanduser().name or dataset
+    return dataset, dataset
+
+
+def base_model_of(model: dict) -> str | None:
+    """The Hub id a recipe's model started from (``base_model:``); None for local weights or none."""
+    path, name = model.get("path"), model.get("name") or ""
+    if path:
+        return None if _is_local_path(str(path)) else str(path)
+    if model.get("source") == "timm":
+        if name.startswith("hf-hub:"):
+            return name.removeprefix("hf-hub:").partition("@")[0]
+        if model.get("pretrained") and ":" not in name:
+            try:
+                import timm
+
+                return getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or None
+            except Exception:  # noqa: BLE001 - an unknown name has no base model to name
+                return None
+    return None
+
+
+def _card_license(folder_or_repo: str, revision: str | None = None) -> str | None:
+    """The ``license:`` of a model card: a local checkpoint's README.md, or a Hub repo's cached one."""
+    readme = Path(folder_or_repo).expanduser() / "README.md"
+    if not readme.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(folder_or_repo, "README.md", revision=revision)
+        except Exception:  # noqa: BLE001 - not a repo id
+            cached = None
+        readme = Path(cached) if isinstance(cached, str) else None
+    if readme is None:
         return None
-    return data.get("hub_id") or data.get("name") if isinstance(data, dict) else None
+    try:
+        return ModelCard.load(readme).data.license
+    except Exception:  # noqa: BLE001 - a card without front matter has no license to inherit
+        return None
 
 
-def density_plot(path: Path, layers: dict[str, dict], target: float | None) -> Path | None:
-    """Horizontal bar chart of per-layer density; None when there is nothing to plot."""
+def license_of(recipe_yaml: str | None) -> tuple[str | None, str]:
+    """(the card's ``license:``, where it came from): ``export.license``, else the base model's."""
+    export, model = _recipe_section(recipe_yaml, "export"), _recipe_section(recipe_yaml, "model")
+    if export.get("license"):
+        return str(export["license"]), "set by the recipe's `export.license`"
+    found = None
+    if model.get("path"):
+        found = _card_license(str(model["path"]), model.get("revision"))
+    elif model.get("source") == "timm" and model.get("pretrained") and ":" not in (model.get("name") or ""):
+        try:
+            import timm
+
+            found = getattr(timm.models.get_pretrained_cfg(model["name"]), "license", None)
+        except Exception:  # noqa: BLE001
+            found = None
+    if found:
+        return str(found), "the base model's"
+    return None, ("not set: the base model's license is not known here; set `export.license` in the recipe "
+                  "before publishing")
+
+
+def density_words(facts: dict) -> tuple[str, str]:
+    """(target, achieved) density as text, in the unit the target counts.
+
+    ``facts`` is a ``results.json`` or ``sparsity.json``. With ``target_unit: gates`` (L0's
+    ``count: gates``) the target and the achieved kept fraction of gates (units/channels) are
+    compared, and the kept fraction of weights is shown beside them: a met gate target must not
+    read as a miss against the weights.
+    """
+    target, weights = facts.get("target_density"), facts.get("achieved_density")
+    gates = (facts.get("method_metrics") or {}).get("hard_density")
+    weights_text = "-" if weights is None else f"{weights:.4f} of weights"
+    if facts.get("target_unit") == "gates" and gates is not None:
+        return ("-" if target is None else f"{target:.4f} of gates"), f"{gates:.4f} of gates ({weights_text})"
+    return ("-" if target is None else f"{target:.4f} of weights"), weights_text
+
+
+def density_plot(path: Path, layers: dict[str, dict], target: float | None, unit: str = "weights") -> Path | None:
+    """Horizontal bar chart of per-layer density; None when there is nothing to plot.
+
+    The bars count weights; a target set in gates is not drawn on that axis, the label says so."""
     if not layers:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -85,8 +181,9 @@ def density_plot(path: Path, layers: dict[str, dict], target: float | None) -> P
     ax.set_yticks(range(len(names)), labels=names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("density (kept fraction)")
-    if target is not None:
+    ax.set_xlabel("density (kept fraction of weights)" if unit != "gates" or target is None else
+                  f"density (kept fraction of weights; the target, {target:g}, counts gates)")
+    if target is not None and unit != "gates":
         ax.axvline(target, color="#c44e52", linestyle="--", label=f"target {target:g}")
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
@@ -137,20 +234,24 @@ def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset
     architecture = sparsity.get("timm_name") or sparsity["model_class"].rpartition(".")[2]
     achieved = sparsity.get("achieved_density")
     model_name = model_name or f"{architecture}-{method}" + (f"-density-{achieved:.3f}" if achieved else "")
-    dataset = dataset or _recipe_dataset(recipe_yaml)
+    dataset_id, dataset = card_dataset(dataset or _recipe_dataset(recipe_yaml))
     rows = _metric_rows(sparsity.get("eval"), sparsity.get("dense_reference"))
     library_name, plain_load = _plain_load(sparsity)
+    base_model = base_model_of(_recipe_section(recipe_yaml, "model"))
+    license_id, license_note = license_of(recipe_yaml)
 
     eval_results = None
     if rows and dataset and task:
-        eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset,
+        eval_results = [EvalResult(task_type=task, dataset_type=dataset_id or dataset, dataset_name=dataset,
                                    metric_type=r["name"], metric_value=r["value"]) for r in rows]
     tags = ["hf_sparse", "sparse", "pruning", method, f"{fmt}-checkpoint", library_name] + ([task] if task else [])
     card_data = ModelCardData(
         library_name=library_name, tags=[t for t in tags if t and t != "none"], pipeline_tag=task,
-        datasets=[dataset] if dataset else None, metrics=[r["name"] for r in rows] or None,
+        datasets=[dataset_id] if dataset_id else None, metrics=[r["name"] for r in rows] or None,
         model_name=model_name if eval_results else None, eval_results=eval_results,
+        base_model=base_model, license=license_id,
     )
+    target_text, achieved_text = density_words(sparsity)
     kept = sum(int(v.get("nonzero", 0)) for v in layers.values())
     total = sum(int(v.get("numel", 0)) for v in layers.values())
     kinds = sorted({str(v["layer_type"]) for v in layers.values() if v.get("layer_type")})
@@ -162,7 +263,8 @@ def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset
         model_name=model_name, architecture=architecture, library=sparsity["library"], method=method,
         targeted_count=len(layers), layer_kinds=", ".join(kinds) or "weight tensors",
         kept=f"{kept:,}", total=f"{total:,}", format=fmt, format_note=_FORMAT_NOTES[fmt],
-        target_density=_num(sparsity.get("target_density")), achieved_density=_num(achieved),
+        target_density=target_text, achieved_density=achieved_text, base_model=base_model,
+        license=license_id, license_note=license_note,
         model_density=_num(sparsity.get("model_density")), version=sparsity.get("hf_sparse_version", "-"),
         plot=plot,
         layers=[{"name": k, "shape": "×".join(map(str, v.get("shape", []))), "density": _num(v.get("density")),
@@ -198,7 +300,8 @@ def write_model_card(folder: str | Path, sparsity: dict, *, recipe_yaml: str | N
                      dataset: str | None = None, task: str | None = None, model_name: str | None = None) -> Path:
     """Write ``README.md`` (and ``density.png``) into ``folder``; return the README path."""
     folder = Path(folder)
-    plot = density_plot(folder / "density.png", sparsity.get("per_layer") or {}, sparsity.get("target_density"))
+    plot = density_plot(folder / "density.png", sparsity.get("per_layer") or {}, sparsity.get("target_density"),
+                        sparsity.get("target_unit") or "weights")
     card = render_model_card(sparsity, recipe_yaml=recipe_yaml, dataset=dataset, task=task, model_name=model_name,
                              plot=plot.name if plot else None)
     card.save(folder / "README.md")

@@ -19,10 +19,12 @@ the tensors to check them against ``sparsity.json``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
 import math
+import os
 import re
 import shutil
 import warnings
@@ -36,8 +38,8 @@ if TYPE_CHECKING:  # torch is imported where tensors are built: `hf-sparse inspe
     import torch
     from torch import nn
 
-FORMATS = ("dense", "bitmask", "purged")
-RUNTIMES = ("dense", "sparse")  # load_sparse(runtime=...): as saved, or on the sparse runtime's kernels
+FORMATS = ("dense", "bitmask", "purged", "onnx")  # onnx: purged/dense weights plus model.onnx (onnx_export.py)
+RUNTIMES = ("dense", "sparse", "onnx")  # load_sparse(runtime=...): as saved, on the sparse kernels, on ONNX Runtime
 SPARSITY_FILE = "sparsity.json"
 DENSE_WEIGHTS = "model.safetensors"
 BITMASK_WEIGHTS = "model.bitmask.safetensors"
@@ -173,10 +175,23 @@ def pack_tensor(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, flat[keep].contiguous()
 
 
+def _declared_numel(shape: Any, mask_bytes: int, name: str = "") -> int:
+    """Entries of a bitmask entry's recorded shape, which its stored mask must cover exactly: a header
+    cannot make the loader allocate more than 8 entries per byte of the file."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"corrupt bitmask entry{f' {name!r}' if name else ''}: shape {shape!r} is not a list of "
+                              "non-negative integers")
+    numel = math.prod(shape)
+    if (numel + 7) // 8 != mask_bytes:
+        raise CheckpointError(f"corrupt bitmask entry{f' {name!r}' if name else ''}: shape {shape} declares {numel:,} "
+                              f"entries, its mask holds {mask_bytes:,} bytes ({mask_bytes * 8:,} entries at most)")
+    return numel
+
+
 def unpack_tensor(packed: torch.Tensor, values: torch.Tensor, shape: list[int]) -> torch.Tensor:
     import torch
 
-    numel = math.prod(shape)
+    numel = _declared_numel(shape, packed.numel())
     keep = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
     if int(keep.sum()) != values.numel():
         raise CheckpointError(f"corrupt bitmask entry: {int(keep.sum())} mask bits set, {values.numel()} values")
@@ -185,20 +200,71 @@ def unpack_tensor(packed: torch.Tensor, values: torch.Tensor, shape: list[int]) 
     return out.reshape(shape)
 
 
+def _cache_blobs(folder: Path) -> Path | None:
+    """The Hub cache's ``blobs/`` folder when ``folder`` is a cache snapshot (``<repo>/snapshots/<rev>``),
+    whose files are links into it."""
+    blobs = folder.parent.parent / "blobs"
+    return blobs.resolve() if folder.parent.name == "snapshots" and blobs.is_dir() else None
+
+
+def checked_file(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when the name or a link leads outside the checkpoint folder.
+
+    The name must stay inside the folder as written (no ``..``, not absolute), and the file it
+    resolves to must too; in a Hub cache snapshot a link may lead into the cache's own ``blobs/``.
+    """
+    root = folder.resolve()
+    path = folder / name
+    if not Path(os.path.normpath(root / name)).is_relative_to(root):
+        raise CheckpointError(f"{folder} names {name!r}, outside the checkpoint folder; refusing it")
+    target = path.resolve()
+    if target.is_relative_to(root) or (path.is_symlink() and target.parent == _cache_blobs(folder)):
+        return path
+    raise CheckpointError(f"{path} is a link to {target}, outside the checkpoint folder; refusing it")
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The checkpoint's weight files (checked to lie inside it)."""
+    return _weight_files(Path(folder))
+
+
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / BITMASK_WEIGHTS).is_file():
-        return [folder / BITMASK_WEIGHTS]
+        return [checked_file(folder, BITMASK_WEIGHTS)]
     index = folder / f"{DENSE_WEIGHTS}.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        root = folder.resolve()
-        for shard in shards:
-            if not (folder / shard).resolve().is_relative_to(root):
-                raise CheckpointError(f"{index} maps weights to {shard!r}, outside the checkpoint folder; refusing it")
-        return [folder / s for s in shards]
+        weight_map = _read_json(checked_file(folder, index.name)).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map is not a mapping of weight names to file names")
+        shards = [checked_file(folder, s) for s in sorted(set(weight_map.values()))]
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} maps weights to {missing[0]!r}, which is not in the folder")
+        return shards
     if (folder / DENSE_WEIGHTS).is_file():
-        return [folder / DENSE_WEIGHTS]
+        return [checked_file(folder, DENSE_WEIGHTS)]
     raise CheckpointError(f"{folder} holds no {DENSE_WEIGHTS} nor {BITMASK_WEIGHTS}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a checkpoint file; anything else is a CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found a {type(data).__name__}")
+    return data
+
+
+def _bitmask_layout(folder: Path, file: Path) -> dict[str, Any]:
+    try:
+        layout = json.loads(read_header_metadata(folder).get(f"{META_PREFIX}bitmask", "{}"))
+    except ValueError:
+        layout = None
+    if not isinstance(layout, dict) or not all(isinstance(v, dict) for v in layout.values()):
+        raise CheckpointError(f"{file}: the bitmask layout in its header is not a mapping of names to entries")
+    return layout
 
 
 def read_header_metadata(folder: str | Path) -> dict[str, str]:
@@ -218,13 +284,15 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
         tensors.update(load_file(str(f)))
     if files[0].name != BITMASK_WEIGHTS:
         return tensors
-    layout = json.loads(read_header_metadata(folder).get(f"{META_PREFIX}bitmask", "{}"))
+    layout = _bitmask_layout(folder, files[0])
     out = {k: v for k, v in tensors.items() if not k.endswith((_MASK, _VALUES))}
     for name, info in layout.items():
         try:
             out[name] = unpack_tensor(tensors[name + _MASK], tensors[name + _VALUES], info["shape"])
         except KeyError as e:
             raise CheckpointError(f"{files[0]}: bitmask entry for {name!r} is incomplete ({e})") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{files[0]}: {name!r}: {e}") from None
     return out
 
 
@@ -234,7 +302,8 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 def layer_stats(t: torch.Tensor | np.ndarray) -> dict[str, Any]:
     nonzero = int(np.count_nonzero(t) if isinstance(t, np.ndarray) else t.count_nonzero())
     numel = math.prod(t.shape)
-    return {"shape": list(t.shape), "nonzero": nonzero, "numel": numel, "density": nonzero / max(numel, 1)}
+    return {"shape": list(t.shape), "nonzero": nonzero, "numel": numel, "density": nonzero / max(numel, 1),
+            "dtype": str(t.dtype).removeprefix("torch.")}
 
 
 def read_layer_stats(folder: str | Path) -> dict[str, dict[str, Any]]:
@@ -256,15 +325,18 @@ def read_layer_stats(folder: str | Path) -> dict[str, dict[str, Any]]:
         stats.update({k: layer_stats(v) for k, v in arrays.items()})
     if files[0].name != BITMASK_WEIGHTS:
         return stats
-    layout = json.loads(read_header_metadata(folder).get(f"{META_PREFIX}bitmask", "{}"))
+    layout = _bitmask_layout(folder, files[0])
     for name, info in layout.items():
         values = stats.pop(name + _VALUES, None)
-        stats.pop(name + _MASK, None)
-        if values is None:
+        mask = stats.pop(name + _MASK, None)
+        if values is None or mask is None:
             raise CheckpointError(f"{files[0]}: bitmask entry for {name!r} is incomplete")
-        numel = math.prod(info["shape"])
+        try:
+            numel = _declared_numel(info.get("shape"), mask["numel"], name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{files[0]}: {e}") from None
         stats[name] = {"shape": list(info["shape"]), "nonzero": values["nonzero"], "numel": numel,
-                       "density": values["nonzero"] / max(numel, 1)}
+                       "density": values["nonzero"] / max(numel, 1), "dtype": values["dtype"]}
     return stats
 
 
@@ -326,9 +398,10 @@ def _rewrite_weights(folder: Path, fmt: str, headline: dict[str, str], targets: 
     index.unlink(missing_ok=True)
 
 
-def _clear_stale(out: Path) -> None:
+def clear_stale_weights(out: Path) -> None:
     """Remove weights of an earlier export into the same folder: two weight files would contradict each other."""
-    for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", DENSITY_PLOT):
+    for pattern in ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "model*.onnx",
+                    DENSITY_PLOT):
         for f in out.glob(pattern):
             f.unlink()
 
@@ -352,7 +425,7 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
                            format: str = "dense", eval_metrics: dict | None = None,
                            dense_reference: dict | None = None, structure: dict[str, list[int]] | None = None,
                            processor: Any = None, dataset: str | None = None, task: str | None = None,
-                           measure_speed: bool = True) -> Path:
+                           measure_speed: bool = True, quantize: str | None = None) -> Path:
     """Write the sparse checkpoint folder ``out_dir`` and return its path.
 
     ``report`` is the engine's sparsity report (method, densities, ``per_layer`` keyed by parameter
@@ -362,10 +435,24 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
     model card; by default they come from the recipe and the model class. With ``measure_speed``
     the batch-1 CPU latency of the sparse runtime vs dense is timed (about 0.3 s, only when some
     layer is sparse enough for the runtime) and recorded as ``runtime_speed`` in sparsity.json
-    and the card.
+    and the card. ``format="onnx"`` writes the purged (structured runs) or dense checkpoint plus
+    ``model.onnx`` checked against it (``quantize="int8"``: also ``model.int8.onnx``); see
+    :mod:`hf_sparse.checkpoint.onnx_export`.
     """
     if format not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")
+    if quantize is not None and format != "onnx":
+        raise CheckpointError("quantize applies to format='onnx' only")
+    if format == "onnx":
+        from .onnx_export import add_onnx, is_structured, require_onnx
+
+        require_onnx()  # before anything is written
+        folder = save_sparse_checkpoint(
+            model, out_dir, report=report, recipe_yaml=recipe_yaml, format="purged" if is_structured(report) else "dense",
+            eval_metrics=eval_metrics, dense_reference=dense_reference, structure=structure, processor=processor,
+            dataset=dataset, task=task, measure_speed=measure_speed)
+        add_onnx(folder, quantize=quantize, recipe_yaml=recipe_yaml)
+        return folder
     inner, library, prefix = _unwrap(model)
 
     rename = saved_names(inner)
@@ -401,11 +488,21 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
             kept = {small_rename.get(k, rename.get(k, k)): v for k, v in kept.items()}
         purge_info = {"kept": kept, "per_layer": {k: layer_stats(small_state[k]) for k in layers if k in small_state},
                       **extra}
+        if "params" not in purge_info:  # a self-purging model: count what went
+            from ..structure.budget import count_params
+
+            dense_params, purged_params = count_params(inner), count_params(to_save)
+            purge_info["params"] = {"dense": dense_params, "purged": purged_params,
+                                    "fraction": purged_params / max(dense_params, 1)}
+        from ..structure.purge import PURGE_HINT_FRACTION, purge_summary
+
+        if purge_info["params"]["fraction"] > 1 - PURGE_HINT_FRACTION:
+            warnings.warn(purge_summary(purge_info["params"]), stacklevel=2)
 
     # everything that can fail on bad input has run; only now touch the output folder
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clear_stale(out)
+    clear_stale_weights(out)
     _save_model(to_save, library, out)
     achieved, target = report.get("achieved_density"), report.get("target_density")
     headline = {f"{META_PREFIX}{k}": v for k, v in {
@@ -425,6 +522,7 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         "weights_file": BITMASK_WEIGHTS if format == "bitmask" else DENSE_WEIGHTS,
         "method": report.get("method", "none"),
         "target_density": target,
+        "target_unit": report.get("target_unit") or "weights",
         "achieved_density": achieved,
         "model_density": report.get("model_density"),
         "granularity": report.get("granularity", "unstructured"),
@@ -472,16 +570,75 @@ def resolve_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
 
 
 def read_sparsity(folder: str | Path) -> dict[str, Any]:
-    """``sparsity.json`` of a checkpoint folder ({} for a plain transformers/timm folder)."""
-    f = Path(folder) / SPARSITY_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """``sparsity.json`` of a checkpoint folder ({} for a plain transformers/timm folder).
+
+    Its fields are checked for the types the loader relies on; a file that is not JSON, not an
+    object, or holds a wrong type is a CheckpointError naming the file and the field.
+    """
+    folder = Path(folder)
+    f = folder / SPARSITY_FILE
+    if not f.is_file():
+        return {}
+    sparsity = _read_json(checked_file(folder, SPARSITY_FILE))
+    if problem := _sparsity_problem(sparsity):
+        raise CheckpointError(f"{f}: {problem}")
+    return sparsity
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_fraction(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
+
+
+def _layers_problem(layers: Any, key: str) -> str | None:
+    if not isinstance(layers, dict):
+        return f"{key} is not a mapping of layer names"
+    for name, info in layers.items():
+        if not isinstance(info, dict):
+            return f"{key}.{name} is not a mapping"
+        for field in ("nonzero", "numel"):
+            if field in info and not _is_count(info[field]):
+                return f"{key}.{name}.{field} is not a count: {info[field]!r}"
+        if "density" in info and not _is_fraction(info["density"]):
+            return f"{key}.{name}.density is not a fraction in [0, 1]: {info['density']!r}"
+        if "shape" in info and not (isinstance(info["shape"], list) and all(_is_count(d) for d in info["shape"])):
+            return f"{key}.{name}.shape is not a list of non-negative integers: {info['shape']!r}"
+        if "dtype" in info and not isinstance(info["dtype"], str):
+            return f"{key}.{name}.dtype is not a string"
+    return None
+
+
+def _sparsity_problem(sparsity: dict[str, Any]) -> str | None:
+    """What is wrong with the types of ``sparsity.json``'s fields, or None."""
+    for key in ("format", "library", "model_class", "timm_name", "method", "weights_file", "granularity"):
+        if sparsity.get(key) is not None and not isinstance(sparsity[key], str):
+            return f"{key} is not a string: {sparsity[key]!r}"
+    for key in ("target_density", "achieved_density", "model_density"):
+        if sparsity.get(key) is not None and not _is_fraction(sparsity[key]):
+            return f"{key} is not a fraction in [0, 1]: {sparsity[key]!r}"
+    digests = sparsity.get("sha256")
+    if digests is not None and not (isinstance(digests, dict) and
+                                    all(isinstance(k, str) and isinstance(v, str) for k, v in digests.items())):
+        return "sha256 is not a mapping of file names to SHA-256 digests"
+    if sparsity.get("per_layer") is not None and (problem := _layers_problem(sparsity["per_layer"], "per_layer")):
+        return problem
+    purged = sparsity.get("purged")
+    if purged is not None:
+        if not isinstance(purged, dict):
+            return "purged is not a mapping"
+        if purged.get("per_layer") is not None and (problem := _layers_problem(purged["per_layer"], "purged.per_layer")):
+            return problem
+    return None
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     f = folder / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{folder} has no config.json, so the model cannot be built")
-    return json.loads(f.read_text())
+    return _read_json(checked_file(folder, "config.json"))
 
 
 def _transformers_class(sparsity: dict, config: dict) -> type:
@@ -490,27 +647,48 @@ def _transformers_class(sparsity: dict, config: dict) -> type:
 
     from .. import models  # noqa: F401  (registers hf_sparse's models with the Auto classes)
 
+    def model_class(obj: Any) -> bool:  # a recorded name must lead to a model class, never to a function
+        return isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
+
     qualname = sparsity.get("model_class") or ""
     module, _, cls = qualname.rpartition(".")
     if module.split(".")[0] in ("transformers", "hf_sparse"):
         try:
-            return getattr(importlib.import_module(module), cls)
+            found = getattr(importlib.import_module(module), cls)
         except (ImportError, AttributeError):
-            pass
-    for arch in config.get("architectures") or []:
-        if hasattr(transformers, arch):
+            found = None
+        if model_class(found):
+            return found
+    architectures = config.get("architectures") or []
+    for arch in architectures if isinstance(architectures, list) else []:
+        if isinstance(arch, str) and model_class(getattr(transformers, arch, None)):
             return getattr(transformers, arch)
     raise CheckpointError(f"cannot tell which model class to build (model_class={qualname!r}, "
                           f"architectures={config.get('architectures')})")
 
 
-def _build_timm(config: dict, state: dict[str, torch.Tensor], plan: dict | None = None) -> nn.Module:
+def _build_timm(config: dict, state: dict[str, torch.Tensor], plan: dict | None = None,
+                folder: Path = Path("the checkpoint")) -> nn.Module:
     import timm
 
-    kwargs = {"num_classes": config.get("num_classes"), **(config.get("model_args") or {})}
+    model_args = config.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise CheckpointError("config.json: model_args is not a mapping")
+    unsafe = sorted(k for k in model_args if k in _UNSAFE_TIMM_ARGS or not isinstance(k, str)
+                    or k.endswith(("_path", "_file", "_dir", "_url")))
+    if unsafe:  # e.g. checkpoint_path: timm would open any file it names
+        raise CheckpointError(f"config.json: model_args.{unsafe[0]} would make timm read files or download "
+                              "weights named by the checkpoint; refusing it")
+    if not isinstance(config.get("architecture"), str):
+        raise CheckpointError("config.json: architecture is not a timm model name")
+    kwargs = {"num_classes": config.get("num_classes"), **model_args}
     model = timm.create_model(config["architecture"], pretrained=False, **kwargs)
     if plan:  # a purged checkpoint of a model without a purge-aware config: the recorded shapes
         _resize(model, plan)
+    floats = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(floats) == 1:  # saved in one precision (bf16...): build in it, as transformers does from its config
+        model.to(floats.pop())
+    _check_dtypes(folder, model, state)  # before load_state_dict, which would cast
     model.load_state_dict(state, strict=True)
     return model
 
@@ -524,22 +702,42 @@ def _resize(model: nn.Module, plan: dict) -> nn.Module:
         raise CheckpointError(f"the purge plan in {SPARSITY_FILE} does not fit {type(model).__name__}: {e}") from None
 
 
+#: timm ``create_model`` arguments that read files or fetch weights: a checkpoint's config never passes them.
+_UNSAFE_TIMM_ARGS = frozenset({"checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                               "cache_dir", "pretrained_strict"})
+#: How far a recorded headline density may be from the one the per-layer tensors give (rounding only).
+DENSITY_TOLERANCE = 1e-6
+
+
 def verify_densities(sparsity: dict, state: dict[str, Any]) -> list[str]:
-    """Recompute nonzero counts from the tensors; return one line per layer that disagrees with the record.
+    """Recompute nonzero counts from the tensors; return one line per disagreement with the record.
 
     ``state`` maps names to tensors, or to their :func:`layer_stats` (as :func:`read_layer_stats` gives).
+    Checked: each recorded layer's shape, nonzero count and dtype, and the headline
+    ``achieved_density`` against the layers' total; a sparse method's checkpoint must record its
+    layers (without them nothing could be checked).
     """
-    recorded = (sparsity.get("purged") or {}).get("per_layer") or sparsity.get("per_layer") or {}
+    purged = (sparsity.get("purged") or {}).get("per_layer")
+    recorded = purged or sparsity.get("per_layer") or {}
     problems = []
+    if not recorded and sparsity.get("method") not in (None, "none"):
+        problems.append(f"per_layer: missing, so the {sparsity.get('method')} densities cannot be checked")
+    nonzero = numel = 0
     for name, info in recorded.items():
         if name not in state:
             problems.append(f"{name}: missing from the weights")
             continue
         got = state[name] if isinstance(state[name], dict) else layer_stats(state[name])
+        nonzero, numel = nonzero + got["nonzero"], numel + got["numel"]
         if "shape" in info and list(info["shape"]) != got["shape"]:
             problems.append(f"{name}: shape {got['shape']}, recorded {info['shape']}")
         elif "nonzero" in info and int(info["nonzero"]) != got["nonzero"]:
             problems.append(f"{name}: {got['nonzero']} nonzero weights, recorded {info['nonzero']}")
+        elif "dtype" in info and "dtype" in got and info["dtype"] != got["dtype"]:
+            problems.append(f"{name}: dtype {got['dtype']}, recorded {info['dtype']}")
+    achieved = sparsity.get("achieved_density")
+    if not purged and numel and achieved is not None and abs(nonzero / numel - achieved) > DENSITY_TOLERANCE:
+        problems.append(f"achieved_density: recorded {achieved:.6g}, the weights give {nonzero / numel:.6g}")
     return problems
 
 
@@ -574,8 +772,26 @@ def _tied_keys(model: nn.Module) -> set[str]:
     return tied
 
 
+def _checkpoint_errors(fn):
+    """Any failure while reading a checkpoint (a damaged safetensors file, transformers refusing the
+    weights...) becomes one CheckpointError naming the checkpoint, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(path_or_repo_id, *args, **kwargs):
+        try:
+            return fn(path_or_repo_id, *args, **kwargs)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged or hostile input
+            text = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{path_or_repo_id}: not a readable checkpoint: {type(e).__name__}"
+                                  f"{': ' + text if text else ''}") from None
+    return wrapper
+
+
+@_checkpoint_errors
 def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, revision: str | None = None,
-                verify: bool = True, runtime: str = "dense", **hub_kwargs) -> nn.Module:
+                verify: bool = True, runtime: str = "dense", batch_sizes: tuple[int, ...] = (1,),
+                decisions: dict | str | Path | None = None, **hub_kwargs) -> nn.Module:
     """Load a sparse checkpoint (any format) from a folder or a Hub repo id, in eval mode.
 
     transformers models come back as their ``PreTrainedModel`` class; timm models as the plain timm
@@ -590,8 +806,11 @@ def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, 
     is always refused: no code from a checkpoint is ever run.
 
     ``runtime="sparse"`` returns the model converted by :func:`hf_sparse.runtime.to_sparse_runtime`
-    (inference only: sparse Linear/GRU/LSTM layers on CSR/BSR kernels); ``"dense"`` (the default)
-    returns it as saved.
+    (inference only: sparse Linear/GRU/LSTM layers on CSR/BSR kernels; each layer converted only where,
+    timed whole, it is faster than dense at every size in ``batch_sizes``, or as ``decisions`` say
+    without timing); ``"dense"`` (the default)
+    returns it as saved. ``runtime="onnx"`` returns an :class:`~hf_sparse.checkpoint.onnx_export.OnnxModel`
+    running the folder's ``model.onnx`` on ONNX Runtime (a callable with the model's keyword inputs).
     """
     if runtime not in RUNTIMES:
         raise CheckpointError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
@@ -599,6 +818,10 @@ def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, 
     sparsity = read_sparsity(folder)
     if verify:
         verify_digests(folder, sparsity)
+    if runtime == "onnx":
+        from .onnx_export import load_onnx
+
+        return load_onnx(folder, digests=sparsity.get("sha256") if verify else None)
     config_file = folder / "config.json"
     if config_file.is_file() and "auto_map" in _read_config(folder):
         raise CheckpointError(f"{config_file} has an auto_map: the checkpoint wants to run its own Python code, "
@@ -608,14 +831,15 @@ def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, 
         if model is None:
             raise CheckpointError(f"{folder} holds the state dict of a plain {sparsity.get('model_class')}: build "
                                   "that module and pass it as load_sparse(path, model=module)")
+        _check_dtypes(folder, model, state)  # before load_into, which would cast
         loaded = load_into(model, state, folder)
         _check_densities(folder, sparsity, state, verify)
-        return _with_runtime(loaded.eval(), runtime)
+        return _with_runtime(loaded.eval(), runtime, batch_sizes, decisions)
     config = _read_config(folder)
     library = sparsity.get("library") or ("timm" if "architecture" in config else "transformers")
     plan = (sparsity.get("purged") or {}).get("plan") if sparsity.get("format") == "purged" else None
     if library == "timm":
-        model = _build_timm(config, state, plan)
+        model = _build_timm(config, state, plan, folder)
     else:
         cls = _transformers_class(sparsity, config)
         if plan and (sparsity.get("purged") or {}).get("config") is None:  # the config holds the dense widths
@@ -626,21 +850,50 @@ def load_sparse(path_or_repo_id: str | Path, *, model: nn.Module | None = None, 
             cfg = cls.config_class.from_pretrained(folder)
             model, info = cls.from_pretrained(None, config=cfg, state_dict=state, output_loading_info=True)
         else:
-            model, info = cls.from_pretrained(folder, output_loading_info=True)
+            try:
+                model, info = cls.from_pretrained(folder, output_loading_info=True)
+            except RuntimeError as e:
+                if "mismatched_sizes" not in str(e):
+                    raise
+                _raise_shape_mismatch(folder, cls._from_config(cls.config_class.from_pretrained(folder)), state)
+                raise
         bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "mismatched_keys", "unexpected_keys")}
         bad = {k: v for k, v in bad.items() if v}
         if bad:
             raise CheckpointError(f"{folder}: the weights do not fit {cls.__name__}: {bad}")
+    _check_dtypes(folder, model, state)
     _check_densities(folder, sparsity, state, verify)
-    return _with_runtime(model.eval(), runtime)
+    return _with_runtime(model.eval(), runtime, batch_sizes, decisions)
 
 
-def _with_runtime(model: nn.Module, runtime: str) -> nn.Module:
+def _raise_shape_mismatch(folder: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Name the first stored tensor whose shape differs from the model's (transformers' own error names none)."""
+    memory = model.state_dict()
+    for name, saved in saved_names(model).items():
+        if saved in state and tuple(state[saved].shape) != tuple(memory[name].shape):
+            raise CheckpointError(f"{folder}: {saved} has shape {list(state[saved].shape)} in the weights, the model "
+                                  f"built from config.json expects {list(memory[name].shape)}")
+
+
+def _check_dtypes(folder: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Every stored tensor must have the dtype of the model tensor it fills: loading casts silently,
+    which would pass off replaced weights (int8 or float16 where the model holds float32)."""
+    inner = _unwrap(model)[0]
+    memory = inner.state_dict()
+    for name, saved in saved_names(inner).items():
+        if saved in state and state[saved].dtype != memory[name].dtype:
+            raise CheckpointError(f"{folder}: {saved} is stored as {str(state[saved].dtype).removeprefix('torch.')}, "
+                                  f"but the model holds {str(memory[name].dtype).removeprefix('torch.')}; the "
+                                  "weights were not written with this model")
+
+
+def _with_runtime(model: nn.Module, runtime: str, batch_sizes: tuple[int, ...] = (1,),
+                  decisions: dict | str | Path | None = None) -> nn.Module:
     if runtime == "dense":
         return model
     from ..runtime import to_sparse_runtime
 
-    return to_sparse_runtime(model, inplace=True)
+    return to_sparse_runtime(model, inplace=True, batch_sizes=batch_sizes, decisions=decisions)
 
 
 def _check_densities(folder: Path, sparsity: dict, state: dict[str, torch.Tensor], strict: bool) -> None:
@@ -667,10 +920,20 @@ def weight_digests(folder: Path) -> dict[str, str]:
 
 
 def verify_digests(folder: Path, sparsity: dict) -> None:
-    """Raise CheckpointError if a weight file differs from the SHA-256 that ``sparsity.json`` records."""
+    """Raise CheckpointError if a weight file differs from the SHA-256 that ``sparsity.json`` records.
+
+    An hf_sparse checkpoint (it has ``sparsity.json``) without recorded digests is refused: its
+    weights cannot be verified (``load_sparse(..., verify=False)`` loads it). A plain
+    transformers/timm folder has nothing to verify against; it loads with a warning saying so.
+    """
     recorded = sparsity.get("sha256")
+    if not sparsity:
+        warnings.warn(f"{folder} has no {SPARSITY_FILE}: a plain transformers/timm folder, loaded unverified "
+                      "(no SHA-256 digests to check the weights against)", stacklevel=3)
+        return
     if not recorded:
-        return  # a plain transformers/timm folder, or one written before digests were recorded
+        raise CheckpointError(f"{folder / SPARSITY_FILE} records no sha256 digests, so the weights cannot be verified "
+                              "(load_sparse(..., verify=False) loads it unverified)")
     for f in _weight_files(folder):
         if f.name not in recorded:
             raise CheckpointError(f"{f}: not among the weight files {SPARSITY_FILE} records")
@@ -679,6 +942,7 @@ def verify_digests(folder: Path, sparsity: dict) -> None:
                                   "changed or damaged after saving (load_sparse(..., verify=False) skips the check)")
 
 
+@_checkpoint_errors
 def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None, **hub_kwargs) -> dict[str, Any]:
     """Per-layer shapes and densities measured from the tensors, with the recorded headline figures.
 
@@ -697,7 +961,9 @@ def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
         "format": sparsity.get("format", "dense"),
         "method": sparsity.get("method"),
         "target_density": sparsity.get("target_density"),
+        "target_unit": sparsity.get("target_unit") or "weights",
         "recorded_density": sparsity.get("achieved_density"),
+        "recorded_gate_density": (sparsity.get("method_metrics") or {}).get("hard_density"),
         "measured_density": nonzero / numel if numel else None,
         "weights_bytes": files,
         "layers": layers,
@@ -705,13 +971,25 @@ def inspect_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = No
     }
 
 
+#: Suffixes of the extra files a re-export carries over (processor, tokenizer and generation configs,
+#: vocabularies); weights and pickles (.bin, .pt, .pth, .pkl...) never: they would sit outside the digests.
+EXTRA_FILE_SUFFIXES = (".json", ".txt", ".model")
+
+
 def copy_extra_files(src: Path, dst: Path) -> list[str]:
-    """Copy files a checkpoint carries beyond what ``save_sparse_checkpoint`` writes (processor configs...)."""
+    """Copy files a checkpoint carries beyond what ``save_sparse_checkpoint`` writes (processor configs...).
+
+    Only regular files (no links) with a suffix in :data:`EXTRA_FILE_SUFFIXES` that the new
+    checkpoint does not hold already.
+    """
     own = {SPARSITY_FILE, "README.md", "recipe.yaml", "config.json", DENSITY_PLOT, BITMASK_WEIGHTS,
            f"{DENSE_WEIGHTS}.index.json"}
     copied = []
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.name not in own and not f.name.endswith(".safetensors") and not f.name.startswith("."):
+        if f.is_symlink() or not f.name.endswith(EXTRA_FILE_SUFFIXES) or (dst / f.name).exists():
+            continue
+        if f.is_file() and f.name not in own and not f.name.endswith((".safetensors", ".onnx")) \
+                and not f.name.startswith("."):
             shutil.copy2(f, dst / f.name)
             copied.append(f.name)
     return copied

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint.save_and_load import (  # numpy and safetensors only; torch comes with the commands that need it
+    DENSITY_PLOT,
     FORMATS,
     SPARSITY_FILE,
     CheckpointError,
+    clear_stale_weights,
     copy_extra_files,
     inspect_checkpoint,
     layer_stats,
@@ -24,6 +30,7 @@ from ..checkpoint.save_and_load import (  # numpy and safetensors only; torch co
     read_sparsity,
     read_state_dict,
     save_sparse_checkpoint,
+    weight_files,
 )
 
 
@@ -76,47 +83,123 @@ def _card_facts(folder: Path) -> tuple[str | None, str | None]:
 
 def export_cmd(args: argparse.Namespace) -> int:
     """Re-export a run's (or a folder's) checkpoint in another storage format."""
+    staging = None
     try:
         src = _model_dir(Path(args.run_dir))
-        out = Path(args.out)
-        if out.resolve() == src.resolve():
-            raise CheckpointError(f"--out {out} is the source checkpoint; choose another folder")
-        if out.exists() and not out.is_dir():
-            raise CheckpointError(f"--out {out} exists and is not a folder")
+        final = Path(args.out)
+        if final.resolve() == src.resolve() or src.resolve().is_relative_to(final.resolve()):
+            raise CheckpointError(f"--out {final} is (or holds) the source checkpoint; choose another folder")
+        if final.exists() and not final.is_dir():
+            raise CheckpointError(f"--out {final} exists and is not a folder")
+        if final.is_dir() and (entries := sorted(p.name for p in final.iterdir())) and not args.overwrite:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise CheckpointError(f"--out {final} is not empty ({shown}); export writes into a new or empty folder: "
+                                  "choose another, or pass --overwrite to replace the checkpoint files in it")
         sparsity = read_sparsity(src)
+        if args.format == "purged" and sparsity.get("format") == "purged":
+            raise CheckpointError(f"{src} is already purged (its layers are the smaller ones); purging it again "
+                                  "would lose the recorded plan: copy the folder as it is instead")
+        if sparsity.get("library") == "torch":
+            raise CheckpointError(f"{src} holds a plain nn.Module's state dict; re-export it from Python: "
+                                  "save_sparse_checkpoint(load_sparse(src, model=module), out, ...)")
+        model = load_sparse(src)  # first: a damaged or hostile source is refused here, with its reason
+        staging = out = _staging_folder(final)  # written whole, checked, then moved into place
         report = _report_from(src, sparsity)
         run_results = Path(args.run_dir) / "results.json"
         eval_metrics = sparsity.get("eval") or (json.loads(run_results.read_text()).get("eval")
                                                 if run_results.is_file() else None)
         recipe = src / "recipe.yaml"
         dataset, task = _card_facts(src)
-        if sparsity.get("library") == "torch":
-            raise CheckpointError(f"{src} holds a plain nn.Module's state dict; re-export it from Python: "
-                                  "save_sparse_checkpoint(load_sparse(src, model=module), out, ...)")
-        model = load_sparse(src)
-        save_sparse_checkpoint(model, out, report=report, format=args.format, eval_metrics=eval_metrics,
-                               dense_reference=sparsity.get("dense_reference"),
-                               recipe_yaml=recipe.read_text() if recipe.is_file() else None,
-                               dataset=dataset, task=task)
+        if getattr(args, "quantize", None) and args.format != "onnx":
+            raise CheckpointError("--quantize int8 needs --format onnx")
+        if args.format == "onnx" and sparsity.get("format") == "purged":  # already small: add the graph to a copy
+            _onnx_from_purged(src, out, args.quantize)
+            return _publish(staging, final, args)
+        with warnings.catch_warnings():  # the purge summary is printed with the result below
+            warnings.filterwarnings("ignore", message="purge removed")
+            save_sparse_checkpoint(model, out, report=report, format=args.format, eval_metrics=eval_metrics,
+                                   quantize=getattr(args, "quantize", None),
+                                   dense_reference=sparsity.get("dense_reference"),
+                                   recipe_yaml=recipe.read_text() if recipe.is_file() else None,
+                                   dataset=dataset, task=task)
+        copy_extra_files(src, out)
+        return _publish(staging, final, args)
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
         return _fail("export", str(e))
-    copy_extra_files(src, out)
+    finally:
+        if staging is not None and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_folder(final: Path) -> Path:
+    """A fresh folder beside ``final`` (same filesystem, so the move into place is a rename)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".export", dir=final.parent))
+
+
+def _publish(staging: Path, final: Path, args: argparse.Namespace) -> int:
+    """Check that the written checkpoint loads, then move it into ``final``: a new folder is renamed into
+    place; into an existing one (empty, or with ``--overwrite``) the files are moved one by one, after
+    the earlier checkpoint's weight files there are removed (two weight files would contradict each other)."""
+    load_sparse(staging)  # every checkpoint export writes must load (digests, densities, dtypes, shapes)
+    if not final.exists():
+        staging.rename(final)
+        return _wrote(final, args.format)
+    clear_stale_weights(final)
+    for f in sorted(staging.iterdir()):
+        target = final / f.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(f, target)
+    return _wrote(final, args.format)
+
+
+def _wrote(out: Path, fmt: str) -> int:
     info = inspect_checkpoint(out)
     size = sum(info["weights_bytes"].values())
-    print(f"wrote {out} ({args.format}, weights {size:,} bytes, density {_num(info['measured_density'])})")
+    print(f"wrote {out} ({fmt}, weights {size:,} bytes, density {_num(info['measured_density'])})")
+    params = (read_sparsity(out).get("purged") or {}).get("params") if fmt == "purged" else None
+    if params:  # what the purge removed; under a few percent it names bitmask
+        from ..structure.purge import purge_summary
+
+        print(purge_summary(params))
     return 0
+
+
+def _onnx_from_purged(src: Path, out: Path, quantize: str | None) -> None:
+    """``--format onnx`` of a purged checkpoint: copy it as it is and add ``model.onnx`` (purging it again
+    would record an empty plan)."""
+    from ..checkpoint.onnx_export import add_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    own = [*weight_files(src), *(src / n for n in (SPARSITY_FILE, "config.json", "README.md", "recipe.yaml",
+                                                   DENSITY_PLOT))]
+    for f in own:  # the checkpoint's own files; extras as any export carries them (never pickles)
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    copy_extra_files(src, out)
+    add_onnx(out, quantize=quantize)
 
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
+def _target(info: dict[str, Any]) -> str:
+    """The target in its own unit; a gate target (L0 ``count: gates``) beside the gates it kept."""
+    if info.get("target_unit") == "gates" and info.get("target_density") is not None:
+        kept = info.get("recorded_gate_density")
+        return f"{info['target_density']:.4f} of gates" + (f" (kept {kept:.4f} of gates)" if kept is not None else "")
+    return _num(info.get("target_density"))
+
+
 def format_table(info: dict[str, Any]) -> str:
     """The per-layer table ``hf-sparse inspect`` prints."""
     lines = [
         f"checkpoint: {info['path']}",
-        f"format: {info['format']}   method: {info['method'] or '-'}   target density: {_num(info['target_density'])}"
-        f"   recorded density: {_num(info['recorded_density'])}   measured density: {_num(info['measured_density'])}",
+        f"format: {info['format']}   method: {info['method'] or '-'}   target density: {_target(info)}"
+        f"   recorded density: {_num(info['recorded_density'])}   measured density: {_num(info['measured_density'])}"
+        " (of weights)",
         "weights: " + ", ".join(f"{k} ({v:,} bytes)" for k, v in info["weights_bytes"].items()),
         "",
     ]
@@ -205,8 +288,15 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--format", choices=FORMATS, default="dense",
                    help="dense (zeros, plain transformers/timm), bitmask (compact, lossless), "
-                        "purged (structured: smaller layers)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+                        "purged (structured: smaller layers), onnx (purged or dense weights plus model.onnx, "
+                        "checked against PyTorch)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="with --format onnx: also write model.int8.onnx (ONNX Runtime's quantiser; accuracy "
+                        "before/after on the recipe's eval split)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a folder that is not empty: its earlier checkpoint's weight files are "
+                        "removed and the new checkpoint's files replace those of the same name; others stay")
     p.set_defaults(func=export_cmd)
 
     p = subparsers.add_parser("inspect", help="per-layer shapes and densities of a sparse checkpoint")

@@ -40,13 +40,15 @@ def _compare(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise RecipeError("--jobs must be at least 1", "<command line>", ("--jobs",))
     out = Path(args.out)
-    grid = plan_grid(args.recipes, args.density, args.seeds, out, methods=args.methods, dense=args.dense)
+    grid = plan_grid(args.recipes, args.density, args.seeds, out, methods=args.methods, dense=args.dense,
+                     sets=args.set)
     labels = list(dict.fromkeys(r.label for r in grid if r.density is not None))
     command = shlex.join(["hf-sparse", "compare", *map(str, args.recipes),
                           "--density", ",".join(f"{d:g}" for d in args.density),
                           "--seeds", ",".join(map(str, args.seeds)),
                           *(["--methods", ",".join(args.methods)] if args.methods else []),
                           *(["--dense", str(args.dense)] if args.dense else []),
+                          *[arg for item in args.set for arg in ("--set", item)],
                           "--jobs", str(args.jobs), "--out", str(args.out)])
     try:
         outcome = run_grid(grid, jobs=args.jobs)
@@ -80,6 +82,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
                          help="only these methods (recipe names without the family prefix, e.g. gmp,dns)")
     compare.add_argument("--dense", default=None,
                          help="dense reference recipe (default: <family>_dense.yaml next to the recipes)")
+    compare.add_argument("--set", action="append", default=[], metavar="[VARIANT:]KEY=VALUE",
+                         help="recipe override for every run (distillation.* keys: the sparse runs only); with "
+                              "VARIANT: every sparse recipe also runs with it as <method>+VARIANT, e.g. "
+                              "--set distill:distillation.teacher=self (repeatable)")
     compare.add_argument("--jobs", type=int, default=1, help="runs in parallel, one intra-op thread each")
     compare.add_argument("--out", required=True, help="output folder for the runs and the summaries")
     compare.set_defaults(func=_compare)

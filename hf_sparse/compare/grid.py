@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,11 +35,12 @@ class GridRun:
     density: float | None
     seed: int
     run_dir: Path
+    sets: tuple[str, ...] = ()  # the user's --set overrides for this cell (before the grid's own)
 
     def overrides(self) -> list[str]:
-        sets = [f"training.seed={self.seed}"]
+        sets = [*self.sets, f"training.seed={self.seed}"]
         if self.density is not None:
-            sets.insert(0, f"sparsity.target_density={self.density:g}")
+            sets.insert(len(self.sets), f"sparsity.target_density={self.density:g}")
         return sets
 
     @property
@@ -75,13 +77,41 @@ def method_label(recipe: Path, prefix: str | None) -> str:
     return stem[len(prefix) + 1:] if prefix and stem.startswith(prefix + "_") else stem
 
 
+def parse_sets(sets: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--set`` arguments -> (overrides for every run, {variant: overrides}).
+
+    ``KEY=VALUE`` applies to every run (``distillation.*`` keys to the sparse runs only: the dense
+    reference is the usual teacher). ``VARIANT:KEY=VALUE`` adds a variant: every sparse recipe is also
+    trained with these overrides, as method ``<method>+<VARIANT>`` (e.g. ``distill:distillation.teacher=self``).
+    """
+    common: list[str] = []
+    variants: dict[str, list[str]] = {}
+    for item in sets:
+        head, eq, _ = item.partition("=")
+        if not eq or not head:
+            raise RecipeError(f"--set expects [VARIANT:]KEY=VALUE, got {item!r}", "<command line>", ("--set",))
+        if ":" in head:
+            name, _, rest = item.partition(":")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name == DENSE_LABEL:
+                raise RecipeError(f"--set variant name {name!r}: use letters, digits, '_', '-', '.' (not "
+                                  f"{DENSE_LABEL!r})", "<command line>", ("--set",))
+            variants.setdefault(name, []).append(rest)
+        else:
+            common.append(item)
+    return common, variants
+
+
 def plan_grid(recipes: Sequence[str | Path], densities: Sequence[float], seeds: Sequence[int], out: Path,
-              methods: Sequence[str] | None = None, dense: str | Path | None = None) -> list[GridRun]:
+              methods: Sequence[str] | None = None, dense: str | Path | None = None,
+              sets: Sequence[str] = ()) -> list[GridRun]:
     """Every cell of the grid, seed by seed (so an interrupted grid has every cell's first seeds),
     each seed's dense reference first; RecipeError (exit 2) on any bad input.
 
-    Every (recipe, density) pair is validated here, before anything is written or trained.
+    Every (recipe, density) pair is validated here, before anything is written or trained. ``sets``
+    are ``--set`` overrides, see :func:`parse_sets`.
     """
+    common, variants = parse_sets(sets)
+    dense_sets = [s for s in common if not s.startswith("distillation.")]
     where = "<command line>"
     paths = [Path(r) for r in recipes]
     if dense is None:
@@ -94,7 +124,7 @@ def plan_grid(recipes: Sequence[str | Path], densities: Sequence[float], seeds: 
     else:
         dense_path = Path(dense)
         prefix = dense_path.stem.removesuffix("_dense") if dense_path.stem.endswith("_dense") else None
-    dense_recipe = load_recipe(dense_path, [f"training.seed={seeds[0]}"])
+    dense_recipe = load_recipe(dense_path, [*dense_sets, f"training.seed={seeds[0]}"])
     if dense_recipe.sparsity.method != "none":
         raise RecipeError(f"the dense reference {dense_path} has sparsity.method {dense_recipe.sparsity.method!r}, "
                           "not 'none'", where, ("--dense",))
@@ -115,16 +145,21 @@ def plan_grid(recipes: Sequence[str | Path], densities: Sequence[float], seeds: 
         by_label = {m: by_label[m] for m in methods}
     if not by_label:
         raise RecipeError("no sparse recipe to compare", where, ("RECIPE",))
-    for p in by_label.values():
+    cells: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    for label, p in by_label.items():
+        cells[label] = (p, tuple(common))
+        for name, extra in variants.items():
+            cells[f"{label}+{name}"] = (p, (*common, *extra))
+    for p, extra in cells.values():
         for d in densities:
-            recipe = load_recipe(p, [f"sparsity.target_density={d:g}"])
+            recipe = load_recipe(p, [*extra, f"sparsity.target_density={d:g}"])
             if recipe.sparsity.method == "none":
                 raise RecipeError(f"{p} is a dense recipe; pass it as --dense", where, ("RECIPE",))
     grid = []
     for s in seeds:
-        grid.append(GridRun(DENSE_LABEL, dense_path, None, s, out / DENSE_LABEL / f"s{s}"))
-        grid += [GridRun(label, p, d, s, out / label / density_dir(d) / f"s{s}")
-                 for d in densities for label, p in by_label.items()]
+        grid.append(GridRun(DENSE_LABEL, dense_path, None, s, out / DENSE_LABEL / f"s{s}", tuple(dense_sets)))
+        grid += [GridRun(label, p, d, s, out / label / density_dir(d) / f"s{s}", extra)
+                 for d in densities for label, (p, extra) in cells.items()]
     return grid
 
 
@@ -133,6 +168,8 @@ def train_command(run: GridRun) -> list[str]:
            "--set", *run.overrides()]
     if any(run.run_dir.glob("checkpoint-*")):
         cmd.append("--resume")  # an interrupted run that saved Trainer checkpoints continues from the last
+    else:
+        cmd.append("--overwrite")  # the cell's own train.log (and a half-written run) are in its folder
     return cmd
 
 

@@ -36,6 +36,7 @@ class Cell:
     seeds: list[int] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     achieved: list[float] = field(default_factory=list)
+    distillation: list[dict | None] = field(default_factory=list)  # each run's results.json "distillation"
 
     @property
     def mean(self) -> float:
@@ -86,6 +87,7 @@ def collect(out: Path, labels: Sequence[str], densities: Sequence[float], seeds:
         for r in runs:
             cell.values.append(float(r["eval"].get(metric, math.nan)))
             cell.achieved.append(float(r.get("achieved_density", math.nan)))
+            cell.distillation.append(r.get("distillation"))
     cells = [c for (label, d), (c, _) in found.items() if label != DENSE_LABEL]
     return metric, found[(DENSE_LABEL, None)][0], cells
 
@@ -137,7 +139,23 @@ def markdown_table(metric: str, dense: Cell, cells: Sequence[Cell], densities: S
                   if len(c.values) < len(seeds)]
     if incomplete:
         note += " Missing seeds: " + ", ".join(incomplete) + "."
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    return "\n".join(lines) + "\n\n" + note + "\n" + distillation_note(dense, cells)
+
+
+def distillation_note(dense: Cell, cells: Sequence[Cell]) -> str:
+    """Which rows distilled, from what teacher with which settings; '' when no run did."""
+    used: dict[str, set[str]] = {}
+    for c in [dense, *cells]:
+        for d in c.distillation:
+            if d:
+                used.setdefault(c.label, set()).add(f"teacher {d.get('teacher')}, alpha {d.get('alpha')}, "
+                                                    f"T {d.get('temperature')}, {d.get('loss')}")
+    if not used:
+        return ""
+    rows = "; ".join(f"{label} ({' | '.join(sorted(how))})" for label, how in used.items())
+    others = [c.label for c in cells if c.label not in used]
+    rest = f" Without distillation: {', '.join(dict.fromkeys(others))}." if others else ""
+    return f"\nDistilled: {rows}.{rest}\n"
 
 
 def write_csv(path: Path, metric: str, dense: Cell, cells: Sequence[Cell]) -> None:

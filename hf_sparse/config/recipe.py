@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import difflib
 import math
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -50,6 +53,29 @@ def first_line(error: BaseException) -> str:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, data: Any) -> Any:
+        """``true`` is not 1.0 and ``'10'`` is not 10: a number field takes a YAML number only
+        (pydantic's lax mode would convert both silently)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if field is not None and isinstance(value, (bool, str)) and _is_number_field(field.annotation):
+                    raise _KeyedError((key,), f"Input should be a valid number, got {value!r}")
+        return data
+
+
+def _is_number_field(annotation: Any) -> bool:
+    """int/float (possibly constrained, or Optional) and no other type."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _is_number_field(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_is_number_field(a) for a in args)
+    return annotation in (int, float)
+
 
 class ModelConfig(_Section):
     """Where the model comes from. ``num_labels``/``num_classes`` and input channels come from the data."""
@@ -75,8 +101,9 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _needs_a_name(self):
-        if self.source == "timm" and not self.name:
-            raise ValueError("model.name is required when model.source is 'timm'")
+        if self.source == "timm" and not (self.name or self.path):
+            raise ValueError("model.source 'timm' needs model.name (a timm model name, 'local-dir:PATH' or "
+                             "'hf-hub:ID') or model.path (a timm folder)")
         if self.source == "hf_sparse" and not (self.name or self.path):
             raise ValueError("model.source 'hf_sparse' needs model.name (a registered model) or model.path "
                              "(a saved hf_sparse checkpoint)")
@@ -95,6 +122,15 @@ class AugmentConfig(_Section):
     speed: list[float] | None = Field(None, description="speed perturbation: factors drawn per utterance, e.g. "
                                                         "[0.9, 1.0, 1.1]")
     noise_snr_db: list[float] | None = Field(None, description="white noise at an SNR drawn from [low, high] dB")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.speed is not None and not (self.speed and all(0.5 <= f <= 2.0 for f in self.speed)):
+            raise _KeyedError(("speed",), f"speed factors must be a non-empty list of numbers in [0.5, 2], got {self.speed}")
+        snr = self.noise_snr_db
+        if snr is not None and not (len(snr) == 2 and all(math.isfinite(x) for x in snr) and snr[0] <= snr[1]):
+            raise _KeyedError(("noise_snr_db",), f"noise_snr_db must be [low, high] in dB with low <= high, got {snr}")
+        return self
 
 
 class DataConfig(_Section):
@@ -136,6 +172,36 @@ class TargetsConfig(_Section):
     layer_types: list[Literal[tuple(LAYER_TYPES)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(LAYER_TYPES), description="module types whose weights qualify")
     include_head: bool = Field(False, description="also sparsify the output head (classifier/lm_head), dense by default")
+    density: dict[str, float] = Field(
+        default_factory=dict, description="per-layer target densities {pattern: density} (first match wins; other "
+                                          "layers get target_density), e.g. from hf-sparse sensitivity; methods "
+                                          "with per-layer targets: gmp, and gradual/dns with a target_density")
+
+    def model_dump(self, **kwargs) -> dict[str, Any]:
+        """The selection rules (a ``TargetSpec``'s fields): per-layer densities are the method's business.
+
+        Dumping the whole recipe (``Recipe.model_dump``/``to_yaml``) still writes ``density``.
+        """
+        kwargs.setdefault("exclude", {"density"})
+        return super().model_dump(**kwargs)
+
+    @model_validator(mode="after")
+    def _densities_in_range(self):
+        for pattern, value in self.density.items():
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise _KeyedError(("density", pattern), f"a density must lie in (0, 1], got {value!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _regexes_compile(self):
+        for kind in ("include", "exclude"):
+            for index, pattern in enumerate(getattr(self, kind)):
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as e:
+                        raise _KeyedError((kind, index), f"{pattern!r} is not a valid regular expression: {e}") from None
+        return self
 
 
 class BudgetConfig(_Section):
@@ -203,6 +269,8 @@ class SparsityConfig(_Section):
         except ValidationError as e:
             err = e.errors()[0]
             raise _KeyedError(("params", *err["loc"]), _describe(err, cls.Config)) from None
+        if self.targets.density:
+            self._check_layer_density(cls, config)
         density = self.target_density if self.budget is None else self.budget.fraction  # a budget stands in for it
         problem = cls.config_error(config, density) or _schedule_order_error(config, self.params)
         if problem:
@@ -212,7 +280,21 @@ class SparsityConfig(_Section):
     def method_config(self):
         from ..methods import METHODS
 
-        return METHODS[self.method].Config(**self.params)
+        config = METHODS[self.method].Config(**self.params)
+        if self.targets.density:  # per-layer targets reach the method through its config
+            config = config.model_copy(update={"layer_density": dict(self.targets.density)})
+        return config
+
+    def _check_layer_density(self, cls, config) -> None:
+        """Per-layer densities need a method that targets each layer, and a target_density for the rest."""
+        if "layer_density" not in cls.Config.model_fields:
+            raise _KeyedError(("targets", "density"), f"method {self.method!r} has no per-layer target; use gmp, "
+                                                      "gradual or dns")
+        if getattr(config, "scope", "layer") != "layer":
+            raise _KeyedError(("params", "scope"), "per-layer densities (targets.density) need scope: layer")
+        if self.target_density is None:
+            raise _KeyedError(("target_density",), "per-layer densities (targets.density) need a target_density "
+                                                   "for the layers they do not name")
 
     def _check_budget(self, cls) -> None:
         """A budget needs a method that trains against one, a structured granularity and no target_density."""
@@ -271,7 +353,8 @@ def _schedule_order_error(config: BaseModel, written: dict[str, Any]) -> tuple[L
 
 
 class ExportConfig(_Section):
-    format: Literal["dense", "bitmask", "purged"] = Field("dense", description="storage format of run_dir/model")
+    format: Literal["dense", "bitmask", "purged", "onnx"] = Field(
+        "dense", description="storage format of run_dir/model (onnx: purged or dense weights plus model.onnx)")
     push_to_hub: bool = Field(False, description="push the sparse checkpoint to the Hub at the end of the run")
     hub_model_id: str | None = Field(None, description="repo id to push to")
     private: bool = False
@@ -285,12 +368,31 @@ class ExportConfig(_Section):
         return self
 
 
+class DistillationConfig(_Section):
+    """Distil from a frozen teacher: ``(1-alpha)*task + alpha*T^2*KL(teacher || student)`` (Hinton et al.)."""
+
+    teacher: str = Field("self", description="'self' (a frozen copy of the weights the run starts from), a "
+                                             "checkpoint folder, a finished run directory or a Hub id "
+                                             "(loaded with load_sparse)")
+    revision: str | None = Field(None, description="branch, tag or commit of a Hub teacher")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; the task loss gets 1-alpha")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature T of both models' logits (the term "
+                                                      "is scaled by T^2)")
+    loss: Literal["kl", "mse"] = Field("kl", description="kl: KL divergence of the softened distributions (per "
+                                                         "valid frame for CTC logits); mse: squared logit difference")
+    hidden: dict[str, str] = Field(default_factory=dict, description="{student_module: teacher_module}: MSE "
+                                                                     "between their outputs (same shapes)")
+    hidden_weight: float = Field(1.0, ge=0, description="weight of the summed hidden MSE terms")
+
+
 class Recipe(_Section):
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     training: dict[str, Any] = Field(default_factory=dict, description="any transformers.TrainingArguments field")
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    distillation: DistillationConfig | None = Field(None, description="distil from a teacher (see "
+                                                                      "hf_sparse.training.distill)")
 
     # Where the recipe came from, for error messages and for the copy saved with the model.
     _source: str = "<recipe>"
@@ -302,6 +404,21 @@ class Recipe(_Section):
     def error(self, key: Loc, message: str) -> RecipeError:
         """A RecipeError located at ``key`` of this recipe (e.g. for checks that need the model)."""
         return _located(message, self._source, key, self._positions)
+
+    def notices(self) -> list[str]:
+        """Located one-line warnings: settings that run but do not do what they promise."""
+        found = []
+        granularity = self.sparsity.granularity_spec()
+        if self.export.format == "purged" and self.sparsity.method != "none" and not granularity.structured:
+            found.append(str(self.error(("export", "format"), (
+                f"purged removes whole channels only; with granularity {granularity} the zeros stay inside "
+                "channels that are kept, so the file is as large as a dense one: use format bitmask, or "
+                "granularity channel/group"))))
+        return found
+
+
+class RecipeWarning(UserWarning):
+    """A recipe setting that runs but does not do what it promises (located like a RecipeError)."""
 
 
 class _KeyedError(ValueError):
@@ -551,13 +668,29 @@ def _apply_override(data: dict, keys: list[str], value: Any, positions: dict, so
     positions[tuple(keys)] = text
 
 
+#: A recipe is a few kilobytes; past this size a file is not one (and parsing it would take minutes).
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. Raises :class:`RecipeError`."""
+    """Read, override and validate a recipe file. Raises :class:`RecipeError`.
+
+    Only a regular file up to :data:`MAX_RECIPE_BYTES` is read: a FIFO would block forever and
+    ``/dev/zero`` never ends.
+    """
     source = str(path)
     try:
-        raw = Path(path).read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise RecipeError("not a regular file (a recipe is a YAML file)", source)
+        if info.st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{info.st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}", source)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise RecipeError(f"cannot read recipe: {e.strerror}", source) from None
+    if len(raw) > MAX_RECIPE_BYTES:  # it grew while being read
+        raise RecipeError(f"more than {MAX_RECIPE_BYTES:,} bytes; a recipe is at most that", source)
     return recipe_from_text(decode_recipe(raw, source), source, overrides)
 
 
@@ -654,7 +787,8 @@ def _check_training_args(training: dict, source: str, positions: dict) -> None:
     fields = _training_fields()
     for key, value in training.items():
         if key not in fields:
-            close = [f for f in fields if key.lower() in f or f in key.lower()][:5]
+            close = [f for f in fields if key.lower() in f or f in key.lower()][:5] or \
+                difflib.get_close_matches(key.lower(), list(fields), n=3, cutoff=0.8)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise _located(f"not a transformers.TrainingArguments field{hint}", source, ("training", key), positions)
         allowed = _allowed_types(fields[key].type)

@@ -123,9 +123,9 @@ def load_data(cfg) -> DataBundle:
         raise DataError("image_folder always decodes images when read: transforms must be 'timm' (or unset)",
                         key="transforms")
     if cfg.hub_id:
-        from .hub_images import load_hub_images
+        from .hub_audio import load_hub_data  # audio columns -> speech, otherwise images
 
-        bundle = load_hub_images(cfg)
+        bundle = load_hub_data(cfg)
     else:
         try:
             bundle = _build_source(cfg)
@@ -137,8 +137,9 @@ def load_data(cfg) -> DataBundle:
                             "which an installed wheel does not carry: run from a clone, point data.path at a copy, "
                             "or use data.hub_id (needs a connection to the Hub)") from None
     from .resize import resize_images
+    from .speech import apply_augmentation
 
-    return resize_images(_subsample(bundle, cfg), cfg)
+    return apply_augmentation(resize_images(_subsample(bundle, cfg), cfg), cfg)
 
 
 def _subsample(bundle: DataBundle, cfg) -> DataBundle:
@@ -151,6 +152,6 @@ def _subsample(bundle: DataBundle, cfg) -> DataBundle:
 
 
 # Importing the modules registers the sources.
-from . import fsdd, idx, lazy_images  # noqa: E402,F401
+from . import audio_folder, fsdd, idx, lazy_images  # noqa: E402,F401
 
 __all__ = ["BUNDLED_DATA", "DATA_SOURCES", "DataBundle", "DataError", "load_data", "register_data"]

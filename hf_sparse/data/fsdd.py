@@ -261,8 +261,11 @@ def _bundle(dd: datasets.DatasetDict, options: dict, rate: int, task: str, label
     fe = _feature_extractor(options, rate, dd["train"])
     train, test = featurize(dd["train"], fe), featurize(dd["test"], fe)
     info = {"feature_extractor": fe, "sampling_rate": rate}
-    if task == "ctc":
-        info.update(vocab=label_names, preprocess_logits_for_metrics=ctc_argmax)
+    if task == "ctc":  # the fixed digit vocabulary, saved with the checkpoint as a tokenizer + processor
+        from ..models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
+
+        info.update(vocab=label_names, preprocess_logits_for_metrics=ctc_argmax,
+                    processor=SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(label_names)))
     return DataBundle(train=train, eval=test, collator=SpeechCollator(fe),
                       compute_metrics=ctc_metrics if task == "ctc" else accuracy, task=task,
                       num_labels=len(label_names), label_names=label_names, info=info, card_name=card_name)

@@ -26,7 +26,9 @@ With ``g = dL/d(W * h(M))`` (``param.grad`` after backward) the updates are
   restarts (multiplier back to 0 once the density is at or below ``t``) stop the overshoot that
   the lag between M's update and h(M) would otherwise cause.
 
-Choices the paper leaves open, made here: M starts at ``init > 0`` (all kept); M has its own
+Choices the paper leaves open, made here: M starts at ``init > 0`` (all kept; ``init: magnitude``
+spreads it over ``(0, 2 init_scale]`` in the order of the groups' mean ``|w|`` per layer, so a
+pretrained model's smallest weights are the first the regulariser prunes); M has its own
 optimizer group (``mask_lr``, no weight decay); masks change only after an optimizer step; a pruned
 weight is held exactly (its gradient is zero; moves by momentum or weight decay are undone and its
 optimizer state is cleared); W gets no weight decay unless ``weight_decay_on_targets``. From
@@ -44,7 +46,7 @@ after the step W is saved and ``W * h(M)`` written.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -64,8 +66,11 @@ class AutoPruneConfig(MethodConfig):
         "softplus", description="straight-through estimate of h'(m): 1, leaky-ReLU slope, or sigmoid(beta*m)")
     leaky_slope: float = Field(0.1, gt=0, le=1, description="leaky_relu: h'(m) for m <= 0 (1 for m > 0)")
     softplus_beta: float = Field(20.0, gt=0, description="softplus: h'(m) = sigmoid(beta * m)")
-    init: float = Field(
-        0.01, gt=0, description="initial value of every m (> 0: all kept); about 10x mask_lr works best")
+    init: Annotated[float, Field(gt=0)] | Literal["magnitude"] = Field(
+        0.01, description="initial value of every m (> 0: all kept); about 10x mask_lr works best. 'magnitude' "
+                          "(for pretrained models): all kept, m ranked like the group's mean |w| in its layer, "
+                          "m = init_scale * 2 * rank / groups (the smallest weights nearest to being pruned)")
+    init_scale: float = Field(0.01, gt=0, description="init: magnitude: the mean initial m")
     mask_lr: float | None = Field(None, gt=0, description="learning rate of M (default: the training learning rate)")
     reg_coef: float | None = Field(
         None, ge=0, description="penalty mode: lam of lam * density (loss units); not with target_density")
@@ -109,8 +114,7 @@ class AutoPrune(SparsityMethod):
         config = self.config
         self.weight_decay_on_targets = config.weight_decay_on_targets
         self.single = self.granularity.kind in ("unstructured", "n:m")  # one weight per m
-        self.M = [nn.Parameter(torch.full(g.shape, config.init, device=g.members[0].param.device))
-                  for g in self.grids]
+        self.M = [nn.Parameter(self._initial_m(g)) for g in self.grids]
         self.real = RealWeights([m.target for m in self.covered])
         self.numel = sum(g.total_numel for g in self.grids)  # FSDP2: the whole grids' weights
         self.masks = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
@@ -123,6 +127,19 @@ class AutoPrune(SparsityMethod):
         self.constraint_target = 1.0
         self.start = self.freeze_at = 0
         self.last_step = -1
+
+    def _initial_m(self, grid) -> torch.Tensor:
+        """M of one grid at the start: the constant ``init``, or ranked by magnitude (see the config)."""
+        config, device = self.config, grid.members[0].param.device
+        if config.init != "magnitude":
+            return torch.full(grid.shape, config.init, device=device)
+        with torch.no_grad():  # FSDP2: ranks over the whole layer, this rank keeps its rows
+            scores = sharding.gather(grid, grid.score([m.param.detach() for m in grid.weights], "mean")).flatten()
+            rank = torch.empty(scores.numel(), device=scores.device)
+            rank[torch.argsort(scores.float(), stable=True)] = torch.arange(1, scores.numel() + 1, device=scores.device,
+                                                                            dtype=rank.dtype)
+            full = (rank * (2.0 * config.init_scale / scores.numel())).view(sharding.full_shape(grid))
+            return sharding.local_rows(grid, full).to(device)
 
     @classmethod
     def config_error(cls, config: AutoPruneConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:

@@ -179,6 +179,12 @@ class SparsityMethod:
         return [full[id(t.param)] if id(t.param) in full else torch.ones_like(t.param, dtype=torch.bool)
                 for t in self.targets]
 
+    @property
+    def target_unit(self) -> str:
+        """What ``target_density`` counts: ``"weights"``, or ``"gates"`` for a method that sets it in
+        units/channels (the card and the summary then compare like with like)."""
+        return "weights"
+
     def metrics(self) -> dict[str, float]:
         """Method-specific numbers for Trainer's logs (thresholds, counts, multipliers...)."""
         return {}

@@ -22,6 +22,8 @@ density d (a small output layer is not starved at extreme densities).
 Granularity: T is one bit per group (:mod:`.granularity`) and ``|W|`` above is the group's mean
 ``|w|``, so the statistics, thresholds and band keep the units of a weight. With N:M every surgery
 keeps the N largest dense weights of every M (the band cannot hold N of M), still splicing.
+``initial_sparsity`` (hf_sparse's addition, for pretrained models): T starts from a one-shot cut of
+the lowest-mean-``|w|`` groups when the method is built, before step 0; surgery may splice them back.
 The paper's names ``start_iter`` and ``iter_stop`` (``stop_fraction``) are accepted for
 ``start_step`` and ``end_step`` (``end_fraction``).
 
@@ -40,9 +42,17 @@ from pydantic import AliasChoices, Field
 
 from . import bitset, register_method, sharding
 from .base import MaskedMethod, MethodConfig, step_generator
-from .granularity import keep_top, thresholds
 from .reparam import RealWeights
-from .schedules import StepWindow
+from .schedules import (
+    INITIAL_SPARSITY_HELP,
+    LAYER_DENSITY_HELP,
+    StepWindow,
+    initial_sparsity_error,
+    keep_per_layer,
+    layer_densities,
+    one_shot,
+    thresholds_per_layer,
+)
 
 
 class DNSConfig(MethodConfig):
@@ -61,6 +71,9 @@ class DNSConfig(MethodConfig):
     recalibrate_every: int = Field(100, ge=1, description="target mode: iterations between threshold refreshes")
     scope: Literal["layer", "global"] = Field(
         "layer", description="target mode: the density per layer, or over all targets with one threshold")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description=INITIAL_SPARSITY_HELP + " (pruned weights "
+                                                                                       "keep training and may be spliced)")
+    layer_density: dict[str, float] = Field(default_factory=dict, description="target mode: " + LAYER_DENSITY_HELP)
 
 
 @register_method
@@ -77,6 +90,17 @@ class DynamicNetworkSurgery(MaskedMethod):
         self.t = torch.zeros(len(self.grids), dtype=torch.float64)
         self.surgeries = 0
         self.calibrated_at = -1  # target mode: iteration of the last threshold refresh
+        self.layer_density = layer_densities(self, self.target_density)  # None: one target for every layer
+        if self.config.initial_sparsity > 0:  # one-shot start: T from the dense |W|; W keeps training under it
+            with torch.no_grad():
+                one_shot(self, 1.0 - self.config.initial_sparsity, "mean", self.real.values)
+                for ever, m in zip(self.ever_pruned, self.masks):
+                    ever |= bitset.pack(~m)
+                self.real.write(self._factors)
+
+    @classmethod
+    def config_error(cls, config: DNSConfig, target_density: float | None):
+        return initial_sparsity_error(config.initial_sparsity, target_density)
 
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
@@ -119,12 +143,12 @@ class DynamicNetworkSurgery(MaskedMethod):
                         mean, std = sharding.mean_std(g, a)
                         self.t[i] = max(mean + self.config.c * std, 0.0)
         elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
-            self.t.copy_(torch.tensor(thresholds(self.grids, scores, self.target_density, self.config.scope)))
+            self.t.copy_(torch.tensor(thresholds_per_layer(self, scores, self.target_density)))
             self.calibrated_at = step
 
     def surgery(self, scores: list[torch.Tensor], final: bool = False) -> None:
         lo, hi = self.config.band
-        kept = keep_top(self.grids, scores, self.target_density, self.config.scope) if final else None
+        kept = keep_per_layer(self, scores, self.target_density) if final else None
         for i, (g, a, m, ever) in enumerate(zip(self.grids, scores, self.masks, self.ever_pruned)):
             if final:
                 new = kept[i]

@@ -18,6 +18,9 @@ update at ``end_step`` keeps exactly those groups, so each layer ends at density
 global``: one ``q_t`` over all targets, and the whole model ends at ``d``). Under N:M
 no update leaves fewer than N of any M (the best N kept weights of each run survive the threshold)
 and the last keeps exactly the best N.
+
+``initial_sparsity`` (hf_sparse's addition, for pretrained models): the lowest-scoring groups are
+pruned once when the method is built, before step 0; the threshold schedule then prunes further.
 """
 
 from __future__ import annotations
@@ -29,8 +32,18 @@ from pydantic import AliasChoices, Field
 
 from . import register_method, sharding
 from .base import MaskedMethod, MethodConfig
-from .granularity import keep_top, thresholds
-from .schedules import NarangThreshold, StepWindow, resolve_step
+from .schedules import (
+    INITIAL_SPARSITY_HELP,
+    LAYER_DENSITY_HELP,
+    NarangThreshold,
+    StepWindow,
+    initial_sparsity_error,
+    keep_per_layer,
+    layer_densities,
+    one_shot,
+    resolve_step,
+    thresholds_per_layer,
+)
 
 
 class GradualConfig(MethodConfig):
@@ -51,6 +64,8 @@ class GradualConfig(MethodConfig):
     ramp_ratio: float = Field(1.5, gt=0, description="phi / theta when ramp_slope is not given (paper: 1.5-2)")
     scope: Literal["layer", "global"] = Field(
         "layer", description="target mode: the density per layer, or over all targets with one threshold")
+    initial_sparsity: float = Field(0.0, ge=0, lt=1, description=INITIAL_SPARSITY_HELP)
+    layer_density: dict[str, float] = Field(default_factory=dict, description="target mode: " + LAYER_DENSITY_HELP)
 
 
 @register_method
@@ -66,6 +81,15 @@ class GradualThresholdPruning(MaskedMethod):
         self.theta = torch.zeros(n, dtype=torch.float64)
         self.phi = torch.zeros(n, dtype=torch.float64)
         self.thresholds = torch.zeros(n, dtype=torch.float64)
+        self.layer_density = layer_densities(self, self.target_density)  # None: one target for every layer
+        if self.config.initial_sparsity > 0:  # one-shot start; the threshold only prunes further
+            with torch.no_grad():
+                one_shot(self, 1.0 - self.config.initial_sparsity, "max")
+                self.zero_masked()
+
+    @classmethod
+    def config_error(cls, config: GradualConfig, target_density: float | None):
+        return initial_sparsity_error(config.initial_sparsity, target_density)
 
     def setup(self, total_steps: int) -> None:
         super().setup(total_steps)
@@ -90,9 +114,8 @@ class GradualThresholdPruning(MaskedMethod):
             return
         scores = self.group_scores("max")
         if self.target_density is not None:
-            q_t = thresholds(self.grids, scores, self.target_density, self.config.scope)
-            final = keep_top(self.grids, scores, self.target_density, self.config.scope) if step == self.window.end \
-                else None
+            q_t = thresholds_per_layer(self, scores, self.target_density)
+            final = keep_per_layer(self, scores, self.target_density) if step == self.window.end else None
         if step == self.window.start and self.target_density is None:
             for i, (g, s) in enumerate(zip(self.grids, scores)):  # FSDP2: the quantile of the whole grid
                 q = float(torch.quantile(sharding.gather(g, s).flatten().double(), self.config.q_percentile / 100))

@@ -349,7 +349,8 @@ def _group_grids(targets: list[Target], granularity: Granularity, model: nn.Modu
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     grids = []
-    for group in find_groups(model):
+    found = find_groups(model)
+    for group in found:
         outs = [s for s in group.slices if s.role == "out" and s.tensor in params]
         weights = [Member(by_name[s.tensor], _Slices(params[s.tensor].shape, s.dim, s.index))
                    for s in outs if s.tensor in by_name]
@@ -365,8 +366,10 @@ def _group_grids(targets: list[Target], granularity: Granularity, model: nn.Modu
                                      "bias" if attr == "bias" else "norm"))
         grids.append(GroupGrid(group.name, granularity, weights + companions, channel_group=group))
     if not grids:
+        dropped = getattr(found, "dropped", None)
         raise ValueError("granularity 'group': no coupled channel group produces any targeted weight "
-                         "(see hf-sparse inspect --groups)")
+                         "(see hf-sparse inspect --groups)"
+                         + (f"; left out as not removable exactly: {found.dropped_text()}" if dropped else ""))
     return grids
 
 

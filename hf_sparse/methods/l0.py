@@ -18,6 +18,15 @@ How the sparsity level is controlled (``control``):
   expected *sparsity* ``1 - E[density]`` and ``t`` the target sparsity ``1 - target_density``
   (optionally warmed up linearly from 0); both multipliers by gradient ascent.
 
+Initial gates (``init``): ``constant`` (Louizos) draws every ``log_alpha`` from
+``N(log((1 - p) / p), 0.01^2)``, ``p = init_drop_rate``. ``magnitude`` (for a pretrained model)
+ranks each layer's groups by their mean ``|w|`` (a factorised component by its singular value) and
+opens the largest ones holding ``1 - p`` of the layer's weights: ``log_alpha = +3`` there (median
+gate exactly 1, ``P(z != 0) = 0.99``), ``-3`` elsewhere (gate 0, ``P(z != 0) = 0.20``), plus the
+same jitter. The model then computes ``W * z_eval`` from the start - a one-shot magnitude pruning to
+density ``1 - p`` - so ``eval_on_start`` measures it; the expected density starts at
+``0.99 (1 - p) + 0.20 p`` and the control takes it to the target from there.
+
 "Density" counts weights (``count: weights``, a gate costs the weights it controls; a factorised
 component costs ``out + in``) or gates (``count: gates``: fraction of units/channels/components).
 
@@ -88,6 +97,10 @@ class L0Config(MethodConfig):
         "constant", description="constant: the gates keep gate_lr whatever Trainer's LR schedule does, so they can "
                                 "still follow the constraint late in training; trainer: they follow the schedule")
     init_drop_rate: float = Field(0.5, gt=0, lt=1, description="initial drop rate p: log_alpha ~ N(log((1-p)/p), 0.01^2)")
+    init: Literal["constant", "magnitude"] = Field(
+        "constant", description="constant: every gate from init_drop_rate (Louizos); magnitude: from the group's "
+                                "weight magnitude, for pretrained models: the largest 1 - init_drop_rate of each "
+                                "layer's weights start open (log_alpha +3, gate 1), the rest closed (-3, gate 0)")
     temperature: float = Field(hc.BETA, gt=0, le=1, description="Hard Concrete temperature beta")
     target_warmup: float = Field(0.0, ge=0, le=1, description="constrained/augmented: fraction of training over which "
                                                               "the target ramps linearly from density 1")
@@ -102,6 +115,18 @@ class L0Config(MethodConfig):
             raise ValueError("target_warmup must be <= freeze_fraction: the target must be reached "
                              "before the gates freeze")
         return self
+
+
+#: ``init: magnitude``: log_alpha of the groups that start open / closed. At +-3 the median gate is
+#: exactly 1 / 0 (its clamp is reached from +-beta*log(11) = +-1.6) and P(gate != 0) is 0.99 / 0.20.
+MAGNITUDE_LOGIT = 3.0
+
+
+def magnitude_logits(constant: torch.Tensor, keep: torch.Tensor, drop_rate: float) -> torch.Tensor:
+    """``init: magnitude``: +MAGNITUDE_LOGIT where ``keep`` (the largest groups), -MAGNITUDE_LOGIT
+    elsewhere, plus the same small N(0, 0.01^2) jitter as the constant init (``constant`` is that init)."""
+    jitter = constant - (math.log(1.0 - drop_rate) - math.log(drop_rate))
+    return jitter + torch.where(keep, MAGNITUDE_LOGIT, -MAGNITUDE_LOGIT).to(constant.dtype)
 
 
 @dataclass
@@ -182,6 +207,8 @@ class L0(SparsityMethod):
         self.budget: tuple[str, float] | None = None  # ("params" | "macs", fraction of dense)
         self.cost = None  # the CostModel of the purged model under a budget
         self.cost_names: list[str] = []  # the cost model's group name of each grid
+        if cfg.init == "magnitude":  # the model computes with the initialised gates from the start (eval_on_start)
+            self._write_eval()
 
     def set_budget(self, kind: str, fraction: float, cost, names: list[str] | None = None) -> None:
         """Constrain the expected ``kind`` ("params"/"macs") of the purged model to ``fraction`` of dense.
@@ -224,7 +251,13 @@ class L0(SparsityMethod):
         device = grid.members[0].param.device
         # drawn at the whole grid's shape: under FSDP2 each rank keeps its rows of the one-process draw
         init = sharding.local_sample(grid, lambda shape: hc.init_log_alpha(shape, self.config.init_drop_rate, gen))
-        la = nn.Parameter(init.to(device))
+        init = init.to(device)
+        if self.config.init == "magnitude":
+            with torch.no_grad():
+                keep = grid.select(grid.score([m.param.detach() for m in grid.weights], "mean"),
+                                   1.0 - self.config.init_drop_rate)
+                init = magnitude_logits(init, keep, self.config.init_drop_rate)
+        la = nn.Parameter(init)
         real = RealWeights([m.target for m in grid.members])
         if self.config.count == "gates":
             return _Gates(grid.name, la, grid, real, 1.0, float(grid.total_num))
@@ -241,7 +274,12 @@ class L0(SparsityMethod):
             Q = nn.Parameter((root[:, None] * Vh).to(t.param.dtype))
         r = S.numel()
         out, inp = t.shape
-        la = nn.Parameter(hc.init_log_alpha((r,), self.config.init_drop_rate, gen).to(t.param.device))
+        la = hc.init_log_alpha((r,), self.config.init_drop_rate, gen).to(t.param.device)
+        if self.config.init == "magnitude":  # a component's magnitude: its singular value
+            keep = torch.zeros(r, dtype=torch.bool, device=S.device)
+            keep[torch.argsort(S, descending=True, stable=True)[:round((1.0 - self.config.init_drop_rate) * r)]] = True
+            la = magnitude_logits(la, keep.to(la.device), self.config.init_drop_rate)
+        la = nn.Parameter(la)
         cost, total = (1.0, float(r)) if self.config.count == "gates" else (float(out + inp), float(out * inp))
         return _Gates(t.name, la, self.grids[self.targets.index(t)], None, cost, total, None, P, Q)
 
@@ -535,6 +573,10 @@ class L0(SparsityMethod):
         return out
 
     # -- reporting -----------------------------------------------------------------------------
+    @property
+    def target_unit(self) -> str:
+        return self.config.count
+
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
         cfg = self.config

@@ -93,3 +93,69 @@ class LinearWarmup:
         if self.steps <= 0 or step + 1 >= self.steps:
             return self.final
         return self.initial - (self.initial - self.final) * (step + 1) / self.steps
+
+
+#: Help text of the ``initial_sparsity`` parameter of gmp, gradual and dns.
+INITIAL_SPARSITY_HELP = ("one-shot start for a pretrained model: prune this fraction of the targeted weights by the "
+                         "method's own score when the method is built (before step 0 and any eval_on_start); the "
+                         "schedule then starts from it")
+
+
+def initial_sparsity_error(initial_sparsity: float, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
+    """An ``initial_sparsity`` that would leave fewer weights than the target: the schedule would have to regrow."""
+    if target_density is not None and initial_sparsity > 1.0 - target_density + 1e-9:
+        return ("params", "initial_sparsity"), (f"{initial_sparsity:g} prunes more than the target sparsity "
+                                                f"{1.0 - target_density:g}; use at most that")
+    return None
+
+
+def one_shot(method, density: float, how: str, values: list | None = None) -> None:
+    """Set a masked method's masks to keep the best ``density`` of the groups by its score ``how``
+    ("mean" or "max" of ``|w|``, of ``values`` or the weights now), per layer or over all targets as
+    its ``scope`` says. The caller then applies the masks to the weights (zeroing or writing W*T)."""
+    from .granularity import keep_top
+
+    scores = method.group_scores(how, values)
+    for mask, keep in zip(method.masks, keep_top(method.grids, scores, density, getattr(method.config, "scope", "layer"))):
+        mask.copy_(keep)
+    method.masks_changed()
+
+
+#: Help text of the ``layer_density`` parameter (filled from ``sparsity.targets.density``).
+LAYER_DENSITY_HELP = ("per-layer target densities {pattern: density}, first match wins, other layers get "
+                      "target_density; set it as sparsity.targets.density")
+
+
+def layer_densities(method, default: float | None) -> list[float] | None:
+    """Per grid, the density of the first ``layer_density`` pattern matching one of its weights, else
+    ``default``; None when the method has no per-layer densities. A pattern matching nothing is an error."""
+    spec = getattr(method.config, "layer_density", None)
+    if not spec or default is None:
+        return None
+    from .targets import pattern_matches
+
+    names = [[m.target.name for m in g.weights] for g in method.grids]
+    unmatched = [p for p in spec if not any(pattern_matches(p, n) for grid in names for n in grid)]
+    if unmatched:
+        raise ValueError(f"sparsity.targets.density pattern {unmatched[0]!r} matches no targeted weight")
+    return [float(next((v for p, v in spec.items() if any(pattern_matches(p, n) for n in grid)), default))
+            for grid in names]
+
+
+def keep_per_layer(method, scores: list, density: float, densities: list[float] | None = None) -> list:
+    """:func:`~.granularity.keep_top` at the method's scope, or each grid at its own density."""
+    from .granularity import keep_top
+
+    densities = densities or getattr(method, "layer_density", None)
+    if densities is None:
+        return keep_top(method.grids, scores, density, getattr(method.config, "scope", "layer"))
+    return [g.select(s, d) for g, s, d in zip(method.grids, scores, densities)]
+
+
+def thresholds_per_layer(method, scores: list, density: float) -> list[float]:
+    """:func:`~.granularity.thresholds` at the method's scope, or each grid at its own density."""
+    from .granularity import thresholds
+
+    if getattr(method, "layer_density", None) is None:
+        return thresholds(method.grids, scores, density, getattr(method.config, "scope", "layer"))
+    return [g.threshold(s, d) for g, s, d in zip(method.grids, scores, method.layer_density)]

@@ -260,6 +260,8 @@ AutoModelForAudioClassification.register(SpeechRNNConfig, SpeechRNNForSequenceCl
 AutoModelForCTC.register(SpeechRNNConfig, SpeechRNNForCTC)
 AutoFeatureExtractor.register(SpeechRNNConfig, SpeechRNNFeatureExtractor)
 
+from . import speech_processor  # noqa: E402,F401  (registers SpeechRNNProcessor with AutoProcessor)
+
 
 @register_model("speech_rnn")
 def speech_rnn(config: dict, data) -> SpeechRNNPreTrainedModel:

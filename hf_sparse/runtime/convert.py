@@ -9,10 +9,12 @@ every decision, conversions and fallbacks alike, is logged with its reason and k
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -53,55 +55,127 @@ def _rnn_choices(rnn: nn.RNNBase, threshold: float) -> tuple[dict[str, FormatCho
     return choices, None
 
 
+#: Time steps of the input a recurrent layer is timed on (its whole loop, input projections included).
+TIMING_STEPS = 16
+
+
 def _measured_gain(dense_fn, sparse_fn) -> float:
-    """Batch-1 speed-up of a sparse kernel over the dense product, from a few ms of paired timing."""
+    """Speed-up of the sparse layer over the dense one, from a few ms of paired timing (median ratio)."""
     from .speed import paired_timing
 
     with torch.no_grad():
-        return paired_timing(dense_fn, sparse_fn, budget_s=0.02, min_pairs=7, warmup=1)["speedup"]
+        return paired_timing(dense_fn, sparse_fn, budget_s=0.03, min_pairs=7, warmup=1)["speedup"]
 
 
-def _linear_gain(dense: nn.Linear, sparse: nn.Module) -> float:
-    x = torch.randn(1, dense.in_features)
-    return _measured_gain(lambda: dense(x), lambda: sparse(x))
+def _layer_input(module: nn.Module, batch: int) -> torch.Tensor:
+    """A random input of ``batch`` rows as the layer runs: (batch, in) for a Linear, ``TIMING_STEPS``
+    frames of (batch, input_size) for a GRU/LSTM (in its own ``batch_first`` layout)."""
+    gen = torch.Generator().manual_seed(batch)
+    if isinstance(module, nn.Linear):
+        return torch.randn(batch, module.in_features, generator=gen)
+    shape = (batch, TIMING_STEPS) if module.batch_first else (TIMING_STEPS, batch)
+    return torch.randn(*shape, module.input_size, generator=gen)
 
 
-def _recurrent_gain(rnn: nn.RNNBase, sparse: nn.Module) -> float:
-    """The recurrent product alone (the step loop around it costs the same either way)."""
-    from . import kernels
+def measure_layer(dense: nn.Module, sparse: nn.Module, batch_sizes: Sequence[int]) -> dict[int, float]:
+    """Batch size -> speed-up of ``sparse`` over ``dense``, each timed whole as it runs (a Linear on a
+    batch; a GRU/LSTM over ``TIMING_STEPS`` frames: input projections, the recurrent loop and the gate
+    arithmetic), the two interleaved call by call on the same input."""
+    gains = {}
+    for batch in batch_sizes:
+        x = _layer_input(dense, int(batch))
+        gains[int(batch)] = _measured_gain(lambda x=x: dense(x), lambda x=x: sparse(x))
+    return gains
 
-    w = rnn.weight_hh_l0.detach()
-    h = torch.randn(1, rnn.hidden_size)
-    rec = sparse.cells[0][1]
-    ht, y = h.numpy().T.copy(), np.empty((w.shape[0], 1), np.float32)
-    return _measured_gain(lambda: torch.nn.functional.linear(h, w),
-                          lambda: kernels.spmm(rec.block, rec.indptr, rec.indices, rec.data, ht, y))
+
+def _measured_text(gains: Mapping[int, float]) -> str:
+    return ", ".join(f"{g:.2f}x at batch {b}" for b, g in gains.items())
+
+
+def _block_of(fmt: str) -> int:
+    """``csr`` -> 1, ``bsrBxB`` -> B, ``dense`` -> 0 (the storage names the report uses)."""
+    if fmt == "csr":
+        return 1
+    if fmt.startswith("bsr"):
+        return int(fmt[3:].partition("x")[0])
+    if fmt == "dense":
+        return 0
+    raise ValueError(f"unknown runtime format {fmt!r} (csr, bsrBxB or dense)")
+
+
+def load_decisions(decisions: Mapping[str, Any] | str | Path) -> dict[str, dict[str, Any]]:
+    """Decisions as :func:`to_sparse_runtime` records them (``model.sparse_runtime_decisions``), from a
+    mapping or a JSON file: layer name -> ``{"converted": bool, "formats": {weight: format}}``."""
+    if isinstance(decisions, (str, Path)):
+        decisions = json.loads(Path(decisions).read_text())
+    out = {}
+    for name, d in dict(decisions).items():
+        if not isinstance(d, Mapping) or not isinstance(d.get("converted"), bool):
+            raise ValueError(f"runtime decision for {name!r} must be a mapping with a boolean 'converted'")
+        out[str(name)] = {"converted": d["converted"], "formats": dict(d.get("formats") or {}),
+                          **({"measured": dict(d["measured"])} if d.get("measured") else {})}
+    return out
 
 
 def _record(report: list[dict[str, Any]], name: str, kind: str, converted: bool, formats: dict[str, str],
-            density: float, reason: str) -> None:
+            density: float, reason: str, measured: Mapping[int, float] | None = None) -> None:
     entry = {"layer": name, "type": kind, "converted": converted, "formats": formats,
              "density": round(density, 6), "reason": reason}
+    if measured:
+        entry["measured"] = {str(b): round(g, 3) for b, g in measured.items()}
     report.append(entry)
     logger.info("%s %s (%s): %s", "sparse" if converted else "dense fallback", name or "<model>", kind, reason)
 
 
+def _candidate(module: nn.Module, kind: str, threshold: float) -> tuple[dict[str, int] | None, dict[str, str], str]:
+    """(block per weight, or None when the layer stays dense; formats; the reason) from the zeros alone."""
+    if kind == "Linear":
+        choice = choose_format(module.weight.detach(), threshold)
+        return ({"weight": choice.block} if choice.block else None), {"weight": choice.format}, choice.reason
+    choices, why_dense = _rnn_choices(module, threshold)
+    formats = {n: c.format for n, c in choices.items()}
+    if why_dense:
+        return None, formats, why_dense
+    hh = "weight_hh " + ", ".join(f"{c.format} at density {c.density:.3f} (est. {c.estimated_speedup:.1f}x)"
+                                  for n, c in choices.items() if n.startswith("weight_hh"))
+    return {n: c.block for n, c in choices.items()}, formats, hh
+
+
+def _build(module: nn.Module, kind: str, blocks: Mapping[str, int]) -> nn.Module:
+    from .layers import SparseLinear, SparseRNN
+
+    if kind == "Linear":
+        return SparseLinear(module, blocks["weight"]).eval()
+    return SparseRNN(module, dict(blocks)).eval()
+
+
 def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, inplace: bool = False,
-                      calibrate: bool = True) -> nn.Module:
+                      calibrate: bool = True, batch_sizes: Sequence[int] = (1,),
+                      decisions: Mapping[str, Any] | str | Path | None = None) -> nn.Module:
     """Return ``model`` (a copy unless ``inplace``) in eval mode with its sparse layers on sparse kernels.
 
     Every ``nn.Linear`` whose weight density is at most ``threshold``, and every ``nn.GRU``/``nn.LSTM``
-    whose recurrent weights are, becomes a :class:`SparseLinear`/:class:`SparseRNN` when the measured
-    cost model says the sparse kernel is faster and, with ``calibrate``, a few milliseconds of paired
-    timing at batch 1 confirm it (small layers lose to dense: a kernel call costs ~10 us of fixed
-    overhead, and small dense weights sit in cache); the rest stay dense, each with a logged reason.
-    Inference only: the converted modules run without autograd on CPU float32.
-    """
-    from .layers import SparseLinear, SparseRNN
+    whose recurrent weights are, is a candidate when the cost model (read from the zeros) expects the
+    sparse kernels to be faster. With ``calibrate`` (the default) each candidate is then timed whole,
+    as it runs, against its dense form at every batch size in ``batch_sizes`` (a Linear on a batch; a
+    recurrent layer over ``TIMING_STEPS`` frames: input projections, loop and gate arithmetic), and is
+    converted only where it is faster at all of them; the measured ratios are logged and kept per
+    layer (``measured``). Small, cache-resident layers and large batches, where dense BLAS wins, stay
+    dense with that figure as their reason. ``calibrate=False`` converts every candidate untimed.
 
+    ``decisions`` (a mapping, or a JSON file of one, as ``model.sparse_runtime_decisions`` records:
+    layer -> ``{"converted": bool, "formats": {weight: "csr" | "bsrBxB" | "dense"}}``) reproduces a
+    conversion without timing; layers it does not name stay dense. Every decision is logged with its
+    reason and kept in ``model.sparse_runtime_report``. Inference only: the converted modules run
+    without autograd on CPU float32.
+    """
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    batch_sizes = tuple(int(b) for b in batch_sizes)
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes}")
+    given = load_decisions(decisions) if decisions is not None else None
     report: list[dict[str, Any]] = []
     missing = kernels_available()
     replacements: list[tuple[str, nn.Module]] = []
@@ -118,37 +192,34 @@ def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *,
         if why_not:
             _record(report, name, kind, False, {}, density, why_not)
             continue
-        if kind == "Linear":
-            choice = choose_format(module.weight.detach(), threshold)
-            if choice.block == 0:
-                _record(report, name, kind, False, {"weight": "dense"}, density, choice.reason)
+        if given is not None:
+            decided = given.get(name)
+            if decided is None or not decided["converted"]:
+                _record(report, name, kind, False, (decided or {}).get("formats", {}), density,
+                        "dense by the given decisions" + ("" if decided else " (layer not named)"),
+                        {int(b): g for b, g in (decided or {}).get("measured", {}).items()})
                 continue
-            new = SparseLinear(module, choice.block).eval()
-            gain = _linear_gain(module, new) if calibrate else None
-            if gain is not None and gain < 1.0:
-                _record(report, name, kind, False, {"weight": "dense"}, density,
-                        f"{choice.format} measured {gain:.2f}x dense at batch 1 (slower)")
-                continue
+            blocks = {w: _block_of(f) for w, f in decided["formats"].items()}
+            new = _build(module, kind, blocks)
             replacements.append((name, new))
-            _record(report, name, kind, True, {"weight": choice.format}, density,
-                    choice.reason + ("" if gain is None else f", measured {gain:.2f}x at batch 1"))
+            _record(report, name, kind, True, decided["formats"], density, "converted by the given decisions",
+                    {int(b): g for b, g in decided.get("measured", {}).items()})
             continue
-        choices, why_dense = _rnn_choices(module, threshold)
-        formats = {n: c.format for n, c in choices.items()}
-        if why_dense:
-            _record(report, name, kind, False, formats, density, why_dense)
+        blocks, formats, reason = _candidate(module, kind, threshold)
+        if blocks is None:
+            _record(report, name, kind, False, formats, density, reason)
             continue
-        new = SparseRNN(module, {n: c.block for n, c in choices.items()}).eval()
-        gain = _recurrent_gain(module, new) if calibrate else None
-        hh = "weight_hh " + ", ".join(f"{c.format} at density {c.density:.3f} (est. {c.estimated_speedup:.1f}x)"
-                                      for n, c in choices.items() if n.startswith("weight_hh"))
-        if gain is not None and gain < 1.0:
-            _record(report, name, kind, False, formats, density,
-                    f"{hh}; weight_hh_l0 product measured {gain:.2f}x dense at batch 1 (slower)")
+        new = _build(module, kind, blocks)
+        gains = measure_layer(module, new, batch_sizes) if calibrate else None
+        if gains is not None and min(gains.values()) < 1.0:
+            slower = [b for b, g in gains.items() if g < 1.0]
+            _record(report, name, kind, False, {w: "dense" for w in formats}, density,
+                    f"{reason}; whole layer measured {_measured_text(gains)} (slower at batch "
+                    f"{', '.join(map(str, slower))})", gains)
             continue
         replacements.append((name, new))
         _record(report, name, kind, True, formats, density,
-                hh + ("" if gain is None else f"; weight_hh_l0 product measured {gain:.2f}x at batch 1"))
+                reason + ("" if gains is None else f"; whole layer measured {_measured_text(gains)}"), gains)
     for name, new in replacements:
         if not name:
             model = new
@@ -157,4 +228,7 @@ def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *,
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.eval()
     model.sparse_runtime_report = report
+    model.sparse_runtime_decisions = {e["layer"]: {"converted": e["converted"], "formats": e["formats"],
+                                                   **({"measured": e["measured"]} if "measured" in e else {})}
+                                      for e in report}
     return model

@@ -72,8 +72,11 @@ def checkpoint_speed(model: nn.Module, *, budget_s: float = 0.3) -> dict[str, An
     """What a checkpoint's card states about speed: the runtime's batch-1 CPU speed-up, or why none.
 
     Measured only when the runtime converts at least one layer (the density makes it worthwhile and
-    its kernels beat dense at batch 1) and a batch-1 input can be built from the model's config;
-    otherwise the reason, with each layer's own measured figure, is recorded instead.
+    the layer, timed whole at batch 1, beats its dense form) and a batch-1 input can be built from the
+    model's config; otherwise the reason, with each layer's own measured figure, is recorded instead.
+    The per-layer figures that decided the conversion (``layer_speedups``) and the decisions
+    themselves (``decisions``: ``to_sparse_runtime(..., decisions=...)`` reproduces the conversion)
+    are recorded beside the end-to-end figure.
     """
     from .convert import to_sparse_runtime
 
@@ -82,6 +85,7 @@ def checkpoint_speed(model: nn.Module, *, budget_s: float = 0.3) -> dict[str, An
     except Exception as e:  # the card must not cost the checkpoint: record why, never raise
         return {"measured": False, "reason": f"conversion failed: {type(e).__name__}: {e}"}
     converted = [e for e in runtime.sparse_runtime_report if e["converted"]]
+    layers = {e["layer"]: e["measured"] for e in runtime.sparse_runtime_report if e.get("measured")}
     if not converted:
         reasons = "; ".join(f"{e['layer']}: {e['reason']}" for e in runtime.sparse_runtime_report[:4])
         return {"measured": False, "reason": "the runtime keeps every layer dense" + (f" ({reasons})" if reasons else "")}
@@ -96,7 +100,8 @@ def checkpoint_speed(model: nn.Module, *, budget_s: float = 0.3) -> dict[str, An
     finally:
         model.train(was_training)
     formats = sorted({f for e in converted for f in e["formats"].values() if f != "dense"})
-    return {"measured": True, **result, "converted_layers": [e["layer"] for e in converted], "formats": formats}
+    return {"measured": True, **result, "converted_layers": [e["layer"] for e in converted], "formats": formats,
+            "layer_speedups": layers, "decisions": runtime.sparse_runtime_decisions}
 
 
 def speed_sentence(speed: dict[str, Any] | None) -> str | None:
@@ -110,4 +115,7 @@ def speed_sentence(speed: dict[str, Any] | None) -> str | None:
             f"layer(s)) this model ran **{speed['speedup']:.2f}×** the speed of its dense form: "
             f"{speed['runtime_ms']:.3f} ms vs {speed['dense_ms']:.3f} ms per batch-1 forward on {shapes} "
             f"(CPU, {speed['dtype']}, {speed['threads']} thread(s), torch {speed['torch']}; median of "
-            f"{speed['pairs']} interleaved pairs, measured when the checkpoint was saved).")
+            f"{speed['pairs']} interleaved pairs, measured when the checkpoint was saved)."
+            + (" Each layer timed whole against its dense form at batch 1 (converted where faster): "
+               + ", ".join(f"`{name}` {g['1']:.2f}×" for name, g in speed["layer_speedups"].items() if "1" in g)
+               + "." if speed.get("layer_speedups") else ""))

@@ -38,8 +38,12 @@ that *produce* the channel (zeroing them zeroes the channel) and ``"in"`` for th
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
 import logging
+import signal
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -122,6 +126,11 @@ def stem_module(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if isinstance(m, _CONV)), None)
 
 
+def _ancestors_and_self(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:i]) for i in range(len(parts) + 1)]
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") or name == p for p in patterns)
 
@@ -171,6 +180,22 @@ def _head_group(model: nn.Module, name: str, qkv: list[str], proj: str, heads: i
 # -- DepGraph groups -> our slices ----------------------------------------------------------------------------
 
 
+class GroupList(list):
+    """:func:`find_groups`' answer: the groups, and ``dropped`` (group name -> why it was left out by
+    the exactness probe), so a refusal can name them."""
+
+    dropped: dict[str, str]
+
+    def __init__(self, groups: Iterable[ChannelGroup] = (), dropped: Mapping[str, str] | None = None):
+        super().__init__(groups)
+        self.dropped = dict(dropped or {})
+
+    def dropped_text(self, limit: int = 3) -> str:
+        """``name (why); ...`` of the first ``limit`` dropped groups."""
+        items = list(self.dropped.items())
+        return "; ".join(f"{n} ({why})" for n, why in items[:limit]) + (" ..." if len(items) > limit else "")
+
+
 class GroupError(ValueError):
     """A model whose channel groups cannot be found (its forward pass cannot be traced)."""
 
@@ -214,6 +239,15 @@ def _module_slices(name: str, m: nn.Module, is_out: bool, index: torch.Tensor) -
     raise _Skip(f"{name} ({type(m).__name__}) holds tensors we do not know how to slice")
 
 
+def _check_positions(s: Slice, tensor: torch.Tensor) -> None:
+    """A slice must name distinct positions inside its tensor's dim (DepGraph can couple a tensor by a
+    dim it does not own: a relative-position bias table's heads with the value channels)."""
+    size = int(tensor.shape[s.dim])
+    if int(s.index.max()) >= size or s.index.numel() > size or len(s.index.flatten().unique()) != s.index.numel():
+        raise _Skip(f"{s.tensor} ({size} positions along dim {s.dim}) cannot hold {s.index.shape[0]} channels "
+                    f"x {s.index.shape[1]} positions")
+
+
 def _convert(dg, group, names: Mapping[nn.Module, str], param_names: Mapping[nn.Parameter, str],
              param_dims: Mapping[int, int]) -> ChannelGroup:
     root = group[0]
@@ -236,6 +270,7 @@ def _convert(dg, group, names: Mapping[nn.Module, str], param_names: Mapping[nn.
         else:
             continue  # a tensor operation DepGraph wraps (add, cat, reshape): its index mapping already ran
         for s in found:
+            _check_positions(s, target if isinstance(target, nn.Parameter) else getattr(target, s.tensor.rpartition(".")[2]))
             slices.setdefault((s.tensor, s.dim), s)
     root_name = names.get(root.dep.target.module) or param_names.get(root.dep.target.module, "group")
     return ChannelGroup(root_name, channels, list(slices.values()))
@@ -278,16 +313,69 @@ def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Ma
     return groups
 
 
+#: Longest :func:`find_groups` may take (tracing plus the exactness probe), in seconds of CPU time.
+DISCOVERY_SECONDS = 30.0
+
+
+class _TimeUp(BaseException):
+    """Raised by the discovery alarm (a BaseException, so no ``except Exception`` on the way swallows it)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None):
+    """Raise :class:`_TimeUp` in this block after ``seconds`` of the process's CPU time (main thread,
+    POSIX; elsewhere no limit). CPU time, not wall time: other jobs on a busy machine do not count.
+
+    DepGraph is pure Python, so the alarm interrupts it wherever it is; a profiling timer already set
+    by the caller is left alone (no limit then)."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread()
+              and signal.getitimer(signal.ITIMER_PROF)[0] == 0)
+    if not usable:
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _TimeUp()
+
+    previous = signal.signal(signal.SIGPROF, on_alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
 def find_groups(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None, *,
-                exclude: Iterable[str] = (), keep_stem: bool = True) -> list[ChannelGroup]:
+                exclude: Iterable[str] = (), keep_stem: bool = True, verify: bool = True,
+                time_limit: float | None = DISCOVERY_SECONDS) -> GroupList:
     """The channel groups of ``model`` that can be removed exactly, found on one example input.
 
     ``inputs`` defaults to :func:`hf_sparse.structure.purge.example_inputs`. Modules matching an
     ``exclude`` pattern (fnmatch, or a module name prefix) keep their width: no group writes them.
     The output head never loses outputs; with ``keep_stem`` the first convolution keeps its outputs
     too. Models with GRU/LSTM layers get their hidden units (recurrent groups) only.
+
+    With ``verify`` every group is proven on ``inputs`` before it is returned: a copy with half of
+    each group's channels zeroed is purged and must give the zeroed model's outputs; groups whose
+    purge fails or differs are left out with a logged reason (:func:`verify_groups`), so a run never
+    trains channels that its export would refuse to remove. Discovery stops after ``time_limit``
+    seconds of CPU time with a :class:`GroupError` (None: no limit).
     """
-    exclude = list(exclude)
+    try:
+        with _time_limit(time_limit):
+            groups = GroupList(_find_groups(model, inputs, list(exclude), keep_stem))
+            if verify and groups:
+                groups = verify_groups(model, groups, inputs)
+    except _TimeUp:
+        raise GroupError(f"finding the channel groups of {type(model).__name__} took longer than {time_limit:g} s "
+                         "of CPU time (the limit); exclude the modules that make its graph large (sparsity.targets.exclude) "
+                         "or use granularity channel") from None
+    return groups
+
+
+def _find_groups(model: nn.Module, inputs, exclude: list[str], keep_stem: bool) -> list[ChannelGroup]:
     if any(isinstance(m, (nn.GRU, nn.LSTM)) for m in model.modules()):
         from .recurrent import recurrent_groups
 
@@ -316,4 +404,94 @@ def find_groups(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tens
     return groups
 
 
-__all__ = ["ChannelGroup", "GroupError", "Slice", "find_groups", "head_module", "stem_module"]
+@torch.no_grad()
+def verify_groups(model: nn.Module, groups: list[ChannelGroup],
+                  inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> GroupList:
+    """The groups whose removal is exact on ``inputs``; the others are logged (warning) and left out.
+
+    A copy of ``model`` gets its parameters perturbed (so values that are zero at initialisation,
+    such as an activation's bias, behave as trained ones) and every other channel of each group
+    zeroed (what a structured run's masks leave); purging a subset of the groups from a further copy must then give that copy's outputs
+    (within :func:`~hf_sparse.structure.purge.purge_tolerance`).
+    All groups are tried at once; when that fails, the set is halved until each failing group is
+    found alone (a few purges per failing group), and the rest is tried again together.
+    """
+    from ..config.recipe import first_line
+    from .purge import mask_channels, output_tensor, purge_model, purge_tolerance
+
+    if inputs is None:
+        from .purge import example_inputs
+
+        inputs = example_inputs(model)
+    was_training = model.training
+    masked = copy.deepcopy(model).eval()
+    model.train(was_training)
+    gen = torch.Generator().manual_seed(0)
+    for p in masked.parameters():  # trained values, not init ones: a zero-initialised activation bias
+        if p.is_floating_point():  # or layer scale hides a channel that would not emit zero once trained
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p)
+            p.add_(noise * 0.1 * (float(p.detach().abs().float().mean()) + 0.1))
+    keep = {g.name: torch.arange(0, g.channels, 2) for g in groups}
+    mask_channels(masked, groups, keep)
+    reference = output_tensor(masked, inputs)
+    tolerance = purge_tolerance(reference)
+
+    recurrent = any(isinstance(m, nn.RNNBase) for m in masked.modules())  # their purge pads in place
+    modules = dict(masked.named_modules())
+
+    def problem(subset: list[ChannelGroup]) -> str | None:
+        if recurrent:
+            small, saved = copy.deepcopy(masked), None
+        else:  # purge in place, then put back the touched modules' attributes and tensors (a purge replaces
+            small = masked  # tensors, never writes into them): far cheaper than copying a large model
+            touched = {a for g in subset for s in g.slices for n in (s.module, s.tensor.rpartition(".")[0])
+                       for a in _ancestors_and_self(n)}
+            saved = {n: (dict(modules[n].__dict__), dict(modules[n]._parameters), dict(modules[n]._buffers))
+                     for n in touched if n in modules}
+        try:
+            purge_model(small, subset, {g.name: keep[g.name] for g in subset})
+            diff = float((output_tensor(small, inputs) - reference).abs().max())
+        except Exception as e:  # noqa: BLE001 - any failure to purge or to run the purged copy
+            return f"purging it fails ({type(e).__name__}: {first_line(e)})"
+        finally:
+            for n, (attrs, params, buffers) in (saved or {}).items():
+                m = modules[n]
+                m.__dict__.clear()
+                m.__dict__.update(attrs)
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+        return None if diff <= tolerance else f"its purge changes the outputs by {diff:.3g} (max abs)"
+
+    dropped: dict[str, str] = {}
+
+    def bad_ones(subset: list[ChannelGroup], why: str) -> list[ChannelGroup]:
+        """Failing members of ``subset`` (which fails with ``why``), by halving."""
+        if len(subset) == 1:
+            dropped[subset[0].name] = why
+            return subset
+        first, second = subset[: len(subset) // 2], subset[len(subset) // 2:]
+        if (reason := problem(first)) is None:
+            return bad_ones(second, why)  # the failure is in the second half (the caller checks again)
+        found = bad_ones(first, reason)
+        if (reason := problem(second)) is not None:
+            found += bad_ones(second, reason)
+        return found
+
+    candidates = list(groups)
+    while candidates and (why := problem(candidates)) is not None:
+        bad = {id(g) for g in bad_ones(candidates, why)}
+        for g in candidates:
+            if id(g) in bad:
+                dropped.setdefault(g.name, "removed together with other groups, the outputs change")
+        candidates = [g for g in candidates if id(g) not in bad]
+    found = GroupList(candidates, dropped)
+    if dropped:
+        logger.warning("%d of %d channel groups of %s left out (not removable exactly): %s", len(dropped),
+                       len(groups), type(model).__name__, found.dropped_text())
+    return found
+
+
+__all__ = ["DISCOVERY_SECONDS", "ChannelGroup", "GroupError", "GroupList", "Slice", "find_groups", "head_module", "stem_module",
+           "verify_groups"]

@@ -419,7 +419,8 @@ def plan_params(plan: Mapping[str, Any], model: nn.Module) -> int:
 def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     """One small input the model accepts, for tracing its groups and counting MACs.
 
-    timm: ``(1, in_chans, H, W)`` at the model's fixed image size (ViT-like), else 64x64 (a CNN takes
+    timm: ``(1, in_chans, H, W)`` at the model's fixed image size (ViT-like, or ``pretrained_cfg``'s
+    ``fixed_input_size``), else 64x64 (a CNN takes
     any size; removing channels never changes output positions, so MAC fractions do not depend on
     it much). transformers vision models: ``pixel_values`` at ``config.image_size``; speech models:
     50 frames of ``num_mel_bins`` features.
@@ -430,6 +431,9 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_mel_bins"):
         return {"input_features": torch.randn(1, 50, int(config.num_mel_bins), generator=gen)}
+    if config is not None and not hasattr(config, "image_size") and hasattr(getattr(config, "vision_config", None),
+                                                                           "image_size"):
+        config = config.vision_config  # a vision tower's classifier (CLIP, SigLIP): its tower's input
     if config is not None and hasattr(config, "image_size"):
         size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         return {"pixel_values": torch.randn(1, int(getattr(config, "num_channels", 3)), int(size), int(size),
@@ -437,8 +441,11 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     chans = first.in_channels if first is not None else 3
     size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
     if size is not None and getattr(model.patch_embed, "strict_img_size", True):
         h, w = (size, size) if isinstance(size, int) else size
+    elif cfg.get("fixed_input_size") and len(cfg.get("input_size") or ()) == 3:  # timm: this size only
+        h, w = cfg["input_size"][1:]
     else:
         h = w = 64
     return torch.randn(1, chans, int(h), int(w), generator=gen)
@@ -489,8 +496,34 @@ def uniform_config(model: nn.Module) -> dict[str, Any] | None:
     return changes if want == got else None
 
 
-#: Largest max-abs output difference accepted between the gated model and its purged copy (fp32).
+#: Largest max-abs output difference accepted between the gated model and its purged copy (fp32),
+#: for outputs up to 1 in size; larger outputs scale it (see :func:`purge_tolerance`).
 PURGE_TOLERANCE = 1e-5
+
+
+def purge_tolerance(reference: torch.Tensor) -> float:
+    """The accepted max-abs difference from ``reference`` outputs: ``PURGE_TOLERANCE`` times the largest
+    output when that exceeds 1 (float32 sums in another order differ relative to their size)."""
+    return PURGE_TOLERANCE * max(1.0, float(reference.abs().max()))
+
+#: A purge that removes less than this fraction of the parameters leaves a file about as large as the
+#: dense one: the zeros of unstructured (or block, N:M) sparsity sit inside channels that stay.
+PURGE_HINT_FRACTION = 0.05
+
+
+def purge_summary(params: Mapping[str, Any]) -> str:
+    """One line on what a purge removed (``params``: ``dense`` and ``purged`` parameter counts), naming
+    ``bitmask`` when it removed under :data:`PURGE_HINT_FRACTION`: a purge removes whole channels only,
+    so on an unstructured run it writes a dense-size file while bitmask stores only the nonzeros."""
+    dense, purged = int(params["dense"]), int(params["purged"])
+    removed = dense - purged
+    fraction = removed / max(dense, 1)
+    line = f"purge removed {removed:,} of {dense:,} parameters ({fraction:.1%})"
+    if fraction < PURGE_HINT_FRACTION:
+        line += ("; a purge removes whole channels only, and this model's zeros are mostly inside channels "
+                 "that stay: for unstructured sparsity use format bitmask (--format bitmask), which stores only the nonzeros")
+    return line
+
 
 
 @torch.no_grad()
@@ -534,9 +567,9 @@ def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
         dense_params, dense_macs = count_params(model), count_macs(model, inputs).total
         plan = purge_model(small, groups, keep)
         diff = float((output_tensor(small, inputs) - reference).abs().max())
-        if not diff <= PURGE_TOLERANCE:
+        if not diff <= (tolerance := purge_tolerance(reference)):
             raise PurgeError(f"the purged {type(model).__name__} differs from the gated one by {diff:.3g} (max abs) on "
-                             f"an example input, above {PURGE_TOLERANCE:g}; refusing to save a wrong model")
+                             f"an example input, above {tolerance:.3g}; refusing to save a wrong model")
         params, macs = count_params(small), count_macs(small, inputs).total
     finally:
         model.train(was_training)
@@ -556,6 +589,6 @@ def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
     return small, info
 
 
-__all__ = ["PURGE_TOLERANCE", "PurgeError", "PurgeRule", "keep_by_magnitude", "mask_channels", "plan_params", "purge_model",
-           "purge_copy", "register_purge_rule", "resize_to_plan", "rule_for", "uniform_config", "zero_channels",
+__all__ = ["PURGE_HINT_FRACTION", "PURGE_TOLERANCE", "PurgeError", "PurgeRule", "keep_by_magnitude", "mask_channels", "plan_params", "purge_model",
+           "purge_copy", "purge_summary", "purge_tolerance", "register_purge_rule", "resize_to_plan", "rule_for", "uniform_config", "zero_channels",
            "example_inputs"]

@@ -32,6 +32,7 @@ class SparsityReport(BaseModel):
 
     method: str = "none"
     target_density: float | None = None
+    target_unit: str = Field("weights", description="what target_density counts: weights, or gates (L0 count: gates)")
     achieved_density: float = 1.0
     model_density: float | None = Field(None, description="nonzero fraction of all parameters")
     granularity: str = "unstructured"
@@ -42,7 +43,7 @@ class SparsityReport(BaseModel):
 
     def results_fields(self) -> dict[str, Any]:
         """The sparsity part of ``results.json`` (per-layer figures as plain densities)."""
-        return {"method": self.method, "target_density": self.target_density,
+        return {"method": self.method, "target_density": self.target_density, "target_unit": self.target_unit,
                 "achieved_density": self.achieved_density, "model_density": self.model_density,
                 "granularity": self.granularity,
                 "per_layer": {name: v.density for name, v in self.per_layer.items()},

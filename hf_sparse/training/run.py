@@ -26,11 +26,12 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from .. import __version__
-from ..config.recipe import Recipe, RecipeError
+from ..config.recipe import Recipe, RecipeError, RecipeWarning
 from ..data import DataBundle, DataError, load_data
 from ..methods.granularity import target_problem
 from ..methods.targets import TargetSpec, resolve_targets, unmatched_patterns
 from ..models import build_model, forward_problem
+from ..models.build import PretrainedError
 from .report import SparsityReport
 from .sparsifier import dense_report
 
@@ -44,6 +45,7 @@ class PreparedRun:
     data: DataBundle
     model: nn.Module
     args: TrainingArguments
+    teacher: nn.Module | None = None  # the loaded distillation teacher (None: none, or ``self``)
 
 
 def launched_processes() -> int:
@@ -97,6 +99,7 @@ def _check_training_values(recipe: Recipe, args: TrainingArguments, train_size: 
 
     if not args.learning_rate > 0:
         raise bad("learning_rate", f"must be a positive number, got {args.learning_rate!r}")
+    _check_trainer_only_values(recipe, args)
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, key)
         if not 1 <= value <= MAX_BATCH:
@@ -107,17 +110,73 @@ def _check_training_values(recipe: Recipe, args: TrainingArguments, train_size: 
         return
     if not args.num_train_epochs > 0:
         raise bad("num_train_epochs", f"must be positive (or set max_steps), got {args.num_train_epochs!r}")
-    batches = math.ceil(train_size / (args.per_device_train_batch_size * max(args.world_size, 1)))
-    steps = args.num_train_epochs * max(batches // args.gradient_accumulation_steps, 1)
+    steps = optimizer_steps(args, train_size)
     if steps > MAX_STEPS:
         raise bad("num_train_epochs", f"{args.num_train_epochs!r} epochs are {steps:.3g} optimizer steps; "
                                       f"at most {MAX_STEPS} are allowed")
+
+
+def optimizer_steps(args: TrainingArguments, train_size: int) -> float:
+    """The optimizer steps the run will take (``max_steps``, else the epochs' worth)."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(train_size / (args.per_device_train_batch_size * max(args.world_size, 1)))
+    return args.num_train_epochs * max(batches // args.gradient_accumulation_steps, 1)
+
+
+#: Method parameters that name the step a method starts acting at (the papers' names included).
+START_KEYS = ("start_step", "start_itr", "start_iter")
+
+
+def _check_method_can_act(recipe: Recipe, model: nn.Module, args: TrainingArguments, train_size: int) -> None:
+    """A method that would never act, or would remove every weight, is a recipe error, not a
+    model labelled sparse: a schedule starting after the last step leaves it dense; a block bigger
+    than a layer makes the layer one block, which a density below 1 prunes whole."""
+    sparsity = recipe.sparsity
+    steps = optimizer_steps(args, train_size)
+    for key in START_KEYS:
+        start = (sparsity.params or {}).get(key)
+        if isinstance(start, (int, float)) and not isinstance(start, bool) and start >= steps:
+            raise recipe.error(("sparsity", "params", key), f"{start!r} is at or after the run's end ({steps:g} "
+                                                            "optimizer steps): the method would never act and the "
+                                                            "model would stay dense")
+    spec = sparsity.granularity_spec()
+    density = sparsity.target_density
+    if spec.kind == "block" and density is not None and density < 1:
+        r, c = spec.block
+        for t in resolve_targets(model, TargetSpec(**sparsity.targets.model_dump())):
+            rows, cols = t.shape[0], math.prod(t.shape[1:])
+            blocks = math.ceil(rows / r) * math.ceil(cols / c)
+            if round(density * blocks) == 0:
+                raise recipe.error(("sparsity", "block_shape"),
+                                   f"{r}x{c} blocks cut {t.name} ({rows}x{cols}) into {blocks} block(s), and a "
+                                   f"density of {density!r} keeps none of them: the layer would be all zeros; "
+                                   "use smaller blocks")
+
+
+def _check_trainer_only_values(recipe: Recipe, args: TrainingArguments) -> None:
+    """Values TrainingArguments accepts and only Trainer (after the run directory exists) refuses."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    unknown = [r for r in args.report_to or [] if r not in INTEGRATION_TO_CALLBACK and r not in ("none", "all")]
+    if unknown:
+        raise recipe.error(("training", "report_to"), f"unknown logging integration {unknown[0]!r}; known: "
+                                                      f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, all, none")
+    if args.dataloader_num_workers < 0:
+        raise recipe.error(("training", "dataloader_num_workers"),
+                           f"must be 0 or more, got {args.dataloader_num_workers!r}")
+    if args.push_to_hub:
+        raise recipe.error(("training", "push_to_hub"), "Trainer's own push would bypass hf_sparse's checkpoint "
+                                                        "and Hub handling; set export.push_to_hub: true and "
+                                                        "export.hub_model_id instead")
 
 
 def _build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     """build_model, with any failure located at the ``model.config``/``model.kwargs`` key that causes it."""
     try:
         model = build_model(recipe.model, data)
+    except PretrainedError as e:
+        raise recipe.error(("model", e.key), str(e)) from None
     except Exception as e:  # noqa: BLE001 - TypeError/RuntimeError/... from model code are recipe errors
         message = f"cannot build the model: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         raise recipe.error(_culprit(recipe, data, str(e)), message) from None
@@ -143,7 +202,7 @@ def _culprit(recipe: Recipe, data: DataBundle, message: str) -> tuple:
             build_model(recipe.model.model_copy(update=alone), data)
         except Exception:  # noqa: BLE001
             return ("model", section, key)
-    return ("model", "config") if options else ("model", "name")
+    return ("model", "config") if options else ("model", "path" if recipe.model.path else "name")
 
 
 def _config_keys(config_class: type) -> set[str]:
@@ -203,6 +262,8 @@ def _check_targets(recipe: Recipe, model: nn.Module, data: DataBundle | None = N
 
 def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
     """Build data, model and arguments; raise RecipeError (located in the recipe) on any bad input."""
+    for notice in recipe.notices():  # settings that run but do not do what they promise
+        warnings.warn(notice, RecipeWarning, stacklevel=2)
     args = training_arguments(recipe, output_dir)
     data_field = "hub_id" if recipe.data.hub_id else "path" if recipe.data.path else "name"
     try:
@@ -233,7 +294,20 @@ def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
         if problem := target_problem(resolve_targets(model, spec), recipe.sparsity.granularity_spec()):
             raise recipe.error(("sparsity", "granularity"), problem)
         _check_targets(recipe, model, data)
-    return PreparedRun(recipe, data, model, args)
+        _check_method_can_act(recipe, model, args, len(data.train))
+    teacher = _check_distillation(recipe, model, data) if recipe.distillation is not None else None
+    return PreparedRun(recipe, data, model, args, teacher)
+
+
+def _check_distillation(recipe: Recipe, model: nn.Module, data: DataBundle) -> nn.Module | None:
+    """Load the teacher and run it beside the model on two examples; a RecipeError when either fails."""
+    from .distill import TeacherError, check_distillation
+
+    rows = [data.train[i] for i in range(min(2, len(data.train)))]
+    try:
+        return check_distillation(model, recipe.distillation, data.collator(rows))
+    except TeacherError as e:
+        raise recipe.error(("distillation", *e.key), str(e)) from None
 
 
 def make_trainer(run: PreparedRun):
@@ -249,7 +323,8 @@ def make_trainer(run: PreparedRun):
         model=run.model, args=run.args, train_dataset=run.data.train, eval_dataset=run.data.eval,
         data_collator=run.data.collator, compute_metrics=run.data.compute_metrics,
         preprocess_logits_for_metrics=run.data.info.get("preprocess_logits_for_metrics"),
-        processing_class=run.data.info.get("feature_extractor"), recipe=run.recipe)
+        processing_class=run.data.info.get("processor") or run.data.info.get("feature_extractor"), recipe=run.recipe,
+        teacher=run.teacher, callbacks=run.data.info.get("callbacks"))
     if launched > 1 and (trainer.accelerator.distributed_type == DistributedType.NO
                          or trainer.accelerator.num_processes != launched):
         raise run.recipe.error(("training",), f"{launched} processes were launched but the model would not be "
@@ -276,6 +351,8 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
         "world_size": run.args.world_size,
         "hf_sparse_version": __version__,
     }
+    if trainer.distiller is not None:
+        results["distillation"] = trainer.distiller.describe()
     trainer.check_finite("at the end of training")
     if trainer.args.should_save:
         warn_empty_layers(report)
@@ -332,28 +409,24 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], Any]) -> None:
         shutil.rmtree(old)
 
 
-def summary_table(results: dict[str, Any], sparsity=None) -> str:
+def summary_table(results: dict[str, Any], sparsity=None, resumed_from: int | None = None) -> str:
     """The few lines ``hf-sparse train`` prints at the end of a run.
 
-    Densities are shown in the unit the target was set in: with L0's ``count: gates`` the kept
-    fraction of gates (channels/units), and the kept fraction of weights beside it. ``sparsity``
-    is the recipe's ``SparsityConfig`` (without it, weights).
+    Densities are shown in the unit the target was set in (``results["target_unit"]``): with L0's
+    ``count: gates`` the kept fraction of gates (channels/units), and the kept fraction of weights
+    beside it. ``sparsity`` is unused (kept for callers that pass it). ``resumed_from``: the step a resumed
+    run started at, so the time is shown against the steps this process ran.
     """
-    target = results["target_density"]
+    from ..checkpoint.model_card import density_words
+
     ev = results["eval"]
     metric = next((k for k in ("accuracy", "cer") if k in ev), "loss")
-    weights = f"{results['achieved_density']:.4f}"
-    gates = (results.get("method_metrics") or {}).get("hard_density")
-    by_gates = sparsity is not None and sparsity.method != "none" and (sparsity.params or {}).get("count") == "gates"
-    if by_gates and gates is not None:
-        target_row = "-" if target is None else f"{target:.4f} of gates"
-        achieved_row = f"{gates:.4f} of gates ({weights} of weights)"
-    else:
-        target_row = "-" if target is None else f"{target:.4f} of weights"
-        achieved_row = f"{weights} of weights"
+    target_row, achieved_row = density_words(results)
     rows = [("method", results["method"]), ("target density", target_row), ("achieved density", achieved_row),
             (metric, f"{ev.get(metric, float('nan')):.4f}"),
-            ("train time", f"{results['train_runtime_s']:.1f} s ({results['train_steps']} steps)")]
+            ("train time", f"{results['train_runtime_s']:.1f} s ({results['train_steps']} steps)" if not resumed_from
+             else f"{results['train_runtime_s']:.1f} s ({results['train_steps'] - resumed_from} steps in this "
+                  f"process, resumed at step {resumed_from} of {results['train_steps']})")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

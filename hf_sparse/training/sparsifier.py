@@ -179,7 +179,7 @@ class Sparsifier:
         """
         layers = self.per_layer()
         return SparsityReport(
-            method=self.config.method, target_density=self.config.target_density,
+            method=self.config.method, target_density=self.config.target_density, target_unit=self.method.target_unit,
             achieved_density=self.density(layers), model_density=model_density(model),
             granularity=str(self.method.granularity), per_layer=layers, structure=self.method.structure(),
             method_metrics=self.method_metrics())

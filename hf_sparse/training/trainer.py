@@ -11,6 +11,8 @@ The method is driven through Trainer's own extension points:
 * ``_save_checkpoint``/``_load_from_checkpoint`` (overrides): every checkpoint carries
   ``sparsity_state.pt`` and a resumed run continues exactly;
 * ``log`` (override): density and the method's state go to every logging backend;
+* ``compute_loss`` (override): with ``teacher=``/``distillation=`` (or a recipe's ``distillation:``),
+  the task loss is combined with a frozen teacher's soft targets (``distill.py``);
 * under Accelerate's FSDP2, ``create_scheduler`` and the optimizer save/load overrides build the
   method on the sharded model and keep its own tensors' optimizer state per rank (``fsdp2.py``).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,10 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config.recipe import Recipe, SparsityConfig, load_recipe
+from ..config.recipe import DistillationConfig, Recipe, SparsityConfig, load_recipe
 from ..methods import sharding
 from . import fsdp2
+from .distill import Distiller
 from .report import SparsityReport
 from .sparsifier import Sparsifier, targets_without_weight_decay
 
@@ -43,6 +47,33 @@ CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 
 class TrainingDiverged(RuntimeError):
     """The loss or the weights became NaN/inf; the run stops and nothing more is saved or pushed."""
+
+
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed from (another run's, damaged, planted files); the message says why."""
+
+
+def _cannot_resume(folder: str | os.PathLike, e: BaseException) -> ResumeError:
+    text = str(e).strip()
+    reason = text.splitlines()[0] if text else type(e).__name__
+    if not isinstance(e, (FileNotFoundError, ValueError)) or isinstance(e, json.JSONDecodeError):
+        reason = f"{type(e).__name__}: {reason}"
+    return ResumeError(f"cannot resume from {folder}: {reason}")
+
+
+def check_resumable(folder: str | os.PathLike) -> None:
+    """What can be checked before training starts: the completion marker and a readable trainer state."""
+    folder = Path(folder)
+    if not is_complete_checkpoint(folder):
+        raise ResumeError(f"cannot resume from {folder}: it is incomplete (no {CHECKPOINT_COMPLETE}: the run was "
+                          "stopped while writing it); resume from an earlier checkpoint")
+    state_file = folder / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise _cannot_resume(folder, e) from None
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        raise ResumeError(f"cannot resume from {folder}: {state_file.name} holds no global_step")
 
 
 def checkpoint_step(folder: Path) -> int | None:
@@ -64,6 +95,49 @@ def newest_complete_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None,
             return folder, skipped
         skipped.append(folder)
     return None, skipped
+
+
+def rotate_complete_checkpoints(run_dir: Path, limit: int | None, best: str | None = None) -> list[Path]:
+    """Keep the newest ``limit`` complete checkpoints (and the best one); return the folders deleted.
+
+    Runs only after the newest checkpoint is marked complete, so a kill at any moment leaves at least
+    one complete checkpoint. Incomplete folders older than the newest complete one (left by an
+    earlier kill) go too. A folder loses its marker before its files, so one deleted halfway is
+    never taken for complete.
+    """
+    if not limit or limit <= 0:
+        return []
+    folders = sorted((f for f in run_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                      if f.is_dir() and checkpoint_step(f) is not None), key=checkpoint_step)
+    complete = [f for f in folders if is_complete_checkpoint(f)]
+    if not complete:
+        return []
+    keep = set(complete[-limit:]) | {complete[-1]}
+    if best:
+        keep |= {f for f in complete if f.resolve() == Path(best).resolve()}
+    newest = checkpoint_step(complete[-1])
+    doomed = [f for f in folders if f not in keep and (f in complete or checkpoint_step(f) < newest)]
+    for folder in doomed:
+        (folder / CHECKPOINT_COMPLETE).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return doomed
+
+
+def _check_data_parallel(args) -> None:
+    """Refuse a launch of several processes that would not train data-parallel.
+
+    ``accelerate launch --num_processes 2 script.py`` on CPU starts two processes, but without
+    ``use_cpu``/``gloo`` Trainer runs each alone (world size 1) on the same data, and their masks
+    and weights diverge silently. (``hf-sparse train`` sets both itself.)
+    """
+    try:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if launched > 1 and args.world_size != launched:
+        raise ValueError(f"{launched} processes were launched, but this Trainer would train each alone (world size "
+                         f"{args.world_size}) on the same data; on CPU pass TrainingArguments(use_cpu=True, "
+                         "ddp_backend='gloo') (hf-sparse train does so itself)")
 
 
 class _SparsityCallback(TrainerCallback):
@@ -90,8 +164,11 @@ class SparseTrainer(Trainer):
     """
 
     def __init__(self, model=None, args=None, *trainer_args, recipe: Recipe | str | os.PathLike | None = None,
-                 sparsity: SparsityConfig | dict | None = None, **kwargs):
+                 sparsity: SparsityConfig | dict | None = None,
+                 teacher: torch.nn.Module | str | os.PathLike | None = None,
+                 distillation: DistillationConfig | dict | None = None, **kwargs):
         super().__init__(model, args, *trainer_args, **kwargs)
+        _check_data_parallel(self.args)
         if isinstance(recipe, (str, os.PathLike)):
             recipe = load_recipe(recipe)
         if sparsity is None and recipe is not None:
@@ -99,6 +176,17 @@ class SparseTrainer(Trainer):
         if isinstance(sparsity, dict):
             sparsity = SparsityConfig(**sparsity)
         self.recipe = recipe
+        if distillation is None and recipe is not None:
+            distillation = recipe.distillation
+        if isinstance(distillation, dict):
+            distillation = DistillationConfig(**distillation)
+        if teacher is not None and distillation is None:
+            distillation = DistillationConfig()
+        self.distiller: Distiller | None = None
+        if distillation is not None:  # before the method is built: teacher "self" is the starting weights
+            self.distiller = Distiller(self.accelerator.unwrap_model(self.model), distillation, teacher=teacher)
+            # every micro-batch's loss is a mean, divided by the accumulation steps like the task loss
+            self.model_accepts_loss_kwargs, self.loss_is_scaled_for_ga = False, False
         if (self.args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true") and not self.is_fsdp_enabled:
             warnings.warn("FSDP was requested, but Accelerate enables it on accelerator devices only: this run "
                           f"is {self.accelerator.distributed_type.value} with a whole model on every process",
@@ -140,6 +228,15 @@ class SparseTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self.sparsifier.after_backward(self.state.global_step)
         return self._track_finite(loss)
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """Trainer's loss; while training with a teacher, combined with the distillation terms."""
+        if self.distiller is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = self.distiller.combine(loss, outputs, inputs, self.accelerator.unwrap_model(model))
+        return (loss, outputs) if return_outputs else loss
 
     # -- divergence ---------------------------------------------------------------------------
     def _track_finite(self, loss: torch.Tensor) -> torch.Tensor:
@@ -201,6 +298,8 @@ class SparseTrainer(Trainer):
         training_log = self.sparsifier is not None and "loss" in logs
         if training_log:
             logs = {**logs, **self.sparsifier.log_metrics()}
+        if self.distiller is not None and "loss" in logs:
+            logs = {**logs, **self.distiller.log_metrics()}
         super().log(logs, *args, **kwargs)
         if training_log:  # per-layer densities: to the report_to backends, not the console or log_history
             layers = self.sparsifier.log_metrics(per_layer=True)
@@ -226,13 +325,21 @@ class SparseTrainer(Trainer):
             if own := self._own_groups():
                 state["optimizer"] = fsdp2.groups_state(self.optimizer, own)
             torch.save(state, folder / self.sparsifier.state_file(SPARSITY_STATE))
-        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.distiller is not None and self.args.should_save:  # the teacher's reference, never its weights
+            self.distiller.write_reference(folder)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # Trainer would delete older checkpoints before this one is complete
+        try:
+            super()._save_checkpoint(model, trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in
         if self.args.should_save and folder.is_dir():
             marker = folder / CHECKPOINT_COMPLETE
             tmp = marker.with_suffix(".tmp")
             tmp.write_text(json.dumps({"global_step": self.state.global_step}))
             os.replace(tmp, marker)
+            rotate_complete_checkpoints(folder.parent, limit, self.state.best_model_checkpoint)
 
     def _run_epoch(self, *args, **kwargs):
         """Trainer's epoch, skipped once ``max_steps`` is reached.
@@ -245,7 +352,28 @@ class SparseTrainer(Trainer):
             return None
         return super()._run_epoch(*args, **kwargs)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Trainer's ``train``; a checkpoint to resume from is checked first, and any failure to read
+        it (another run's, damaged, a planted pickle) is one :class:`ResumeError`."""
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resumable(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, *args, **kwargs) -> None:
+        try:
+            self._load_sparse_checkpoint(resume_from_checkpoint, *args, **kwargs)
+        except ResumeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a checkpoint that does not fit this run is bad input
+            raise _cannot_resume(resume_from_checkpoint, e) from None
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as e:  # noqa: BLE001
+            raise _cannot_resume(checkpoint, e) from None
+
+    def _load_sparse_checkpoint(self, resume_from_checkpoint: str, *args, **kwargs) -> None:
         if not is_complete_checkpoint(resume_from_checkpoint):
             raise FileNotFoundError(f"{resume_from_checkpoint} is incomplete (no {CHECKPOINT_COMPLETE}: the run was "
                                     "stopped while writing it); resume from an earlier checkpoint")
@@ -276,7 +404,10 @@ class SparseTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         own = self._own_groups()
         with fsdp2.without_groups(self.optimizer, own):
-            super()._load_optimizer_and_scheduler(checkpoint)
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            except Exception as e:  # noqa: BLE001 - another run's optimizer state, or a planted pickle
+                raise _cannot_resume(checkpoint, e) from None
         if own and checkpoint is not None:
             fsdp2.load_groups_state(self.optimizer, own, self._own_optimizer_state or {"groups": [], "state": []})
 

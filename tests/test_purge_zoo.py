@@ -1,0 +1,114 @@
+"""Structured purge beyond the hand-picked models: a fixed sample of the zoo sweep, and refusals that
+come before training.
+
+The sample runs ``bench/bench_purge_zoo.py``'s own per-architecture check (group discovery, a few
+``l0`` steps at ``granularity: group`` and density 0.5, purge, outputs against the gated model) on
+small members of families the hand-written tests do not cover. Groups whose purge would not be
+exact are found when the groups are found (before any training step) and left out; a model left
+with none is refused by the method's setup, naming it; discovery has a time limit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse.config.recipe import SparsityConfig
+from hf_sparse.structure.groups import GroupError, find_groups
+from hf_sparse.structure.purge import purge_copy
+from hf_sparse.training.sparsifier import Sparsifier
+
+_spec = importlib.util.spec_from_file_location("bench_purge_zoo", Path(__file__).parents[1] / "bench" / "bench_purge_zoo.py")
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+
+def hf_swin() -> nn.Module:
+    """A two-stage transformers Swin (windowed attention with a relative-position bias table)."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=16, depths=[1, 1], num_heads=[2, 4],
+                     window_size=4, num_labels=10)
+    return SwinForImageClassification(cfg)
+
+
+SAMPLE = {  # name -> (builder, inputs)
+    "timm ghostnet_050": (lambda: zoo.build_timm("ghostnet_050"), zoo.timm_inputs),
+    "timm regnetx_002": (lambda: zoo.build_timm("regnetx_002"), zoo.timm_inputs),
+    "timm mobilevit_xxs": (lambda: zoo.build_timm("mobilevit_xxs"), zoo.timm_inputs),
+    "transformers swin": (hf_swin, zoo.hf_inputs),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLE))
+def test_zoo_sample_purges_exactly(name):
+    build, inputs = SAMPLE[name]
+    row = zoo.check(build(), inputs, steps=2)
+    assert row["status"] == "exact", row
+    assert row["max_abs_diff"] <= 1e-5 and row["params_fraction"] < 1 and row["discovery_s"] < 30
+
+
+class ChannelCentred(nn.Module):
+    """conv -> subtract the mean over channels -> conv -> head: the mean runs over the channels, so a
+    removed (zero) channel still counts in it, and no parameter tells the tracer so."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        x = x - x.mean(1, keepdim=True)
+        return self.head(x.mean((2, 3)))
+
+
+def test_an_inexact_group_is_left_out_with_a_reason(caplog):
+    model, x = ChannelCentred(), torch.randn(1, 3, 8, 8)
+    unverified = find_groups(model, x, verify=False)
+    assert [g.name for g in unverified] == ["conv"]
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.structure.groups"):
+        assert find_groups(model, x) == []
+    assert "1 of 1 channel groups of ChannelCentred left out (not removable exactly): conv (its purge changes the outputs by" in caplog.text
+
+
+def test_a_model_without_exact_groups_is_refused_before_training():
+    """The method's setup (what prepare_run and the first step run) refuses, before any step."""
+    config = SparsityConfig(method="l0", target_density=0.5, granularity="group",
+                            targets={"layer_types": ["Conv2d", "Linear"]})
+    with pytest.raises(ValueError, match=r"no coupled channel group .* left out as not removable exactly: conv "
+                                         r"\(its purge changes the outputs by"):
+        Sparsifier(ChannelCentred(), config, seed=0)
+
+
+def test_exact_groups_stay_beside_inexact_ones():
+    """Only the failing group goes: a residual net's groups all stay, and purge_copy still works."""
+    model = zoo.build_timm("resnet10t").eval()
+    x = zoo.timm_inputs(model, 1)
+    assert len(find_groups(model, x)) == len(find_groups(model, x, verify=False))
+
+
+def test_discovery_stops_at_its_time_limit():
+    model = zoo.build_timm("resnet10t").eval()
+    with pytest.raises(GroupError, match=r"took longer than 0.001 s of CPU time \(the limit\)"):
+        find_groups(model, zoo.timm_inputs(model, 1), time_limit=0.001)
+
+
+def test_swin_relative_position_table_is_not_a_value_channel():
+    """DepGraph couples the relative-position bias table (positions x heads) with the value
+    projection's channels; those slices cannot hold the channels, so that group is not used."""
+    model = hf_swin().eval()
+    groups = find_groups(model, zoo.hf_inputs(model, 1), verify=False)
+    sizes = dict(model.state_dict())
+    for g in groups:
+        for s in g.slices:
+            assert int(s.index.max()) < sizes[s.tensor].shape[s.dim], (g.name, s.tensor)
+    small, info = purge_copy(model, inputs=zoo.hf_inputs(model, 1))
+    assert info["max_abs_diff"] <= 1e-5

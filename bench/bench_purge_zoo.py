@@ -253,8 +253,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-timm", action="store_true")
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th architecture from the I-th (parallel runs)")
-    parser.add_argument("--timm-list", help="JSON file of [family, model] pairs: reuse (or, if absent, write) the "
-                                            "timm sample")
+    parser.add_argument("--timm-list", help="JSON file of [family, model or null] pairs: reuse (or, if absent, "
+                                            "write) the timm sample")
     parser.add_argument("--out", default="runs/bench_purge_zoo/results.json")
     args = parser.parse_args()
     shard, shards = (int(v) for v in args.shard.split("/"))
@@ -286,6 +286,7 @@ def main() -> None:
     for zoo_name, family, name in jobs[shard::shards]:
         if zoo_name == "timm":
             try:
+                name = name or smallest_in_family(family)  # a list may name the family only
                 model = build_timm(name)
             except Exception as e:  # noqa: BLE001
                 record({"zoo": "timm", "family": family, "model": name, "status": "not buildable", "error": str(e)[:200]})

@@ -168,6 +168,9 @@ def test_recipe_section_and_its_errors(tmp_path):
     hidden = recipe_from_text(text + "distillation: {hidden: {fc9: fc1}}\n", "r.yaml")
     with pytest.raises(RecipeError, match=r"distillation.hidden.fc9: the student has no module 'fc9'"):
         prepare_run(hidden, tmp_path / "hidden")
+    shapes = recipe_from_text(text + "distillation: {hidden: {fc1: fc2}}\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"distillation.hidden.fc1: the student's 'fc1' outputs shape \(2, 300\)"):
+        prepare_run(shapes, tmp_path / "shapes")
 
 
 def test_cli_run_with_a_saved_teacher(tmp_path):
@@ -292,5 +295,5 @@ def test_compare_grid_says_which_runs_distilled(tmp_path):
         "teacher"] == "self"
     md = (out / "summary.md").read_text()
     assert "| gmp+distill |" in md and "| gmp |" in md
-    assert "Distilled: gmp+distill (teacher self, alpha 0.5, T 4.0, kl). Without distillation: gmp." in md
+    assert "Distilled: gmp+distill (teacher self, alpha 0.5, T 2.0, kl). Without distillation: gmp." in md
     assert "--set distill:distillation.teacher=self" in (out / "README.md").read_text()

@@ -62,3 +62,41 @@ def test_audio_classification_pipeline_from_a_folder_and_the_hub(speech_checkpoi
             rows = rows[:3]
             assert [r["label"] for r in rows] == [label for label, _ in ref]
             np.testing.assert_allclose([r["score"] for r in rows], [p for _, p in ref], atol=1e-5)
+
+
+ASR = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from transformers import pipeline
+    import hf_sparse  # noqa: F401
+    asr = pipeline("automatic-speech-recognition", model=sys.argv[1])
+    audio = np.load(sys.argv[2])
+    print(json.dumps([asr({"raw": a, "sampling_rate": 8000})["text"] for a in audio]))
+""")
+
+
+@pytest.mark.slow
+def test_asr_pipeline_on_a_ctc_checkpoint_with_its_processor(tmp_path):
+    from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
+    from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
+    from hf_sparse.models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
+    from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC
+    from tests.test_export import make_report
+
+    vocab = ["<blank>", *"0123456789"]
+    fe = SpeechRNNFeatureExtractor(normalize="none")
+    processor = SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(vocab))
+    torch.manual_seed(0)
+    model = SpeechRNNForCTC(SpeechRNNConfig(hidden_size=32, num_layers=1, bidirectional=False, conv_channels=[16],
+                                            vocab_size=len(vocab), id2label=dict(enumerate(vocab)))).eval()
+    folder = save_sparse_checkpoint(model, tmp_path / "ctc", report=make_report(model, ["speech_rnn.rnn.weight_hh_l0"]),
+                                    processor=processor, measure_speed=False)
+    rng = np.random.default_rng(0)
+    audio = np.stack([rng.standard_normal(8000).astype(np.float32) * 0.1 for _ in range(3)])
+    np.save(tmp_path / "audio.npy", audio)
+    with torch.no_grad():
+        want = processor.batch_decode(model(**fe(list(audio), return_tensors="pt")).logits.argmax(-1))
+    done = subprocess.run([sys.executable, "-c", ASR, str(folder), str(tmp_path / "audio.npy")], capture_output=True,
+                          text=True, timeout=300, env=launch_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == want and any(want)

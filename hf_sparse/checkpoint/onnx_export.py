@@ -19,7 +19,6 @@ runtime="onnx")`` returns an :class:`OnnxModel`, a callable with the PyTorch mod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import statistics
@@ -111,78 +110,6 @@ def example_inputs(model: nn.Module, batch: int = 4, frames: int = 60, seed: int
     return {"pixel_values": torch.randn(batch, *image_shape(model), generator=g)}
 
 
-# -- an exportable forward for the speech RNNs --------------------------------------------------------------
-
-
-def _direction(rnn: nn.RNNBase, layer: int, suffix: str) -> nn.RNNBase:
-    """A one-layer, one-direction module of ``rnn``'s type that shares layer ``layer``'s parameters."""
-    size = rnn.input_size if layer == 0 else rnn.hidden_size * (2 if rnn.bidirectional else 1)
-    one = type(rnn)(size, rnn.hidden_size, batch_first=True, bias=rnn.bias)
-    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        if hasattr(rnn, f"{kind}_l{layer}{suffix}"):
-            setattr(one, f"{kind}_l0", getattr(rnn, f"{kind}_l{layer}{suffix}"))
-    return one
-
-
-def masked_rnn(rnn: nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor,
-               directions: list | None = None) -> torch.Tensor:
-    """What ``rnn`` returns on the packed padded batch (zeros past each length), computed without packing.
-
-    Padding trails each utterance, so a forward direction's states at valid frames do not depend
-    on it. A reverse direction reads each utterance reversed within its own length (a gather), so
-    it starts at the utterance's real end, as packing makes it. ``directions`` are the
-    :func:`_direction` modules per layer (built once by the caller).
-    """
-
-    valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None])[..., None].to(x.dtype)
-    if not rnn.bidirectional:
-        return rnn(x)[0] * valid
-    t = torch.arange(x.shape[1], device=x.device)[None, :]
-    flip = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # (batch, frames)
-    out = x
-    for fwd, rev in directions:
-        index = flip[..., None].expand(-1, -1, out.shape[-1])
-        back = rev(torch.gather(out, 1, index))[0]
-        back = torch.gather(back, 1, flip[..., None].expand(-1, -1, back.shape[-1]))
-        out = torch.cat([fwd(out)[0], back], -1)
-    return out * valid
-
-
-class MaskedSpeechEncoder(nn.Module):
-    """Stand-in for a ``SpeechRNNModel`` during export: same front-end and weights, :func:`masked_rnn`
-    instead of ``pack_padded_sequence`` (which the TorchScript exporter mistranslates: ONNX Runtime's
-    outputs were off by 0.02-0.1)."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.frontend, self.rnn = encoder.frontend, encoder.rnn
-        rnn = encoder.rnn
-        self.directions = [(_direction(rnn, i, ""), _direction(rnn, i, "_reverse"))
-                           for i in range(rnn.num_layers)] if rnn.bidirectional else []
-
-    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        from ..models.speech_rnn import SpeechRNNModelOutput
-
-        lengths = attention_mask.long().sum(-1)
-        x, lengths = self.frontend(input_features * attention_mask[..., None].to(input_features.dtype), lengths)
-        return SpeechRNNModelOutput(last_hidden_state=masked_rnn(self.rnn, x, lengths, self.directions),
-                                    output_lengths=lengths)
-
-
-@contextlib.contextmanager
-def exportable(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` with its speech encoder swapped for :class:`MaskedSpeechEncoder` (restored afterwards)."""
-    if not _is_speech(model) or "speech_rnn" not in model._modules:
-        yield model
-        return
-    original = model._modules["speech_rnn"]
-    model._modules["speech_rnn"] = MaskedSpeechEncoder(original)
-    try:
-        yield model
-    finally:
-        model._modules["speech_rnn"] = original
-
-
 def _graph_module(model: nn.Module) -> nn.Module:
     """A module taking the graph's inputs positionally and returning its outputs as a tuple."""
     inputs, outputs = io_names(model)
@@ -255,11 +182,11 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, atol:
     want = torch_outputs(model, inputs)
     names_in, names_out = io_names(model)
     buffer = io.BytesIO()
-    with exportable(model) as m, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        try:
-            torch.onnx.export(_graph_module(m).eval(), tuple(inputs.values()), buffer, input_names=names_in,
-                              output_names=names_out, dynamic_axes=_dynamic_axes(m), opset_version=opset,
+        try:  # in eval mode: the exporter restores the mode of the module it gets, here and in all submodules
+            torch.onnx.export(_graph_module(model).eval(), tuple(inputs.values()), buffer, input_names=names_in,
+                              output_names=names_out, dynamic_axes=_dynamic_axes(model), opset_version=opset,
                               dynamo=False, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
             raise CheckpointError(f"torch.onnx.export failed for {type(model).__name__}: "
@@ -380,7 +307,7 @@ def _pre_process(src: Path, dst: Path) -> Path:
     """ONNX Runtime's quantisation pre-processing (shape inference, graph optimisation); symbolic shape
     inference is skipped where it fails (image graphs with dynamic height/width), and ``src`` itself is
     returned when even that fails (the quantiser then works on the graph as exported). Measured on a
-    purged resnet18 (batch 1, 224x224, one thread): pre-processed + QOperator static int8 ran 3.1x faster
+    purged resnet18 (batch 1, 224x224, one thread): pre-processed + QOperator static int8 ran 3.0x faster
     than float32; QDQ without pre-processing ran 0.8x."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -558,8 +485,11 @@ def onnx_sentence(info: dict[str, Any]) -> str:
         fp, i8 = q.get("eval_fp32") or {}, q.get("eval_int8") or {}
         metrics = ", ".join(f"{k} {fp[k]:.4f} → {i8[k]:.4f}" for k in fp if k in i8)
         faster = lat.get("onnxruntime_int8_ms", math.inf) < lat.get("onnxruntime_ms", 0)
-        lines += ["", f"`{q['file']}`: ONNX Runtime's {q['mode']} int8 quantisation ({q['weights']} weights; pruned "
-                  f"zeros stay zero: {q['zeros']['int8_zeros_at_those']:,} of {q['zeros']['float_zeros']:,} checked). "
+        zeros = q["zeros"]
+        kept = (f"pruned zeros stay zero: {zeros['int8_zeros_at_those']:,} of {zeros['float_zeros']:,} checked"
+                if zeros["float_zeros"] else "none of the quantised tensors holds pruned zeros; GRU weights stay "
+                "float32 in any case: ONNX Runtime has no int8 GRU")
+        lines += ["", f"`{q['file']}`: ONNX Runtime's {q['mode']} int8 quantisation (weights {q['weights']}; {kept}). "
                   f"Eval split, float32 → int8: {metrics}. "
                   + ("int8 ran faster than float32 here." if faster else
                      "int8 was not faster than float32 on this CPU.")]
@@ -660,4 +590,4 @@ def load_onnx(folder: str | Path, *, int8: bool = False, digests: dict[str, str]
 
 
 __all__ = ["ATOL", "ONNX_FILE", "ONNX_INT8_FILE", "OPSET", "OnnxModel", "OnnxOutput", "add_onnx", "example_inputs",
-           "export_onnx", "exportable", "io_names", "load_onnx", "masked_rnn", "quantize_int8", "zeros_kept"]
+           "export_onnx", "io_names", "load_onnx", "quantize_int8", "zeros_kept"]

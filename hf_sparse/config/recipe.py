@@ -376,7 +376,7 @@ class DistillationConfig(_Section):
                                              "(loaded with load_sparse)")
     revision: str | None = Field(None, description="branch, tag or commit of a Hub teacher")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term; the task loss gets 1-alpha")
-    temperature: float = Field(4.0, gt=0, description="softmax temperature T of both models' logits (the term "
+    temperature: float = Field(2.0, gt=0, description="softmax temperature T of both models' logits (the term "
                                                       "is scaled by T^2)")
     loss: Literal["kl", "mse"] = Field("kl", description="kl: KL divergence of the softened distributions (per "
                                                          "valid frame for CTC logits); mse: squared logit difference")

@@ -51,6 +51,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..config.recipe import first_line
+
 logger = logging.getLogger(__name__)
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -372,6 +374,11 @@ def find_groups(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tens
         raise GroupError(f"finding the channel groups of {type(model).__name__} took longer than {time_limit:g} s "
                          "of CPU time (the limit); exclude the modules that make its graph large (sparsity.targets.exclude) "
                          "or use granularity channel") from None
+    except GroupError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the tracer's index mappings, a model that cannot be copied: one clear error
+        raise GroupError(f"cannot find the channel groups of {type(model).__name__}: {type(e).__name__}: "
+                         f"{first_line(e)}") from None
     return groups
 
 
@@ -416,7 +423,6 @@ def verify_groups(model: nn.Module, groups: list[ChannelGroup],
     All groups are tried at once; when that fails, the set is halved until each failing group is
     found alone (a few purges per failing group), and the rest is tried again together.
     """
-    from ..config.recipe import first_line
     from .purge import mask_channels, output_tensor, purge_model, purge_tolerance
 
     if inputs is None:

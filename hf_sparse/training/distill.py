@@ -202,8 +202,13 @@ class Distiller:
         loss = (1 - cfg.alpha) * task_loss + cfg.alpha * soft
         self.last = {"soft": soft.detach(), "task": task_loss.detach()}
         if cfg.hidden:
-            hidden = sum(F.mse_loss(self._student_out.pop(k).float(), self._teacher_out.pop(k).float())
-                         for k in cfg.hidden)
+            hidden = task_loss.new_zeros((), dtype=torch.float32)
+            for k in cfg.hidden:
+                s_h, t_h = self._student_out.pop(k), self._teacher_out.pop(k)
+                if s_h.shape != t_h.shape:
+                    raise TeacherError(f"the student's {k!r} outputs shape {tuple(s_h.shape)}, the teacher's "
+                                       f"{cfg.hidden[k]!r} {tuple(t_h.shape)}: they must match", ("hidden", k))
+                hidden = hidden + F.mse_loss(s_h.float(), t_h.float())
             loss = loss + cfg.hidden_weight * hidden
             self.last["hidden"] = hidden.detach()
         return loss

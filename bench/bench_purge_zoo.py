@@ -20,8 +20,9 @@ family's models, counted on the meta device). The transformers sample: every arc
 1-2 blocks per stage (``shrink``); architectures that cannot be built or run from a config alone
 are listed as such.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_purge_zoo.py [--timm 44] [--seed 0] [--steps 3]
-        [--only NAME,...] [--out runs/bench_purge_zoo/results.json]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_purge_zoo.py [--timm 46] [--seed 0] [--steps 3]
+        [--only NAME,...] [--skip-timm | --skip-hf] [--timm-list FILE] [--shard I/N]
+        [--out runs/bench_purge_zoo/results.json]
 """
 
 from __future__ import annotations
@@ -108,16 +109,10 @@ def build_timm(name: str) -> nn.Module:
 
 
 def timm_inputs(model: nn.Module, batch: int) -> torch.Tensor:
-    """Images of the shape :func:`example_inputs` picks, or of the model's default input size when
-    the model does not take that one (windowed transformers, fixed-size stems)."""
+    """Images of the shape :func:`example_inputs` picks (what the method's own group discovery uses)."""
     from hf_sparse.structure.purge import example_inputs
 
     shape = list(example_inputs(model).shape)
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *shape[1:]))
-    except Exception:  # noqa: BLE001 - too small for this architecture: its own input size
-        shape[1:] = list(model.pretrained_cfg["input_size"])
     return torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
 
 
@@ -125,7 +120,10 @@ def timm_inputs(model: nn.Module, batch: int) -> torch.Tensor:
 
 def shrink(config: Any) -> Any:
     """The config with 1-2 blocks per stage (widths stay): ``num_hidden_layers`` 2, every stage
-    depth 1; nested vision/text configs alike."""
+    depth 1; nested vision/text configs alike; EfficientNet at its B0 coefficients."""
+    if hasattr(config, "depth_coefficient"):  # EfficientNet's default config is B7 at 600x600: B0 at 224
+        config.depth_coefficient = config.width_coefficient = 1.0
+        config.image_size, config.hidden_dim = 224, 1280
     for key, value in list(vars(config).items()):
         if hasattr(value, "to_dict") and key.endswith("_config"):
             shrink(value)
@@ -246,7 +244,7 @@ def check(model: nn.Module, make_inputs: Callable[[nn.Module, int], Any], steps:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--timm", type=int, default=44, help="timm families in the sample")
+    parser.add_argument("--timm", type=int, default=46, help="timm families in the sample")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated model names (timm) or model types (hf)")

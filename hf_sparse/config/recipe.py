@@ -408,7 +408,10 @@ class Recipe(_Section):
     def notices(self) -> list[str]:
         """Located one-line warnings: settings that run but do not do what they promise."""
         found = []
-        granularity = self.sparsity.granularity_spec()
+        try:
+            granularity = self.sparsity.granularity_spec()
+        except ValueError:  # a bad granularity is an error of its own, raised where it is checked
+            return found
         if self.export.format == "purged" and self.sparsity.method != "none" and not granularity.structured:
             found.append(str(self.error(("export", "format"), (
                 f"purged removes whole channels only; with granularity {granularity} the zeros stay inside "

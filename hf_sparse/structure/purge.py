@@ -446,9 +446,24 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
         h, w = (size, size) if isinstance(size, int) else size
     elif cfg.get("fixed_input_size") and len(cfg.get("input_size") or ()) == 3:  # timm: this size only
         h, w = cfg["input_size"][1:]
+    elif len(cfg.get("input_size") or ()) == 3 and not _runs(model, torch.zeros(1, chans, 64, 64)):
+        h, w = cfg["input_size"][1:]  # too small for its downsampling (Inception's stem): its own size
     else:
         h = w = 64
     return torch.randn(1, chans, int(h), int(w), generator=gen)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` (in eval mode, without autograd) takes ``x``."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the input does not fit
+        return False
+    finally:
+        model.train(was_training)
 
 
 def output_tensor(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:

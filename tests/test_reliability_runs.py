@@ -324,6 +324,24 @@ def test_a_misspelt_training_key_gets_a_suggestion(capsys):
         error_line(capsys)
 
 
+def test_validate_reports_every_problem_of_a_recipe_at_once(tmp_path, capsys):
+    """Three typos in three sections: one run names all three, each located, each with its suggestion;
+    and unknown data options are refused, not ignored."""
+    recipe = tmp_path / "typos.yaml"
+    recipe.write_text("model:\n  source: hf_sparse\n  name: lenet300_100\ndata:\n  nam: fashion_mnist\n"
+                      "training:\n  learnig_rate: 0.001\nsparsity:\n  method: gmp\n  target_densty: 0.1\n")
+    assert main(["validate", str(recipe)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hf-sparse: error:")]
+    assert len(lines) == 3, lines
+    assert f"{recipe}:5:3: data.nam: unknown key;" in lines[0] and lines[0].endswith("did you mean name?")
+    assert f"{recipe}:7:3: training.learnig_rate:" in lines[1] and "did you mean learning_rate?" in lines[1]
+    assert f"{recipe}:10:3: sparsity.target_densty: unknown key;" in lines[2]
+    assert lines[2].endswith("did you mean target_density?")
+    assert main(["validate", RECIPE, "--set", "data.options={colour: red}"]) == 2
+    line = error_line(capsys)
+    assert "data.options" in line and "colour" in line
+
+
 def test_recipes_that_are_not_regular_files_or_too_big(tmp_path, capsys):
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)

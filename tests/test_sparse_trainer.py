@@ -121,5 +121,7 @@ def test_resume_without_sparsity_state_is_refused(fmnist_small, tmp_path):
     plain = make_trainer(fmnist_small, tmp_path, None, max_steps=4, save_strategy="steps", save_steps=4)
     plain.train()
     sparse = make_trainer(fmnist_small, tmp_path, fast_sparsity("gmp"), max_steps=8)
-    with pytest.raises(FileNotFoundError, match="sparsity_state.pt"):
+    from hf_sparse.training.trainer import ResumeError
+
+    with pytest.raises(ResumeError, match="sparsity_state.pt"):
         sparse.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if recipe is None or not isinstance(e, recipe.RecipeError):
             raise
-        print(f"hf-sparse: error: {e}", file=sys.stderr)
+        for problem in (e, *e.others):  # every problem the validation pass found, one located line each
+            print(f"hf-sparse: error: {problem}", file=sys.stderr)
         return 2
 
 

@@ -34,6 +34,8 @@ class RecipeError(ValueError):
     def __init__(self, message: str, source: str = "<recipe>", key: Loc = (), line: int | None = None,
                  col: int | None = None):
         self.message, self.source, self.key, self.line, self.col = message, source, key, line, col
+        #: further problems found in the same validation pass (``hf-sparse validate`` prints them all)
+        self.others: list[RecipeError] = []
         where = source if line is None else f"{source}:{line}:{col}"
         key_path = ".".join(str(k) for k in key)
         super().__init__(one_line(f"{where}: {key_path + ': ' if key_path else ''}{message}"))
@@ -709,30 +711,55 @@ def recipe_from_text(text: str, source: str = "<recipe>", overrides: list[str] |
 
 
 def validate_dict(data: dict, source: str = "<recipe>", positions: dict | None = None) -> Recipe:
-    """Validate an already-parsed recipe mapping."""
+    """Validate an already-parsed recipe mapping.
+
+    Every schema problem found in the one pass is reported: the RecipeError raised is the first (by
+    position in the file), and its ``others`` hold the rest, each located, so a recipe with three
+    typos needs one run to find all three.
+    """
     positions = positions or {}
+    problems: list[RecipeError] = []
+    recipe = None
     try:
         recipe = Recipe(**data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(err["loc"])
-        ctx_err = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_err, _KeyedError):
-            raise _located(ctx_err.message, source, loc + ctx_err.key, positions) from None
-        raise _located(_describe(err, Recipe, loc), source, loc, positions) from None
+        problems = [_schema_problem(err, source, positions) for err in e.errors()]
     except TypeError as e:  # e.g. a top-level key that is not a string
         raise _located(str(e), source, (), positions) from None
-    _check_training_args(recipe.training, source, positions)
+    training = recipe.training if recipe is not None else data.get("training")
+    if isinstance(training, dict):
+        problems += _training_problems(training, source, positions)
+    if problems:
+        raise _first_of(problems)
     recipe._source, recipe._positions = source, positions
     return recipe
+
+
+def _schema_problem(err: dict, source: str, positions: dict) -> RecipeError:
+    loc = tuple(err["loc"])
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _KeyedError):
+        return _located(ctx_err.message, source, loc + ctx_err.key, positions)
+    return _located(_describe(err, Recipe, loc), source, loc, positions)
+
+
+def _first_of(problems: list[RecipeError]) -> RecipeError:
+    """The first problem by position, carrying the others (each reported once)."""
+    unique = list({str(p): p for p in problems}.values())
+    unique.sort(key=lambda p: (p.line or 0, p.col or 0))
+    first = unique[0]
+    first.others = unique[1:]
+    return first
 
 
 def _describe(err: dict, root: type[BaseModel], loc: Loc | None = None) -> str:
     """Pydantic's message, plus the allowed keys when a key is unknown."""
     if err["type"] == "extra_forbidden":
-        model = _model_at(root, tuple(loc if loc is not None else err["loc"])[:-1])
+        path = tuple(loc if loc is not None else err["loc"])
+        model = _model_at(root, path[:-1])
         allowed = ", ".join(model.model_fields) if model else "see the recipe reference"
-        return f"unknown key; allowed: {allowed}"
+        close = difflib.get_close_matches(str(path[-1]), list(model.model_fields), n=1, cutoff=0.75) if model else []
+        return f"unknown key; allowed: {allowed}{f'; did you mean {close[0]}?' if close else ''}"
     if err["type"] == "missing":
         return "required key is missing"
     msg = err["msg"]
@@ -786,17 +813,22 @@ def _allowed_types(annotation) -> tuple[type, ...] | None:
 _ALSO_ACCEPTED = {"fsdp": (bool,)}
 
 
-def _check_training_args(training: dict, source: str, positions: dict) -> None:
+def _training_problems(training: dict, source: str, positions: dict) -> list[RecipeError]:
+    """Every ``training`` key that is not a TrainingArguments field, or has a value of the wrong type."""
     fields = _training_fields()
+    problems = []
     for key, value in training.items():
         if key not in fields:
-            close = [f for f in fields if key.lower() in f or f in key.lower()][:5] or \
-                difflib.get_close_matches(key.lower(), list(fields), n=3, cutoff=0.8)
+            close = [f for f in fields if str(key).lower() in f or f in str(key).lower()][:5] or \
+                difflib.get_close_matches(str(key).lower(), list(fields), n=3, cutoff=0.8)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise _located(f"not a transformers.TrainingArguments field{hint}", source, ("training", key), positions)
+            problems.append(_located(f"not a transformers.TrainingArguments field{hint}", source, ("training", key),
+                                     positions))
+            continue
         allowed = _allowed_types(fields[key].type)
         if allowed:
             allowed += _ALSO_ACCEPTED.get(key, ())
         if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
             names = "/".join(sorted({t.__name__ for t in allowed}))
-            raise _located(f"expected {names}, got {value!r}", source, ("training", key), positions)
+            problems.append(_located(f"expected {names}, got {value!r}", source, ("training", key), positions))
+    return problems

@@ -134,6 +134,9 @@ def idx_source(cfg) -> DataBundle:
     """``fashion_mnist`` reads the bundled copy unless ``data.path`` names another idx folder."""
     if cfg.name == "idx" and not cfg.path:
         raise DataError("data.name 'idx' needs data.path: a folder with the four idx .gz files")
+    if cfg.options:
+        raise DataError(f"data.options: source {cfg.name!r} takes no options, got {', '.join(map(str, cfg.options))}",
+                        key="options")
     folder = Path(cfg.path) if cfg.path else BUNDLED_DATA / "fashion_mnist"
     dd, shape = load_idx_folder(folder)
     n = int(max(max(dd["train"].unique("labels")), max(dd["test"].unique("labels"))) + 1)

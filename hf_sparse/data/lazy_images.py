@@ -119,6 +119,7 @@ def image_folder_source(cfg) -> DataBundle:
         raise DataError(f"{folder} has no train/ folder (expected train/<class>/*.jpg and val/<class>/*.jpg)")
     try:
         dd = datasets.load_dataset("imagefolder", data_dir=str(folder), **cfg.options)
-    except (ValueError, FileNotFoundError) as e:
-        raise DataError(f"{folder}: {first_line(e)}") from None
+    except (ValueError, FileNotFoundError) as e:  # an option datasets' imagefolder does not take, among others
+        key = "options" if any(str(k) in str(e) for k in cfg.options) else None
+        raise DataError(f"{folder}: {first_line(e)}", key=key) from None
     return lazy_image_bundle(dd, str(folder), cfg.image_size)

@@ -7,7 +7,8 @@ mutation happened to be valid) or exit 2 with error lines (one per problem found
 file (or the ``--set`` argument) and a line, no traceback, and nothing written.
 
 The default suite runs a few examples per recipe; ``-m fuzz`` runs ``HF_SPARSE_FUZZ_EXAMPLES``
-(default 1000) per recipe and, with ``HF_SPARSE_FUZZ_LOG=FILE``, appends one JSON line per example.
+(default 1000) per recipe and, with ``HF_SPARSE_FUZZ_LOG=FILE``, appends one JSON line per example;
+``HF_SPARSE_FUZZ_KINDS`` picks mutation kinds (comma-separated).
 """
 
 from __future__ import annotations
@@ -39,8 +40,25 @@ VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.di
 #: Target patterns, invalid regular expressions among them (``re:(`` used to raise re.error).
 PATTERNS = st.sampled_from(["re:(", "re:[a", "re:*", "re:(?P<x", "re:a{2,1}", "re:fc\\d+", "re:.*weight$", "*", "fc1.*",
                             "nothing.matches", ""]) | st.text(max_size=8).map(lambda t: "re:" + t)
+#: Keys added after the first fuzz rounds, and values that are close to valid for them.
+NEW_KEYS = st.sampled_from([
+    "distillation", "distillation.teacher", "distillation.alpha", "distillation.temperature", "distillation.loss",
+    "distillation.hidden", "distillation.hidden_weight", "data.augment", "data.augment.time_masks",
+    "data.augment.speed", "data.augment.noise_snr_db", "data.task", "data.eval_fraction", "data.max_duration_s",
+    "data.audio_column", "data.text_column", "data.label_column", "data.config_name", "data.eval_split",
+    "model.ignore_mismatched_sizes", "model.revision", "model.path", "export.license"])
+NEW_VALUES = st.sampled_from(["self", "ctc", "audio-classification", 0.5, 2, -1, 1.5, [0.9, 1.1], [1.1, 0.9],
+                              {"teacher": "self"}, {"teacher": "self", "alpha": 2}, {"teacher": "/nonexistent"},
+                              {"teacher": "self", "hidden": {"fc1": "fc1"}}, {"time_masks": 2, "time_mask_width": 5},
+                              {"nope": 1}, "kl", "mse", "nosuchloss"])
 JUNK = st.sampled_from(["&a [*a]", "*nowhere", "!!python/object:os.system", "\x00", "\t", "[" * 60, "{", "]", ": :",
                         "- - -", "? [a]", "1: 2", "<<: 3", "!!binary zz", "%YAML 1.1", "---", "...", "\ufeff"])
+
+
+ALL_KINDS = ["value", "unknown_key", "delete", "junk_text", "truncate", "encoding", "set", "set_junk", "alias",
+             "targets", "new_keys"]
+#: ``HF_SPARSE_FUZZ_KINDS=new_keys,targets`` fuzzes those mutations only (default: all).
+KINDS = [k for k in os.environ.get("HF_SPARSE_FUZZ_KINDS", ",".join(ALL_KINDS)).split(",") if k in ALL_KINDS] or ALL_KINDS
 
 
 def _paths(data, prefix=()):
@@ -69,8 +87,7 @@ def mutated(draw, recipe: Path):
     text = recipe.read_text()
     data = yaml.safe_load(text)
     paths = _paths(data)
-    kind = draw(st.sampled_from(["value", "unknown_key", "delete", "junk_text", "truncate", "encoding", "set",
-                                 "set_junk", "alias", "targets"]))
+    kind = draw(st.sampled_from(KINDS))
     sets: list[str] = []
     if kind in ("value", "unknown_key", "delete"):
         path = draw(st.sampled_from(paths))
@@ -102,6 +119,10 @@ def mutated(draw, recipe: Path):
         raw = (text + "\nzz: &x [*x]\n" if draw(st.booleans()) else
                "a: &a [1,2,3,4,5,6,7,8,9]\n" + "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n"
                                                       for p, c in zip("abcdef", "bcdefg")) + text).encode()
+    elif kind == "new_keys":  # the distillation section, speech-data and pretrained-start keys
+        raw = text.encode()
+        value = draw(VALUES | NEW_VALUES)
+        sets = [f"{draw(NEW_KEYS)}={json.dumps(value, allow_nan=True).replace('NaN', '.nan').replace('Infinity', '.inf')}"]
     elif kind == "targets":
         raw = text.encode()
         which = draw(st.sampled_from(["include", "exclude"]))

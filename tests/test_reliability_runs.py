@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -278,6 +279,23 @@ def test_an_output_dir_that_cannot_be_is_one_line(tmp_path, capsys, where):
     assert train(out, "training.max_steps=2") == 2
     assert "--output-dir: cannot use" in error_line(capsys)
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_read_only_filesystem_is_one_line(tmp_path):
+    """A read-only tmpfs mounted in a mount namespace of the test's own (``unshare``): root ignores
+    file permissions, not a read-only mount."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("unshare -rm (user and mount namespaces) is not available here")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cmd = " ".join(shlex.quote(c) for c in [sys.executable, "-m", "hf_sparse", "train", RECIPE, "--output-dir",
+                                             str(ro / "run"), "--set", *TINY, "training.max_steps=2"])
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && {cmd}"],
+                          env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and last.startswith("hf-sparse: error: --output-dir: cannot use"), last
+    assert "Read-only file system" in last
 
 
 def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):

@@ -16,6 +16,8 @@ from typing import Any
 
 import datasets
 
+from ..registry import Registry
+
 
 def _bundled_data() -> Path:
     """The repository's ``data/`` folder: beside the package in a clone or editable install; for
@@ -60,16 +62,17 @@ class DataError(ValueError):
         self.key = key
 
 
-DATA_SOURCES: dict[str, Callable[..., DataBundle]] = {}
+DATA_SOURCES: Registry = Registry("data source")
 #: Sources whose bundles are not kept for reuse (see :func:`_build_source`): lazy ones, whose
 #: folders are too large to stamp file by file and cost nothing to open again.
 _NOT_REUSED: set[str] = set()
 
 
-def register_data(*names: str, reuse: bool = True) -> Callable:
+def register_data(*names: str, reuse: bool = True, override: bool = False) -> Callable:
+    """Decorator: register a source under ``names`` (a taken name is refused unless ``override``)."""
     def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
         for n in names:
-            DATA_SOURCES[n] = fn
+            DATA_SOURCES.add(n, fn, override=override)
             if not reuse:
                 _NOT_REUSED.add(n)
         return fn

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from ..registry import Registry
 from .base import MaskedMethod, MethodConfig, SparsityMethod
 
-METHODS: dict[str, type[SparsityMethod]] = {}
+METHODS: Registry = Registry("sparsity method")
 
 
-def register_method(cls: type[SparsityMethod]) -> type[SparsityMethod]:
-    """Class decorator: make a method available under ``cls.name``."""
-    METHODS[cls.name] = cls
-    return cls
+def register_method(cls: type[SparsityMethod] | None = None, *, override: bool = False):
+    """Class decorator: make a method available under ``cls.name`` (a taken name is refused unless
+    ``@register_method(override=True)``)."""
+    def deco(method: type[SparsityMethod]) -> type[SparsityMethod]:
+        return METHODS.add(method.name, method, override=override)
+
+    return deco(cls) if cls is not None else deco
 
 
 def get_method(name: str) -> type[SparsityMethod]:

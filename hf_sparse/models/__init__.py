@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from torch import nn
-
-    from ..data import DataBundle
+from ..registry import Registry
 
 #: hf_sparse's own models: name -> factory(config_overrides: dict, data: DataBundle) -> PreTrainedModel
-MODEL_REGISTRY: dict[str, Callable[[dict, DataBundle], nn.Module]] = {}
+MODEL_REGISTRY: Registry = Registry("model")
 
 
-def register_model(name: str) -> Callable:
+def register_model(name: str, override: bool = False) -> Callable:
+    """Decorator: register a model factory under ``name`` (a taken name is refused unless ``override``)."""
     def deco(fn):
-        MODEL_REGISTRY[name] = fn
-        return fn
+        return MODEL_REGISTRY.add(name, fn, override=override)
 
     return deco
 

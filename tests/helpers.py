@@ -106,6 +106,15 @@ def state_digest(state: Any) -> str:
     return h.hexdigest()
 
 
+def assert_trainers_equal(straight: SparseTrainer, resumed: SparseTrainer) -> None:
+    """A resumed run ended where the uninterrupted one did: equal hard masks and parameters, and sparse."""
+    for m1, m2 in zip(straight.sparsifier.method.hard_masks(), resumed.sparsifier.method.hard_masks()):
+        assert torch.equal(m1, m2)
+    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p1, p2), n
+    assert straight.sparsifier.density() < 1.0
+
+
 def assert_ranks_resume_exactly(ranks: list[dict], name: str, resume_at: int) -> None:
     """Each rank's resumed run equals its uninterrupted one bitwise (masks after every step from
     ``resume_at``, the final method state and weights), resumed from its own state file."""

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from hf_sparse import SparseTrainer
 from hf_sparse.config.recipe import DistillationConfig
 from hf_sparse.training.distill import frame_mask, soft_target_loss
-from tests.helpers import fast_sparsity, tiny_args, tiny_lenet, two_rank_records
+from tests.helpers import assert_trainers_equal, fast_sparsity, tiny_args, tiny_lenet, two_rank_records
 
 
 def distilled(data, out, sparsity=None, teacher="self", distillation=None, model=None, **args) -> SparseTrainer:
@@ -113,11 +113,7 @@ def test_distilled_run_resumes_exactly(fmnist_small, tmp_path, method):
     first.train()
     resumed = distilled(fmnist_small, tmp_path / "b", **kw)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
-    for m1, m2 in zip(straight.sparsifier.method.hard_masks(), resumed.sparsifier.method.hard_masks()):
-        assert torch.equal(m1, m2)
-    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(p1, p2), n
-    assert straight.sparsifier.density() < 1.0
+    assert_trainers_equal(straight, resumed)
 
 
 def test_two_processes_agree_and_resume_exactly(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_sparse.methods.base import optimizer_states
-from tests.helpers import fast_sparsity, make_trainer, method_granularities, tiny_lenet
+from tests.helpers import assert_trainers_equal, fast_sparsity, make_trainer, method_granularities, tiny_lenet
 
 ENGINE_METHODS = ["gmp", "gradual", "dns"]
 
@@ -110,11 +110,7 @@ def test_resume_equals_uninterrupted(fmnist_small, tmp_path, method, granularity
     resumed = make_trainer(fmnist_small, tmp_path / "b", sparsity, max_steps=20)
     resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-10"))
 
-    for m1, m2 in zip(straight.sparsifier.method.hard_masks(), resumed.sparsifier.method.hard_masks()):
-        assert torch.equal(m1, m2)
-    for (n, p1), p2 in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(p1, p2), n
-    assert straight.sparsifier.density() < 1.0
+    assert_trainers_equal(straight, resumed)
 
 
 def test_resume_without_sparsity_state_is_refused(fmnist_small, tmp_path):

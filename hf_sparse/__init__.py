@@ -3,8 +3,9 @@
 The public names are imported on first use, so ``import hf_sparse`` (and ``hf-sparse --help``)
 does not pay for torch, transformers and timm. hf_sparse's own models register with the
 transformers Auto classes when ``hf_sparse.models`` is imported: by every hf_sparse call that
-builds or loads a model, by the first use of a public name that brings transformers in, and by
-``import hf_sparse`` itself when transformers is imported already.
+builds or loads a model, and as soon as the user has imported both libraries, in either order (a
+post-import hook on ``transformers`` and on ``transformers.pipelines``), so ``pipeline(...)`` and
+the Auto classes find them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import importlib
 import sys
 from typing import TYPE_CHECKING, Any
+
+from ._post_import import when_imported
 
 __version__ = "0.1.0"
 
@@ -47,7 +50,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         if "transformers" in sys.modules:  # that import brought transformers in: register the models now
-            importlib.import_module(".models", __name__)
+            _register_models()
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -56,5 +59,14 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-if "transformers" in sys.modules:  # transformers is loaded already: registering costs nothing
-    from . import models  # noqa: F401
+def _register_models(_transformers: Any = None) -> None:
+    """Import ``hf_sparse.models`` (registration), unless one of hf_sparse's own modules is half-imported:
+    it brought transformers in, would be re-entered, and imports the models itself where it needs them."""
+    if not any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+               for name, m in list(sys.modules.items()) if name.startswith(__name__ + ".")):
+        importlib.import_module(".models", __name__)
+
+
+# now if transformers is loaded already (registering then costs little), else right after its import
+when_imported("transformers", _register_models)
+when_imported("transformers.pipelines", _register_models)

@@ -152,14 +152,22 @@ def _save_model(model: nn.Module, library: str, folder: Path) -> None:
         return
     from timm.models import save_for_hf
 
-    args = {"num_classes": int(model.num_classes)}
+    args = {}
     in_chans = _timm_in_chans(model)
     if in_chans is not None:
         args["in_chans"] = in_chans  # plain `timm.create_model("hf-hub:...")` must build the same stem
     from ..models.build import timm_channel_stats
 
     data_config = timm_channel_stats(model, in_chans) if in_chans is not None else None
-    save_for_hf(model, str(folder), model_args=args, data_config=data_config or None, safe_serialization=True)
+    labels = model.pretrained_cfg.get("label_names")
+    save_for_hf(model, str(folder), model_args=args, data_config=data_config or None, safe_serialization=True,
+                model_config={"label_names": list(labels)} if labels else None)
+    # timm records num_classes in model_args too, which transformers' TimmWrapper passes to timm a second
+    # time (beside num_labels from the root): keep it at the root only, where both libraries read it
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("model_args", {}).pop("num_classes", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2))
 
 
 # -- bitmask encoding ---------------------------------------------------------------------------------
@@ -540,6 +548,8 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
         (out / "recipe.yaml").write_text(recipe_yaml if recipe_yaml.endswith("\n") else recipe_yaml + "\n")
     if processor is not None:
         processor.save_pretrained(out)
+        if library == "timm" and hasattr(processor, "save_into_timm_config"):
+            processor.save_into_timm_config(out)  # transformers reads a timm checkpoint's processor from there
 
     from .model_card import write_model_card
 

@@ -7,6 +7,7 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -107,6 +108,15 @@ class ImageCollator:
         pixels = torch.from_numpy(np.stack([r["pixel_values"] for r in rows]).astype(np.float32))
         pixels = pixels.view(len(rows), *self.shape).div_(255.0).sub_(self.mean).div_(self.std)
         return {"pixel_values": pixels, "labels": torch.tensor([int(r["labels"]) for r in rows])}
+
+    def image_processor(self) -> Any:
+        """The same preprocessing as a transformers image processor, saved with checkpoints so
+        ``pipeline("image-classification")`` and ``AutoImageProcessor`` turn an image into these inputs."""
+        from ..models.image_processor import SparseImageProcessor
+
+        c, h, w = self.shape
+        return SparseImageProcessor(num_channels=c, size={"height": h, "width": w},
+                                    image_mean=[float(self.mean)] * c, image_std=[float(self.std)] * c)
 
 
 def accuracy(eval_pred) -> dict[str, float]:

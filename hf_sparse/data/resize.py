@@ -22,6 +22,7 @@ class ResizingCollator:
                  channels: int | None, interpolation: str = "bilinear"):
         self.inner, self.size, self.channels, self.interpolation = inner, size, channels, interpolation
         self._renorm: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stats: tuple[list[float], list[float]] | None = None  # per-channel mean/std, once renormalised
 
     def normalize_like(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Undo the inner collator's scalar normalisation and apply per-channel ``mean``/``std`` (of [0, 1] pixels)."""
@@ -29,6 +30,7 @@ class ResizingCollator:
         mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self._renorm = (s0 / std_t, (m0 - mean_t) / std_t)  # x_new = x * scale + shift
+        self._stats = ([float(v) for v in mean], [float(v) for v in std])
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         batch = self.inner(rows)
@@ -43,6 +45,19 @@ class ResizingCollator:
             x = x * self._renorm[0] + self._renorm[1]
         batch["pixel_values"] = x.contiguous()
         return batch
+
+    def image_processor(self) -> Any:
+        """The inner collator's image processor with this one's channels, size and normalisation."""
+        processor = self.inner.image_processor()
+        channels = self.channels or processor.num_channels
+        processor.num_channels = channels
+        processor.image_mean, processor.image_std = self._stats or (processor.image_mean[:1] * channels,
+                                                                    processor.image_std[:1] * channels)
+        if self.size:
+            processor.do_resize, processor.size = True, {"height": self.size, "width": self.size}
+            processor.resample = self.interpolation if self.interpolation in ("bilinear", "bicubic", "nearest") \
+                else "bilinear"
+        return processor
 
 
 def resize_images(bundle, cfg):

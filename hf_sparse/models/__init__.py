@@ -18,7 +18,12 @@ def register_model(name: str, override: bool = False) -> Callable:
     return deco
 
 
-from . import lenet, speech_rnn  # noqa: E402,F401
+from .._post_import import when_imported  # noqa: E402
+from . import image_processor, lenet, speech_rnn  # noqa: E402,F401
+from .pipeline_audio import install_audio_file_reader  # noqa: E402
+
+for _module in ("transformers.pipelines.audio_classification", "transformers.pipelines.automatic_speech_recognition"):
+    when_imported(_module, lambda _m: install_audio_file_reader())  # audio files without FFmpeg
 from .build import build_model, forward_problem  # noqa: E402
 
 __all__ = ["MODEL_REGISTRY", "build_model", "forward_problem", "register_model"]

@@ -70,6 +70,8 @@ def _build_timm(cfg, data: DataBundle) -> nn.Module:
     # timm drops the checkpoint's classifier when num_classes differs and adapts the stem to in_chans
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     model.pretrained_cfg = {**model.pretrained_cfg, **timm_channel_stats(model, kwargs["in_chans"])}
+    if data.label_names:  # saved as the checkpoint's label_names: pipelines and timm name the classes
+        model.pretrained_cfg["label_names"] = list(data.label_names)
     adopt_timm_preprocessing(data, model, pretrained)
     return TimmClassifier(model, model.pretrained_cfg.get("architecture") or name)
 

@@ -310,6 +310,14 @@ def _check_distillation(recipe: Recipe, model: nn.Module, data: DataBundle) -> n
         raise recipe.error(("distillation", *e.key), str(e)) from None
 
 
+def processing_class(data: DataBundle) -> Any:
+    """What turns raw inputs into the model's: the speech processor or feature extractor, else the
+    image collator's image processor (saved with checkpoints, for ``pipeline()``); None if unknown."""
+    found = data.info.get("processor") or data.info.get("feature_extractor")
+    make = getattr(data.collator, "image_processor", None)
+    return found if found is not None or make is None else make()
+
+
 def make_trainer(run: PreparedRun):
     from accelerate.utils import DistributedType
 
@@ -323,7 +331,7 @@ def make_trainer(run: PreparedRun):
         model=run.model, args=run.args, train_dataset=run.data.train, eval_dataset=run.data.eval,
         data_collator=run.data.collator, compute_metrics=run.data.compute_metrics,
         preprocess_logits_for_metrics=run.data.info.get("preprocess_logits_for_metrics"),
-        processing_class=run.data.info.get("processor") or run.data.info.get("feature_extractor"), recipe=run.recipe,
+        processing_class=processing_class(run.data), recipe=run.recipe,
         teacher=run.teacher, callbacks=run.data.info.get("callbacks"))
     if launched > 1 and (trainer.accelerator.distributed_type == DistributedType.NO
                          or trainer.accelerator.num_processes != launched):

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor  # noqa: E402
+from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor  # noqa: E402
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC  # noqa: E402
 from hf_sparse.runtime.convert import to_sparse_runtime  # noqa: E402
 from hf_sparse.runtime.streaming import stream  # noqa: E402

@@ -22,10 +22,10 @@ from hf_sparse.config.recipe import AugmentConfig, DataConfig, load_recipe
 from hf_sparse.data import DataError, load_data
 from hf_sparse.data.audio_folder import feature_extractor_for, holdout_split
 from hf_sparse.data.audio_io import decode_audio, write_audio
+from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.data.fsdd import _decode_wav, load_fsdd, load_fsdd_digits, read_fsdd
 from hf_sparse.data.speech import augment_settings, featurize, spec_augment, text_error_rates
-from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
-from hf_sparse.models.speech_processor import (
+from hf_sparse.data.speech_processor import (
     SpeechRNNProcessor,
     build_vocab,
     ctc_tokenizer,

@@ -77,22 +77,29 @@ ASR = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-def test_asr_pipeline_on_a_ctc_checkpoint_with_its_processor(tmp_path):
+def ctc_checkpoint(folder, fe):
+    """A small unidirectional CTC model over the digits, saved to ``folder`` with its processor."""
     from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
-    from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
-    from hf_sparse.models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
+    from hf_sparse.data.speech_processor import SpeechRNNProcessor, ctc_tokenizer
     from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC
     from tests.test_export import make_report
 
     vocab = ["<blank>", *"0123456789"]
-    fe = SpeechRNNFeatureExtractor(normalize="none")
     processor = SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(vocab))
     torch.manual_seed(0)
     model = SpeechRNNForCTC(SpeechRNNConfig(hidden_size=32, num_layers=1, bidirectional=False, conv_channels=[16],
                                             vocab_size=len(vocab), id2label=dict(enumerate(vocab)))).eval()
-    folder = save_sparse_checkpoint(model, tmp_path / "ctc", report=make_report(model, ["speech_rnn.rnn.weight_hh_l0"]),
-                                    processor=processor, measure_speed=False)
+    saved = save_sparse_checkpoint(model, folder, report=make_report(model, ["speech_rnn.rnn.weight_hh_l0"]),
+                                   processor=processor, measure_speed=False)
+    return model, processor, saved
+
+
+@pytest.mark.slow
+def test_asr_pipeline_on_a_ctc_checkpoint_with_its_processor(tmp_path):
+    from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor
+
+    fe = SpeechRNNFeatureExtractor(normalize="none")
+    model, processor, folder = ctc_checkpoint(tmp_path / "ctc", fe)
     rng = np.random.default_rng(0)
     audio = np.stack([rng.standard_normal(8000).astype(np.float32) * 0.1 for _ in range(3)])
     np.save(tmp_path / "audio.npy", audio)
@@ -184,11 +191,7 @@ def _image_checkpoints(root, hub) -> tuple[list, list]:
 def test_every_pipeline_in_a_fresh_process_from_files_and_the_hub(speech_checkpoint, hub, tmp_path):  # noqa: F811
     """WAV paths and arrays for the speech pipelines, PIL images for the image ones; hf_sparse
     imported before transformers; one checkpoint pulled from the loopback Hub."""
-    from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
     from hf_sparse.data.audio_io import load_audio
-    from hf_sparse.models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
-    from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC
-    from tests.test_export import make_report
 
     folder, model, fe, wavs = speech_checkpoint
     audio = [load_audio(str(w), 8000) for w in wavs[:2]]
@@ -196,13 +199,7 @@ def test_every_pipeline_in_a_fresh_process_from_files_and_the_hub(speech_checkpo
              [str(wavs[0]), {"raw": audio[1].tolist(), "rate": 8000}])]
     want = [(expected(model, fe, a), None) for a in audio]
 
-    vocab = ["<blank>", *"0123456789"]
-    processor = SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(vocab))
-    torch.manual_seed(0)
-    ctc = SpeechRNNForCTC(SpeechRNNConfig(hidden_size=32, num_layers=1, bidirectional=False, conv_channels=[16],
-                                          vocab_size=len(vocab), id2label=dict(enumerate(vocab)))).eval()
-    ctc_folder = save_sparse_checkpoint(ctc, tmp_path / "ctc", report=make_report(ctc, ["speech_rnn.rnn.weight_hh_l0"]),
-                                        processor=processor, measure_speed=False)
+    ctc, processor, ctc_folder = ctc_checkpoint(tmp_path / "ctc", fe)
     jobs.append(("automatic-speech-recognition", str(ctc_folder), [str(w) for w in wavs[:2]]))
     with torch.no_grad():
         texts = processor.batch_decode(ctc(**fe(audio, return_tensors="pt")).logits.argmax(-1))

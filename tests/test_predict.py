@@ -15,7 +15,7 @@ from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
 from hf_sparse.cli import main
 from hf_sparse.data import BUNDLED_DATA
 from hf_sparse.data.audio_io import load_audio
-from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
+from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForSequenceClassification
 from tests.test_export import make_report
 

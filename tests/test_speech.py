@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForAudioClas
 
 from hf_sparse.config.recipe import DataConfig, ModelConfig, load_recipe
 from hf_sparse.data import DataBundle, DataError, load_data
+from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.data.fsdd import load_fsdd, load_fsdd_digits, read_fsdd
 from hf_sparse.data.speech import (
     SpeechCollator,
@@ -25,7 +26,6 @@ from hf_sparse.data.speech import (
     error_rates,
 )
 from hf_sparse.models import build_model
-from hf_sparse.models.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -475,19 +475,13 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
     purge_info = None
     to_save = inner
     if format == "purged":
-        purge = getattr(inner, "purge", None)
+        from ..structure.purge import purge_for_export
+
         wanted = structure if structure is not None else report.get("structure")
         if wanted and prefix:
             wanted = {k.removeprefix(prefix): v for k, v in wanted.items()}
-        extra: dict[str, Any] = {}
         try:
-            if callable(purge):  # hf_sparse's LeNets purge themselves (their config holds the widths)
-                to_save, kept = purge(wanted)
-            else:  # any model whose channel groups are found: purge a copy, record the plan
-                from ..structure.purge import purge_copy
-
-                to_save, extra = purge_copy(inner, wanted)
-                kept = extra.pop("kept")
+            to_save, kept, extra = purge_for_export(inner, wanted)
         except ValueError as e:
             raise CheckpointError(f"cannot purge {type(inner).__name__}: {e}") from None
         small_rename = saved_names(to_save)

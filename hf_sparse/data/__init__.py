@@ -12,11 +12,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import datasets
+from typing import TYPE_CHECKING, Any
 
 from ..registry import Registry
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def _bundled_data() -> Path:
@@ -62,7 +63,9 @@ class DataError(ValueError):
         self.key = key
 
 
-DATA_SOURCES: Registry = Registry("data source")
+#: the built-in sources register themselves when their module is imported: on the first lookup
+DATA_SOURCES: Registry = Registry("data source", builtins=[f"{__name__}.{m}" for m in (
+    "idx", "lazy_images", "fsdd", "audio_folder")])
 #: Sources whose bundles are not kept for reuse (see :func:`_build_source`): lazy ones, whose
 #: folders are too large to stamp file by file and cost nothing to open again.
 _NOT_REUSED: set[str] = set()
@@ -153,8 +156,5 @@ def _subsample(bundle: DataBundle, cfg) -> DataBundle:
         bundle.eval = bundle.eval.shuffle(seed=cfg.seed).select(range(cfg.max_eval_samples))
     return bundle
 
-
-# Importing the modules registers the sources.
-from . import audio_folder, fsdd, idx, lazy_images  # noqa: E402,F401
 
 __all__ = ["BUNDLED_DATA", "DATA_SOURCES", "DataBundle", "DataError", "load_data", "register_data"]

@@ -37,9 +37,9 @@ from typing import Any
 import datasets
 import numpy as np
 
-from ..models.feature_extraction import SpeechRNNFeatureExtractor
 from . import DataBundle, DataError, register_data
 from .audio_io import AUDIO_EXTENSIONS, audio_info
+from .feature_extraction import SpeechRNNFeatureExtractor
 from .idx import accuracy
 from .speech import (
     AudioTransform,
@@ -152,7 +152,7 @@ def transcript_ids(train_texts: Sequence[str], eval_texts: Sequence[str], eval_n
     Evaluation characters outside the vocabulary become ``<unk>`` (counted as errors by the
     metrics) and are reported in the log with the first file that has them.
     """
-    from ..models.speech_processor import UNK, build_vocab, normalize_transcript
+    from .speech_processor import UNK, build_vocab, normalize_transcript
 
     train_norm = [normalize_transcript(t) for t in train_texts]
     vocab = build_vocab(train_norm)
@@ -215,7 +215,7 @@ def speech_bundle(train: datasets.Dataset, evaluation: datasets.Dataset, task: s
         info["callbacks"] = [AugmentEpochCallback(train_transform)]
     metrics = accuracy
     if task == "ctc":
-        from ..models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
+        from .speech_processor import SpeechRNNProcessor, ctc_tokenizer
 
         info.update(vocab=label_names, preprocess_logits_for_metrics=ctc_argmax,
                     processor=SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(label_names)))
@@ -270,7 +270,7 @@ def select_examples(where: str, cfg, task: str, train: SplitRefs, evaluation: Sp
         eval_keep, eval_rates = check_audio(evaluation.values, evaluation.names, cfg.max_duration_s, skipped)
         rates += eval_rates
     if task == "ctc":
-        from ..models.speech_processor import normalize_transcript
+        from .speech_processor import normalize_transcript
 
         def non_empty(keep: list[int], refs: SplitRefs) -> list[int]:
             empty = [i for i in keep if not normalize_transcript(refs.targets[i])]

@@ -28,8 +28,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from ..models.feature_extraction import SpeechRNNFeatureExtractor
 from . import BUNDLED_DATA, DataBundle, DataError, register_data
+from .feature_extraction import SpeechRNNFeatureExtractor
 from .idx import accuracy
 from .speech import SpeechCollator, audio_dataset, ctc_argmax, ctc_metrics, featurize
 
@@ -262,7 +262,7 @@ def _bundle(dd: datasets.DatasetDict, options: dict, rate: int, task: str, label
     train, test = featurize(dd["train"], fe), featurize(dd["test"], fe)
     info = {"feature_extractor": fe, "sampling_rate": rate}
     if task == "ctc":  # the fixed digit vocabulary, saved with the checkpoint as a tokenizer + processor
-        from ..models.speech_processor import SpeechRNNProcessor, ctc_tokenizer
+        from .speech_processor import SpeechRNNProcessor, ctc_tokenizer
 
         info.update(vocab=label_names, preprocess_logits_for_metrics=ctc_argmax,
                     processor=SpeechRNNProcessor(feature_extractor=fe, tokenizer=ctc_tokenizer(label_names)))

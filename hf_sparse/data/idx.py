@@ -112,7 +112,7 @@ class ImageCollator:
     def image_processor(self) -> Any:
         """The same preprocessing as a transformers image processor, saved with checkpoints so
         ``pipeline("image-classification")`` and ``AutoImageProcessor`` turn an image into these inputs."""
-        from ..models.image_processor import SparseImageProcessor
+        from .image_processor import SparseImageProcessor
 
         c, h, w = self.shape
         return SparseImageProcessor(num_channels=c, size={"height": h, "width": w},

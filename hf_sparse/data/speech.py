@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 from transformers import TrainerCallback
 
-from ..models.feature_extraction import SpeechRNNFeatureExtractor
+from .feature_extraction import SpeechRNNFeatureExtractor
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ def register_model(name: str, override: bool = False) -> Callable:
 
 
 from .._post_import import when_imported  # noqa: E402
-from . import image_processor, lenet, speech_rnn  # noqa: E402,F401
+from . import lenet, speech_rnn  # noqa: E402,F401
 from .pipeline_audio import install_audio_file_reader  # noqa: E402
 
 for _module in ("transformers.pipelines.audio_classification", "transformers.pipelines.automatic_speech_recognition"):

@@ -11,9 +11,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 
+from ..data.image_processor import SparseImageProcessor
 from . import register_model
 
 
@@ -81,14 +88,12 @@ class LeNetForImageClassification(PreTrainedModel):
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
-    def purge(self, structure: dict[str, list[int]] | None = None
-              ) -> tuple[LeNetForImageClassification, dict[str, list[int]]]:
-        """The physically smaller model for structured sparsity (see :func:`purge_lenet`)."""
-        return purge_lenet(self, structure)
-
 
 AutoConfig.register(LeNetConfig.model_type, LeNetConfig)
 AutoModelForImageClassification.register(LeNetConfig, LeNetForImageClassification)
+# by class name, the image processor of every hf_sparse image checkpoint (LeNet, transformers, timm)
+AutoImageProcessor.register(LeNetConfig, image_processor_classes={"pil": SparseImageProcessor,
+                                                                  "torchvision": SparseImageProcessor})
 
 
 def _lenet(variant: str):

@@ -26,14 +26,16 @@ from transformers import (
     AutoModel,
     AutoModelForAudioClassification,
     AutoModelForCTC,
+    AutoProcessor,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
+from ..data.feature_extraction import SpeechRNNFeatureExtractor
+from ..data.speech_processor import SpeechRNNProcessor
 from . import register_model
-from .feature_extraction import SpeechRNNFeatureExtractor
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -161,14 +163,6 @@ class SpeechRNNPreTrainedModel(PreTrainedModel):
             for p in module.parameters(recurse=False):
                 init.uniform_(p, -bound, bound)
 
-    def purge(self, structure: dict[str, list[int]] | None = None) -> tuple[SpeechRNNPreTrainedModel, dict[str, list[int]]]:
-        """The physically smaller model for unit-level sparsity: removed GRU/LSTM hidden units are
-        cut from every gate block, the next layer and the head, and ``config.hidden_size`` shrinks
-        (see :func:`hf_sparse.structure.recurrent.purge_speech_rnn`)."""
-        from ..structure.recurrent import purge_speech_rnn
-
-        return purge_speech_rnn(self, structure)
-
 
 class SpeechRNNModel(SpeechRNNPreTrainedModel):
     """Front-end + recurrent stack; returns per-frame states and the valid length of each utterance."""
@@ -259,8 +253,8 @@ AutoModel.register(SpeechRNNConfig, SpeechRNNModel)
 AutoModelForAudioClassification.register(SpeechRNNConfig, SpeechRNNForSequenceClassification)
 AutoModelForCTC.register(SpeechRNNConfig, SpeechRNNForCTC)
 AutoFeatureExtractor.register(SpeechRNNConfig, SpeechRNNFeatureExtractor)
+AutoProcessor.register(SpeechRNNConfig, SpeechRNNProcessor)
 
-from . import speech_processor  # noqa: E402,F401  (registers SpeechRNNProcessor with AutoProcessor)
 
 
 @register_model("speech_rnn")

@@ -541,6 +541,25 @@ def purge_summary(params: Mapping[str, Any]) -> str:
 
 
 
+def purge_for_export(model: nn.Module, structure: Mapping[str, Any] | None = None
+                     ) -> tuple[nn.Module, dict[str, list[int]], dict[str, Any]]:
+    """The one purge entry point: a smaller copy of ``model``, the kept units per weight, and what
+    else the checkpoint records (the plan of a group purge). hf_sparse's LeNets and speech RNNs cut
+    their own widths, which their configs hold (so the copy loads with ``from_pretrained``); any
+    other model is purged by its channel groups (:func:`purge_copy`). ValueError when it cannot be.
+    """
+    from ..models.lenet import LeNetForImageClassification, purge_lenet
+    from ..models.speech_rnn import SpeechRNNPreTrainedModel
+    from .recurrent import purge_speech_rnn
+
+    if isinstance(model, LeNetForImageClassification):
+        return (*purge_lenet(model, structure), {})
+    if isinstance(model, SpeechRNNPreTrainedModel):
+        return (*purge_speech_rnn(model, structure), {})
+    small, extra = purge_copy(model, structure)
+    return small, extra.pop("kept"), extra
+
+
 @torch.no_grad()
 def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
                inputs: torch.Tensor | Mapping[str, torch.Tensor] | None = None,

@@ -15,11 +15,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from transformers import AutoImageProcessor
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import make_flat_list_of_images, to_numpy_array
-
-from .lenet import LeNetConfig
 
 #: resampling filters by the names the data pipeline uses
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -83,6 +80,3 @@ class SparseImageProcessor(BaseImageProcessor):
         pixels = np.stack([self._one(image) for image in make_flat_list_of_images(images)])
         return BatchFeature({"pixel_values": pixels}, tensor_type=return_tensors)
 
-
-AutoImageProcessor.register(LeNetConfig, image_processor_classes={"pil": SparseImageProcessor,
-                                                                  "torchvision": SparseImageProcessor})

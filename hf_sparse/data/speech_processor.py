@@ -23,9 +23,7 @@ import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import AutoProcessor, Wav2Vec2CTCTokenizer, Wav2Vec2Processor
-
-from .speech_rnn import SpeechRNNConfig
+from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2Processor
 
 BLANK, UNK, DELIMITER = "<pad>", "<unk>", "|"
 SPECIAL_TOKENS = [BLANK, UNK, DELIMITER]
@@ -62,7 +60,5 @@ class SpeechRNNProcessor(Wav2Vec2Processor):
     """Feature extractor + character CTC tokenizer: ``processor(audio, sampling_rate=...)`` gives
     the model's inputs, ``processor(text=...)`` label ids, ``processor.batch_decode(ids)`` text."""
 
-
-AutoProcessor.register(SpeechRNNConfig, SpeechRNNProcessor)
 
 __all__ = ["SpeechRNNProcessor", "build_vocab", "ctc_tokenizer", "normalize_transcript"]

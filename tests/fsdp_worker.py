@@ -162,7 +162,7 @@ def export(model, sp, folder: Path, rank: int) -> None:
     if rank == 0:
         plain = tiny_lenet()
         plain.load_state_dict(full)
-        save_sparse_checkpoint(plain, folder, report=report, measure_speed=False)
+        save_sparse_checkpoint(plain, folder, report=report)
 
 
 def run(rank: int, world: int, out: Path, names: list[str]) -> None:

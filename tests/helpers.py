@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,20 @@ def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_over
 
 
 
+def run_steps(method, optimizer: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: int,
+              start: int = 0) -> None:
+    """Drive a method's (or a Sparsifier's) step hooks around a plain training loop: for each step,
+    ``before_forward``, ``loss(step).backward()``, ``after_backward``, the optimizer step,
+    ``after_step``. ``setup`` and ``finalize`` are the caller's."""
+    for step in range(start, start + steps):
+        method.before_forward(step)
+        loss(step).backward()
+        method.after_backward(step)
+        optimizer.step()
+        method.after_step(step, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+
 def state_digest(state: Any) -> str:
     """SHA-256 over every tensor and plain value of a (nested) ``state_dict``."""
     h = hashlib.sha256()
@@ -125,13 +140,22 @@ def assert_ranks_resume_exactly(ranks: list[dict], name: str, resume_at: int) ->
         assert r[name]["state_file"] == f"sparsity_state-rank{rank}-of-{len(ranks)}.pt"
 
 
-def two_rank_records(suite: str, out_dir: Path, timeout: int = 900, worker: str = "dist_worker.py") -> list[dict]:
-    """Run ``tests/dist_worker.py SUITE OUT`` under ``accelerate launch`` with 2 CPU processes (gloo;
-    ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) and return
-    what ranks 0 and 1 recorded."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "tests" / worker), suite, str(out_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+#: The suites of tests/dist_worker.py; one launch records them all.
+TWO_RANK_SUITES = ("methods", "l0", "distill")
+_two_rank_launch: list[list[dict]] = []  # what ranks 0 and 1 recorded, once the launch has run
+
+
+def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
+    """What ranks 0 and 1 recorded for ``suite`` of tests/dist_worker.py.
+
+    The first call runs every suite in one ``accelerate launch`` of 2 CPU processes (gloo;
+    ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) writing
+    under ``out_dir``; later calls in the session reuse what it recorded."""
+    if not _two_rank_launch:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO / "tests" / "dist_worker.py"), str(out_dir), *TWO_RANK_SUITES]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        _two_rank_launch.append([json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)])
+    return [rank[suite] for rank in _two_rank_launch[0]]

@@ -89,6 +89,7 @@ def _children_of_out(out: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.dist  # trains three runs in subprocesses, interrupts the grid with SIGINT and reruns it
 def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
     paths = tiny_family(tmp_path / "recipes")
     out = tmp_path / "out"

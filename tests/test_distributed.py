@@ -1,9 +1,14 @@
-"""Two real processes through ``accelerate launch``: masks and method state identical on both ranks
-after every step."""
+"""Two real processes through ``accelerate launch`` (one launch for the whole session, see
+tests/helpers.two_rank_records): masks and method state identical on both ranks after every step,
+for every method and granularity and for a distilled run, which also resumes exactly."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import method_granularities, two_rank_records
+
+pytestmark = pytest.mark.dist
 
 
 def test_masks_identical_on_two_ranks(tmp_path):
@@ -17,3 +22,12 @@ def test_masks_identical_on_two_ranks(tmp_path):
         assert a["masks"] == b["masks"], method
         assert a["state"] == b["state"], method  # scores, thresholds, multipliers: bit-identical
         assert a["density"] == b["density"] and a["density"] < 1.0, method
+
+
+def test_distilled_run_agrees_on_two_ranks_and_resumes_exactly(tmp_path):
+    a, b = two_rank_records("distill", tmp_path)
+    assert a["world_size"] == b["world_size"] == 2
+    assert len(a["straight"]) == 12 and a["straight"] == b["straight"]  # weights and masks equal after every step
+    assert a["resumed"] == a["straight"][6:] and b["resumed"] == b["straight"][6:]
+    assert a["teacher_digest"] == b["teacher_digest"] and a["soft"] > 0
+    assert a["density"] < 0.5  # pruned while distilling (the schedule ends at step 14)

@@ -298,11 +298,14 @@ def test_cli_export_and_inspect(tmp_path, capsys):
     (run_dir / "model" / "preprocessor_config.json").write_text('{"do_normalize": false}')
     save_sparse_checkpoint(model, run_dir / "model", report=report, recipe_yaml=RECIPE,
                            eval_metrics={"accuracy": 0.8})
+    assert json.loads((run_dir / "model" / "sparsity.json").read_text())["runtime_speed"] is None  # not asked for
     before = folder_hashes(run_dir)
     for fmt in ("bitmask", "purged"):
         assert run_cli(["export", str(run_dir), "--format", fmt, "--out", str(tmp_path / fmt)]) == 0
         out = tmp_path / fmt
-        assert json.loads((out / "sparsity.json").read_text())["format"] == fmt
+        sparsity = json.loads((out / "sparsity.json").read_text())
+        assert sparsity["format"] == fmt
+        assert "measured" in sparsity["runtime_speed"] and "## Speed" in (out / "README.md").read_text()  # export times it
         assert (out / "recipe.yaml").read_text() == RECIPE
         assert (out / "preprocessor_config.json").is_file()  # processor files travel along
         torch.testing.assert_close(logits(load_sparse(out), X_MNIST), logits(model, X_MNIST), rtol=1e-5, atol=1e-5)

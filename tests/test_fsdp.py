@@ -26,6 +26,7 @@ def runs(tmp_path_factory):
     return out, [json.loads((out / f"{t}.json").read_text()) for t in ("ref", "rank0", "rank1")]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fsdp2_matches_one_process(runs, name):
     _, (ref, a, b) = runs
@@ -40,12 +41,14 @@ def test_fsdp2_matches_one_process(runs, name):
     assert a[name]["state_bytes"] + b[name]["state_bytes"] >= ref[name]["state_bytes"]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_fsdp2_resume_equals_uninterrupted(runs, name):
     _, (_, a, b) = runs
     assert_ranks_resume_exactly([a, b], name, RESUME_AT)
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("name", EXPORTED)
 def test_fsdp2_export_loads_on_one_process(runs, name):
     out, _ = runs

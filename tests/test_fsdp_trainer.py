@@ -16,6 +16,7 @@ from hf_sparse.checkpoint.save_and_load import load_sparse
 from tests.fsdp_trainer_worker import BATCHNORM, CONFIGS, RESUME_AT, STEPS
 from tests.helpers import REPO, assert_ranks_resume_exactly, launch_env
 
+pytestmark = pytest.mark.dist  # every test reads the two-process launch
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

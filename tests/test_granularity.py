@@ -20,7 +20,7 @@ from hf_sparse.methods.granularity import (
 from hf_sparse.methods.reparam import RealWeights
 from hf_sparse.methods.schedules import CubicSchedule, LinearWarmup, NarangThreshold, StepWindow
 from hf_sparse.methods.targets import resolve_targets
-from tests.helpers import GRANULARITIES, method_granularities
+from tests.helpers import GRANULARITIES, method_granularities, run_steps
 
 
 def grid_of(module: nn.Module, granularity: Granularity, model: nn.Module | None = None):
@@ -172,16 +172,12 @@ def train_a_little(method, model: nn.Module, steps: int) -> None:
     extra = [p for g in method.param_groups(0.05) for p in g["params"]]
     opt = torch.optim.SGD(list(model.parameters()) + extra, lr=0.05)
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
-    for step in range(steps):
-        method.before_forward(step)
-        loss = sum((p - 0.1).square().sum() for p in model.parameters()) * 0.01
-        if isinstance(model, nn.Sequential):
-            loss = loss + model(x[:, :1]).square().mean()
-        loss.backward()
-        method.after_backward(step)
-        opt.step()
-        method.after_step(step, opt)
-        opt.zero_grad()
+
+    def loss(step: int) -> torch.Tensor:
+        small = sum((p - 0.1).square().sum() for p in model.parameters()) * 0.01
+        return small + model(x[:, :1]).square().mean() if isinstance(model, nn.Sequential) else small
+
+    run_steps(method, opt, loss, steps)
     method.finalize()
 
 
@@ -238,21 +234,29 @@ def test_schedules():
 
 # -- recipes -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["gmp", "gradual", "dns", "l0", "autoprune"])
-@pytest.mark.parametrize("setting", [["sparsity.granularity=unstructured"],
-                                     ["sparsity.granularity=block", "sparsity.block_shape=[4,4]"],
-                                     ["sparsity.granularity=2:4", "sparsity.target_density=0.5"],
-                                     ["sparsity.granularity=channel", "sparsity.targets.include_head=false"]])
-def test_every_method_recipe_takes_every_granularity(method, setting):
+@pytest.mark.parametrize(("setting", "kind", "grid_shape"), [
+    (["sparsity.granularity=unstructured"], "unstructured", lambda rows, cols: (rows, cols)),
+    (["sparsity.granularity=block", "sparsity.block_shape=[4,4]"], "block", lambda rows, cols: (-(-rows // 4), -(-cols // 4))),
+    (["sparsity.granularity=2:4", "sparsity.target_density=0.5"], "n:m", lambda rows, cols: (rows, cols)),
+    (["sparsity.granularity=channel", "sparsity.targets.include_head=false"], "channel", lambda rows, cols: (rows,)),
+], ids=["unstructured", "block", "2:4", "channel"])
+def test_every_method_recipe_takes_every_granularity(method, setting, kind, grid_shape, tmp_path):
+    """The recipe with the setting is a valid run whose method gates each targeted weight in groups
+    of that granularity (blocks with ragged edges, whole rows for channels; the head left out)."""
     from hf_sparse.config.recipe import load_recipe
+    from hf_sparse.training.run import make_trainer, prepare_run
 
     name = "l0_constrained" if method == "l0" else method
-    if "2:4" in setting[0] and method in ("gmp", "gradual", "dns"):  # their recipes rank globally; N:M is per run
+    if kind == "n:m" and method in ("gmp", "gradual", "dns"):  # their recipes rank globally; N:M is per run
         setting = [*setting, "sparsity.params.scope=layer"]
-    recipe = load_recipe(f"recipes/fmnist_lenet300_{name}.yaml", setting)
-    spec = recipe.sparsity.granularity_spec()
-    assert str(spec) in ("unstructured", "block 4x4", "2:4", "channel")
-    if spec.kind == "n:m":
-        assert recipe.sparsity.target_density == 0.5
+    recipe = load_recipe(f"recipes/fmnist_lenet300_{name}.yaml",
+                         [*setting, "data.max_train_samples=64", "data.max_eval_samples=64"])
+    engine = make_trainer(prepare_run(recipe, tmp_path / "run")).sparsifier.method
+    names = [m.target.name for g in engine.grids for m in g.weights]
+    assert {"fc1.weight", "fc2.weight"} <= set(names) and ("classifier.weight" in names) == (kind != "channel")
+    for grid in engine.grids:
+        assert grid.granularity.kind == kind and grid.shape == grid_shape(*grid.weights[0].target.param.shape)
+    assert engine.target_density == (0.5 if kind == "n:m" else recipe.sparsity.target_density)
 
 
 @pytest.mark.parametrize(("overrides", "key", "message"), [

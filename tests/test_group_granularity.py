@@ -18,6 +18,7 @@ from hf_sparse.methods.granularity import Granularity, _Slices
 from hf_sparse.structure.groups import find_groups
 from hf_sparse.structure.purge import purge_copy
 from hf_sparse.training.sparsifier import Sparsifier
+from tests.helpers import run_steps
 
 RECIPES = {"gmp": "fmnist_lenet300_gmp", "dns": "fmnist_lenet300_dns", "gradual": "fmnist_lenet300_gradual",
            "l0": "fmnist_lenet300_l0_constrained", "autoprune": "fmnist_lenet300_autoprune"}
@@ -79,13 +80,7 @@ def _train(method: str, density: float = 0.5, steps: int = 60):
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 1, 16, 16, generator=gen), torch.randint(0, 10, (64,), generator=gen)
     sp.setup(steps)
-    for step in range(steps):
-        sp.before_forward(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        sp.after_backward(step)
-        opt.step()
-        sp.after_step(step, opt)
-        opt.zero_grad()
+    run_steps(sp, opt, lambda step: nn.functional.cross_entropy(model(x), y), steps)
     sp.finalize()
     return model.eval(), sp
 
@@ -127,13 +122,7 @@ def test_l0_meets_a_mac_budget_on_coupled_groups():
     opt = torch.optim.Adam([{"params": list(model.parameters())}, *sp.param_groups(0.01)], lr=0.01)
     steps = 80
     sp.setup(steps)
-    for step in range(steps):
-        sp.before_forward(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        sp.after_backward(step)
-        opt.step()
-        sp.after_step(step, opt)
-        opt.zero_grad()
+    run_steps(sp, opt, lambda step: nn.functional.cross_entropy(model(x), y), steps)
     sp.finalize()
     model.eval()
     small, info = purge_copy(model, inputs=x[:1])

@@ -22,7 +22,7 @@ IDS = [f"{c.name}/{k}" for c in CASES for k in c.kinds]
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     model, report = sparse_lenet(density=0.1)
-    return {kind: save_sparse_checkpoint(model, root / kind, report=report, format=kind, measure_speed=False)
+    return {kind: save_sparse_checkpoint(model, root / kind, report=report, format=kind)
             for kind in ("dense", "bitmask")}
 
 
@@ -75,7 +75,7 @@ def test_inspect_flags_density_lies(corpus, capsys):
 
 def test_timm_config_cannot_name_a_file_to_open(tmp_path):
     wrapper, report = sparse_timm()
-    folder = save_sparse_checkpoint(wrapper, tmp_path / "ck", report=report, measure_speed=False)
+    folder = save_sparse_checkpoint(wrapper, tmp_path / "ck", report=report)
     target = tmp_path / "planted.pth"
     torch.save({"x": torch.zeros(1)}, target)
     timm_with_checkpoint_path(folder, target)
@@ -85,7 +85,7 @@ def test_timm_config_cannot_name_a_file_to_open(tmp_path):
 
 def test_plain_folders_load_with_an_unverified_warning(tmp_path):
     wrapper, report = sparse_timm()
-    plain = save_sparse_checkpoint(wrapper, tmp_path / "plain", report=report, measure_speed=False)
+    plain = save_sparse_checkpoint(wrapper, tmp_path / "plain", report=report)
     (plain / "sparsity.json").unlink()  # what timm's save_for_hf alone writes
     with pytest.warns(UserWarning, match="loaded unverified"):
         loaded = load_sparse(plain)
@@ -133,7 +133,7 @@ def test_export_into_a_new_folder_loads_and_carries_no_pickles(sources, tmp_path
 
 def test_purging_a_purged_checkpoint_is_refused(tmp_path, capsys):
     model, report = sparse_lenet(density=0.1, structured=0.5)
-    purged = save_sparse_checkpoint(model, tmp_path / "p", report=report, format="purged", measure_speed=False)
+    purged = save_sparse_checkpoint(model, tmp_path / "p", report=report, format="purged")
     assert main(["export", str(purged), "--format", "purged", "--out", str(tmp_path / "again")]) == 2
     assert "already purged" in one_error_line(capsys.readouterr().err, "export")
     assert not (tmp_path / "again").exists()

@@ -30,8 +30,7 @@ FAULTS = {"silent": {"silent": True}, "one byte per second": {"drip": 1.0},
 @pytest.fixture()
 def checkpoint(tmp_path):
     model, report = sparse_lenet(density=0.1)
-    return model, save_sparse_checkpoint(model, tmp_path / "ck", report=report, format="bitmask",
-                                         measure_speed=False)
+    return model, save_sparse_checkpoint(model, tmp_path / "ck", report=report, format="bitmask")
 
 
 def _inject(hub, fault: str) -> None:
@@ -115,7 +114,7 @@ def test_a_sharded_checkpoint_round_trips_through_the_cache(hub, tmp_path):
     from hf_sparse.checkpoint.save_and_load import weight_digests
 
     model, report = sparse_lenet(density=0.1)
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report, measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
     tensors = load_file(str(folder / "model.safetensors"))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],

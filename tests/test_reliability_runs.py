@@ -201,6 +201,7 @@ def _kill_sweep(tmp_path: Path, moments: int, seed: int) -> list[str]:
     return outcomes
 
 
+@pytest.mark.dist  # four to five trainings in subprocesses
 def test_kill_9_at_two_random_moments(tmp_path):
     _kill_sweep(tmp_path, moments=2, seed=0)
 
@@ -281,6 +282,7 @@ def test_an_output_dir_that_cannot_be_is_one_line(tmp_path, capsys, where):
     assert (tmp_path / "file").read_text() == "x"
 
 
+@pytest.mark.dist
 def test_a_read_only_filesystem_is_one_line(tmp_path):
     """A read-only tmpfs mounted in a mount namespace of the test's own (``unshare``): root ignores
     file permissions, not a read-only mount."""
@@ -298,6 +300,7 @@ def test_a_read_only_filesystem_is_one_line(tmp_path):
     assert "Read-only file system" in last
 
 
+@pytest.mark.dist
 def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
     """RLIMIT_FSIZE stands in for a full disk: writes past it fail as on a full one."""
     def limit():

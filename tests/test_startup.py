@@ -32,5 +32,7 @@ def test_public_names_load_on_first_use_and_register_the_models():
             "from hf_sparse import SparseTrainer, load_sparse\n"
             "transformers.AutoConfig.for_model('hf_sparse_lenet')  # registered by hf_sparse.models\n")
     assert {"torch", "transformers"} <= imported_after(code)
-    # transformers imported first: `import hf_sparse` registers the models at once
-    imported_after("import transformers, hf_sparse\ntransformers.AutoConfig.for_model('hf_sparse_lenet')")
+    # transformers imported first: `import hf_sparse` registers the models at once (for_model raises
+    # otherwise), pulling in torch for them but neither timm nor datasets
+    registered = "import transformers, hf_sparse\ntransformers.AutoConfig.for_model('hf_sparse_lenet')"
+    assert imported_after(registered) == {"torch", "transformers"}

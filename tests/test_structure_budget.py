@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from hf_sparse.structure.budget import CostModel, count_macs, count_params
+from tests.helpers import run_steps
 
 try:
     from hf_sparse.structure.groups import ChannelGroup, Slice
@@ -162,13 +163,7 @@ def test_l0_steps_move_expected_macs_to_the_budget(control):
     opt = torch.optim.Adam([p for p in net.parameters()] + [g.log_alpha for g in method.gates], lr=0.01)
     x, y = torch.randn(16, 2, 6, 6), torch.randint(0, 5, (16,))
     start = method.metrics()["expected_macs_fraction"]
-    for step in range(steps):
-        method.before_forward(step)
-        nn.functional.cross_entropy(net(x), y).backward()
-        method.after_backward(step)
-        opt.step()
-        method.after_step(step, opt)
-        opt.zero_grad()
+    run_steps(method, opt, lambda step: nn.functional.cross_entropy(net(x), y), steps)
     end = method.metrics()["expected_macs_fraction"]
     assert start > 0.8
     assert abs(end - 0.3) < abs(start - 0.3) / 2

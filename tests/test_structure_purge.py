@@ -26,6 +26,7 @@ from hf_sparse.structure.purge import (
     resize_to_plan,
     zero_channels,
 )
+from tests.helpers import run_steps
 
 TOL = 1e-5
 
@@ -141,7 +142,7 @@ def test_purge_equals_gated_and_plan_rebuilds_it(name):
 def test_purged_checkpoint_round_trip(name, tmp_path):
     model, _ = gated(MODELS[name]())
     x = inputs(model)
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged")
     sparsity = json.loads((folder / "sparsity.json").read_text())
     purged = sparsity["purged"]
     assert purged["params"]["purged"] < purged["params"]["dense"] and 0 < purged["macs"]["fraction"] < 1
@@ -162,7 +163,7 @@ def test_uniform_vit_loads_with_plain_from_pretrained(tmp_path):
     from transformers import ViTForImageClassification
 
     model, _ = gated(hf_vit())
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged")
     plain = ViTForImageClassification.from_pretrained(folder).eval()
     assert plain.config.num_attention_heads == 2
     x = inputs(model)
@@ -180,7 +181,7 @@ def test_uneven_widths_are_refused_by_plain_from_pretrained(tmp_path):
     first = groups[0]
     keep[first.name] = keep[first.name][: max(1, first.channels // 2)]  # one group only: widths differ per layer
     mask_channels(model, groups, keep)
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged")
     assert json.loads((folder / "sparsity.json").read_text())["purged"]["config"] is None
     with pytest.raises(Exception, match="(?i)size|shape"):
         ViTForImageClassification.from_pretrained(folder)
@@ -271,7 +272,7 @@ def test_push_and_load_purged_from_the_hub(hub, tmp_path):
 
     for repo, build in (("alice/resnet18-purged", lambda: timm_model("resnet18")), ("alice/vit-purged", hf_vit)):
         model, _ = gated(build())
-        folder = save_sparse_checkpoint(model, tmp_path / repo, report=report_of(model), format="purged", measure_speed=False)
+        folder = save_sparse_checkpoint(model, tmp_path / repo, report=report_of(model), format="purged")
         push_to_hub(folder, repo, token=HUB_TOKEN, endpoint=hub.url)
         loaded = load_sparse(repo, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path / f"cache-{repo}")
         x = inputs(model)
@@ -283,7 +284,7 @@ def test_cli_export_purged(tmp_path, capsys):
     from hf_sparse.cli import main
 
     model, _ = gated(timm_model("resnet10t"))
-    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report_of(model), measure_speed=False)
+    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report_of(model))
     assert main(["export", str(tmp_path / "run"), "--format", "purged", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     dense, purged = n_params(model), n_params(load_sparse(tmp_path / "p"))
@@ -305,13 +306,13 @@ def test_cli_export_purged_of_an_unstructured_run_names_bitmask(tmp_path, capsys
             if p.dim() > 1:
                 p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) < 0.5)
     report = report_of(model, "gmp", "unstructured")
-    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report, measure_speed=False)
+    save_sparse_checkpoint(model, tmp_path / "run" / "model", report=report)
     assert main(["export", str(tmp_path / "run"), "--format", "purged", "--out", str(tmp_path / "p")]) == 0
     captured = capsys.readouterr()
     assert f"purge removed 0 of {n_params(model):,} parameters (0.0%)" in captured.out
     assert "--format bitmask" in captured.out and "purge removed" not in captured.err  # said once
     with pytest.warns(UserWarning, match=r"purge removed 0 of .*--format bitmask"):
-        save_sparse_checkpoint(model, tmp_path / "api", report=report, format="purged", measure_speed=False)
+        save_sparse_checkpoint(model, tmp_path / "api", report=report, format="purged")
 
 
 def test_purged_export_of_an_unstructured_recipe_warns_at_validate(tmp_path):
@@ -340,7 +341,7 @@ def test_validate_prints_the_purged_warning(tmp_path, capsys):
 
 def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
     model, _ = gated(timm_model("resnet10t"))
-    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged", measure_speed=False)
+    folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report_of(model), format="purged")
     sparsity = json.loads((folder / "sparsity.json").read_text())
     sparsity["purged"]["plan"]["shapes"]["no.such.weight"] = [1]
     (folder / "sparsity.json").write_text(json.dumps(sparsity))
@@ -351,7 +352,7 @@ def test_load_refuses_a_plan_that_does_not_fit(tmp_path):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_a_few_group_steps_then_purge(name):
     """Train a few steps of gmp at ``granularity: group`` (every coupled group to half its channels),
-    then purge: the purged model gives the trained model's outputs and is smaller."""
+    then purge: the purged model keeps exactly those channels and gives the trained model's outputs."""
     from hf_sparse.config.recipe import SparsityConfig
     from hf_sparse.training.sparsifier import Sparsifier
 
@@ -364,16 +365,15 @@ def test_a_few_group_steps_then_purge(name):
     x, y = inputs(model, 4), torch.arange(4)
     steps = 4
     sp.setup(steps)
-    for step in range(steps):
-        sp.before_forward(step)
-        nn.functional.cross_entropy(logits(model, x), y).backward()
-        sp.after_backward(step)
-        opt.step()
-        sp.after_step(step, opt)
-        opt.zero_grad()
+    run_steps(sp, opt, lambda step: nn.functional.cross_entropy(logits(model, x), y), steps)
     sp.finalize()
     model.eval()
     small, info = purge_copy(model, inputs=inputs(model, 1))
+    grids = sp.method.grids
+    assert grids and set(info["kept"]) == {g.name for g in grids}
+    for grid, mask in zip(grids, sp.method.group_masks()):
+        assert abs(int(mask.sum()) - mask.numel() / 2) <= 0.5, grid.name  # half of every group's channels
+        assert info["kept"][grid.name] == mask.flatten().nonzero().flatten().tolist(), grid.name  # and only those
     assert info["max_abs_diff"] <= TOL and info["params"]["purged"] < info["params"]["dense"]
     x = inputs(model)
     assert (run(small, x) - run(model, x)).abs().max() <= TOL

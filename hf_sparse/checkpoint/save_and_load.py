@@ -433,17 +433,17 @@ def save_sparse_checkpoint(model: nn.Module, out_dir: str | Path, *, report: dic
                            format: str = "dense", eval_metrics: dict | None = None,
                            dense_reference: dict | None = None, structure: dict[str, list[int]] | None = None,
                            processor: Any = None, dataset: str | None = None, task: str | None = None,
-                           measure_speed: bool = True, quantize: str | None = None) -> Path:
+                           measure_speed: bool = False, quantize: str | None = None) -> Path:
     """Write the sparse checkpoint folder ``out_dir`` and return its path.
 
     ``report`` is the engine's sparsity report (method, densities, ``per_layer`` keyed by parameter
     name); the weights already hold zeros where pruned. ``structure`` (target name -> kept output
     units; default ``report["structure"]``) drives ``purged``; without it every unit whose removal
     cannot change the outputs goes. ``dataset`` (a Hub dataset id or name) and ``task`` feed the
-    model card; by default they come from the recipe and the model class. With ``measure_speed``
-    the batch-1 CPU latency of the sparse runtime vs dense is timed (about 0.3 s, only when some
-    layer is sparse enough for the runtime) and recorded as ``runtime_speed`` in sparsity.json
-    and the card. ``format="onnx"`` writes the purged (structured runs) or dense checkpoint plus
+    model card; by default they come from the recipe and the model class. ``measure_speed=True``
+    (``hf-sparse export`` asks for it) times the batch-1 CPU latency of the sparse runtime vs dense
+    (about 0.3 s, only when some layer is sparse enough for the runtime) and records it as
+    ``runtime_speed`` in sparsity.json and the card's Speed section; off by default, the card has none. ``format="onnx"`` writes the purged (structured runs) or dense checkpoint plus
     ``model.onnx`` checked against it (``quantize="int8"``: also ``model.int8.onnx``); see
     :mod:`hf_sparse.checkpoint.onnx_export`.
     """

@@ -121,7 +121,7 @@ def export_cmd(args: argparse.Namespace) -> int:
                                    quantize=getattr(args, "quantize", None),
                                    dense_reference=sparsity.get("dense_reference"),
                                    recipe_yaml=recipe.read_text() if recipe.is_file() else None,
-                                   dataset=dataset, task=task)
+                                   dataset=dataset, task=task, measure_speed=True)  # the card states the speed
         copy_extra_files(src, out)
         return _publish(staging, final, args)
     except (CheckpointError, OSError, json.JSONDecodeError) as e:

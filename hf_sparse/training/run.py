@@ -368,7 +368,7 @@ def execute_run(run: PreparedRun, resume_from_checkpoint: str | bool | None = No
     if trainer.args.should_save:
         write_folder_atomically(out / "model", lambda folder: trainer.save_sparse_model(
             folder, report=report, eval_metrics=results["eval"], dataset=run.data.card_name or None,
-            task=run.data.task, model=model))
+            task=run.data.task, model=model, measure_speed=True))  # the card states the speed
         export = run.recipe.export
         if export.push_to_hub:
             from ..checkpoint.hub import push_to_hub

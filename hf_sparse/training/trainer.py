@@ -415,8 +415,9 @@ class SparseTrainer(Trainer):
     def save_sparse_model(self, output_dir: str | os.PathLike, *, report: SparsityReport | dict | None = None,
                           eval_metrics: dict | None = None, format: str | None = None,
                           dataset: str | None = None, task: str | None = None,
-                          model: torch.nn.Module | None = None) -> Path:
-        """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``.
+                          model: torch.nn.Module | None = None, measure_speed: bool = False) -> Path:
+        """Write the sparse checkpoint (weights, ``sparsity.json``, recipe, model card) to ``output_dir``;
+        ``measure_speed`` times the sparse runtime against dense for the card (as ``hf-sparse train`` does).
 
         Training is over once this is called: the method's final hard masks are written first. Under
         FSDP2 call it on every process (the shards are gathered); the main process writes.
@@ -437,7 +438,8 @@ class SparseTrainer(Trainer):
         return save_sparse_checkpoint(
             model, output_dir, report=report, recipe_yaml=self.recipe.to_yaml() if self.recipe else None,
             format=format or (export.format if export else "dense"), eval_metrics=eval_metrics,
-            structure=report.get("structure"), processor=self.processing_class, dataset=dataset, task=task)
+            structure=report.get("structure"), processor=self.processing_class, dataset=dataset, task=task,
+            measure_speed=measure_speed)
 
     def _model_to_save(self) -> torch.nn.Module | None:
         """The trained model with its final hard masks, whole: under FSDP2 the shards are gathered (a

@@ -3,8 +3,9 @@
 Two choices in the code rest on these timings:
 
 * Hard Concrete noise (L0 draws it for every gate at every step): the uniform draw from a CPU
-  generator, then ``log u - log(1 - u)`` as ``torch.logit(u)`` (what hf_sparse uses) or as the
-  two-op ``log(u) - log1p(-u)``.
+  generator (what hf_sparse used) against the counter-based ``hashed_uniform`` (what it uses now;
+  eager here, fused into the gate kernels when compiled), then ``log u - log(1 - u)`` as
+  ``torch.logit(u)`` (what hf_sparse uses) or as the two-op ``log(u) - log1p(-u)``.
 * Applying a keep-mask in place (mask methods after every step): multiplying by a float 0/1 copy,
   by the bool mask viewed as ``uint8`` (what hf_sparse uses: no extra bytes per weight), or by the
   bool mask itself.
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from hf_sparse.methods.hard_concrete import sample_uniform
+from hf_sparse.methods.hard_concrete import hashed_uniform, step_keys, uniform
 
 
 def best_ms(fn: Callable[[], object], repeats: int = 7, calls: int = 20) -> float:
@@ -38,12 +39,16 @@ def best_ms(fn: Callable[[], object], repeats: int = 7, calls: int = 20) -> floa
 def operations(n: int) -> dict[str, Callable[[], object]]:
     """The timed operations on tensors of ``n`` elements."""
     gen = torch.Generator().manual_seed(0)
-    u = sample_uniform((n,), gen)
+    u = uniform((n,), step_keys(0, 0))
+    index, keys = torch.arange(n, dtype=torch.int32), torch.tensor(step_keys(0, 1), dtype=torch.int32)
+    compiled = torch.compile(hashed_uniform, dynamic=True)
     keep = torch.rand(n, generator=gen) > 0.5
     as_float, as_uint8 = keep.float(), keep.view(torch.uint8)
     w = torch.randn(n, generator=gen)
     return {
         "uniform draw (CPU generator)": lambda: torch.rand(n, generator=gen),
+        "uniform draw (counter-based hash, eager)": lambda: hashed_uniform(index, keys),
+        "uniform draw (counter-based hash, compiled)": lambda: compiled(index, keys),
         "noise: torch.logit(u)": lambda: torch.logit(u),
         "noise: log(u) - log1p(-u)": lambda: torch.log(u) - torch.log1p(-u),
         "mask: w *= float 0/1": lambda: w.mul_(as_float),

@@ -14,6 +14,8 @@ every Conv2d/Linear weight.
     python bench/bench_engine.py --model resnet18 --image-size 64 --steps 40 --methods gmp dns l0_constrained
     python bench/bench_engine.py --epochs 1 --methods l0_constrained --breakdown   # + ms per phase of a step
     python bench/bench_engine.py --device cuda --bf16 --steps 300 ...   # on a GPU (bench/gpu_check.sh)
+    python bench/bench_engine.py --gate-kernels eager ...   # L0's gate kernels uncompiled (default: compiled)
+    python bench/bench_engine.py --clock cpu ...   # CPU time of the thread: robust on a busy machine
     python bench/bench_engine.py --distill --steps 300 --methods gmp   # + each variant distilled from
                                                                       #   a frozen copy of the start ("self")
 """
@@ -33,6 +35,7 @@ import torch
 from hf_sparse import Sparsifier, load_recipe
 from hf_sparse.config.recipe import DistillationConfig
 from hf_sparse.data import load_data
+from hf_sparse.methods import gate_kernels
 from hf_sparse.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,12 +74,22 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also print the median time of each phase of a step")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (timed with a synchronize at each mark)")
     ap.add_argument("--bf16", action="store_true", help="forward and backward under bf16 autocast")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time (thread_time), which a busy machine's "
+                         "preemptions do not inflate (CPU device, one thread only)")
+    ap.add_argument("--gate-kernels", choices=["auto", "eager", "compiled"], default="compiled",
+                    help="L0's fused gate kernels: compiled (default here: what a full-length run gets), eager, or "
+                         "auto (compiled only for runs of >= 2^30 gate-steps; a 1-epoch bench is below that)")
     ap.add_argument("--distill", action="store_true", help="also time each variant distilled from a frozen copy "
                                                            "of the starting weights (teacher 'self', kl)")
     args = ap.parse_args()
+    gate_kernels.set_mode(args.gate_kernels)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if args.clock == "cpu" and (device.type != "cpu" or args.threads != 1):
+        ap.error("--clock cpu measures this thread only: use it with --device cpu --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -125,7 +138,7 @@ def main() -> None:
 
         def mark():
             sync()
-            marks.append(time.perf_counter())
+            marks.append(clock())
 
         marks: list[float] = []
         mark()
@@ -171,7 +184,7 @@ def main() -> None:
     size = f", {args.image_size}x{args.image_size} images" if args.image_size else ""
     where = f"{args.threads} threads" if device.type == "cpu" else str(device) + (", bf16 autocast" if args.bf16 else "")
     print(f"{args.model}, Fashion-MNIST{size}, batch {tr['per_device_train_batch_size']}, {total} steps, "
-          f"target density {args.density}, {where}")
+          f"target density {args.density}, {where}, gate kernels {args.gate_kernels}, {args.clock} clock")
     print("| variant | step time / dense (median) | achieved density | test accuracy |")
     print("|---|---|---|---|")
     for name, (model, _, _, sp, _) in variants.items():

@@ -27,14 +27,16 @@ import argparse
 import itertools
 import json
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_sparse.runtime import to_sparse_runtime  # noqa: E402
+from hf_sparse.runtime import SparseLinear, SparseRNN, to_sparse_runtime  # noqa: E402
 from hf_sparse.runtime.speed import paired_timing  # noqa: E402
 
 
@@ -61,6 +63,96 @@ def build(kind: str, hidden: int) -> nn.Module:
     return nn.Linear(hidden, hidden)
 
 
+F32 = 4  # bytes per float32
+
+
+def product_bytes(weight_bytes: int, k: int, m: int, n: int) -> int:
+    """Bytes one product y[n, m] = x[n, k] W^T moves: the weight once, its input and its output."""
+    return weight_bytes + F32 * n * (k + m)
+
+
+def weight_bytes(product) -> int:
+    """Bytes a runtime product (a ``SparseProduct``) or a ``SparseWeight`` reads for its weight."""
+    sparse = getattr(product, "sparse", product)
+    return sparse.nbytes if sparse is not None else F32 * product.dense.numel()
+
+
+def bytes_per_call(model: nn.Module, kind: str, batch: int, steps: int) -> int:
+    """Bytes a call moves: every weight as stored (values, indices, row pointers; dense: rows x cols
+    floats) each time it is read, plus each product's input and output activations. A recurrent
+    layer reads weight_ih once (one product over all frames) and weight_hh once per step."""
+    if kind == "linear":
+        w = weight_bytes(model.product) if isinstance(model, SparseLinear) else F32 * model.weight.numel()
+        return product_bytes(w, model.in_features, model.out_features, batch)
+    if isinstance(model, SparseRNN):
+        ih, hh = model.cells[0][0], model.cells[0][1]
+        w_ih, w_hh, g = weight_bytes(ih), weight_bytes(hh), hh.shape[0]
+    else:
+        w_ih, w_hh, g = F32 * model.weight_ih_l0.numel(), F32 * model.weight_hh_l0.numel(), model.weight_hh_l0.shape[0]
+    hidden = g // (3 if kind == "gru" else 4)
+    return product_bytes(w_ih, hidden, g, steps * batch) + steps * product_bytes(w_hh, hidden, g, batch)
+
+
+def dense_matvec_bandwidth(rows: int, cols: int, budget: float) -> float:
+    """Bytes/s of torch's dense float32 matrix-vector product on a rows x cols matrix (the ceiling the
+    rows are measured against: a batch-1 product streams its matrix from memory)."""
+    w, x = torch.randn(rows, cols), torch.randn(cols)
+    timing = paired_timing(lambda: torch.mv(w, x), lambda: torch.mv(w, x), budget_s=budget)
+    return product_bytes(F32 * rows * cols, cols, rows, 1) / (timing["dense_ms"] * 1e-3)
+
+
+def kernel_rows(hidden: int, density: float, structure: str, batch: int, budget: float, bandwidth: float) -> list[dict]:
+    """One GRU-sized weight_hh (3*hidden x hidden) product at ``batch``: torch dense against the runtime's
+    kernel, torch's CSR/BSR and (if installed) scipy's CSR/BSR, each timed paired with the dense one."""
+    from hf_sparse.runtime import kernels
+    from hf_sparse.runtime.formats import to_sparse_weight
+
+    gen = torch.Generator().manual_seed(0)
+    block = 1 if structure == "unstructured" else int(structure.split("x")[0])
+    layer = nn.Linear(hidden, 3 * hidden, bias=False)
+    prune_(layer, density, block, gen)
+    w = layer.weight.detach().contiguous()
+    x = torch.randn(batch, hidden)
+    sw = to_sparse_weight(w, block)
+    xt = x.t().contiguous().numpy()
+    y = np.empty((batch, w.shape[0]), np.float32)
+    candidates = {"runtime " + sw.format: (lambda: kernels.spmm(sw.block, sw.indptr, sw.indices, sw.data, xt, y, True),
+                                           sw.nbytes)}
+    xt_t = torch.from_numpy(xt)
+    warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
+    csr = w.to_sparse_csr()
+    csr_bytes = F32 * csr.values().numel() + 8 * (csr.col_indices().numel() + csr.crow_indices().numel())
+    candidates["torch csr"] = (lambda: torch.mm(csr, xt_t), csr_bytes)
+    if block > 1:
+        bsr = w.to_sparse_bsr((block, block))
+        bsr_bytes = F32 * bsr.values().numel() + 8 * (bsr.col_indices().numel() + bsr.crow_indices().numel())
+        candidates[f"torch bsr{block}x{block}"] = (lambda: torch.mm(bsr, xt_t), bsr_bytes)
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        sp = None
+    if sp is not None:
+        wn = w.numpy()
+        s_csr = sp.csr_matrix(wn)
+        candidates["scipy csr"] = (lambda: s_csr @ xt, s_csr.data.nbytes + s_csr.indices.nbytes + s_csr.indptr.nbytes)
+        if block > 1:
+            s_bsr = sp.bsr_matrix(wn, blocksize=(block, block))
+            candidates[f"scipy bsr{block}x{block}"] = (lambda: s_bsr @ xt,
+                                                       s_bsr.data.nbytes + s_bsr.indices.nbytes + s_bsr.indptr.nbytes)
+    rows = []
+    with torch.no_grad():
+        for name, (fn, wbytes) in candidates.items():
+            fn()
+            timing = paired_timing(lambda: torch.nn.functional.linear(x, w), fn, budget_s=budget)
+            moved = product_bytes(wbytes, hidden, w.shape[0], batch)
+            dense_moved = product_bytes(F32 * w.numel(), hidden, w.shape[0], batch)
+            rows.append({"kernel": name, "hidden": hidden, "density": density, "structure": structure, "batch": batch,
+                         "dense_ms": timing["dense_ms"], "ms": timing["runtime_ms"], "speedup": timing["speedup"],
+                         "mb_per_call": moved / 1e6, "byte_ceiling": dense_moved / moved,
+                         "fraction_of_ceiling": moved / (timing["runtime_ms"] * 1e-3) / bandwidth})
+    return rows
+
+
 def run_case(kind: str, hidden: int, density: float, structure: str, batch: int, threads: int, steps: int,
              budget: float) -> dict:
     gen = torch.Generator().manual_seed(0)
@@ -76,12 +168,16 @@ def run_case(kind: str, hidden: int, density: float, structure: str, batch: int,
         ref, out = (ref[0], out[0]) if kind != "linear" else (ref, out)
         diff = float((ref - out).abs().max())
         timing = paired_timing(lambda: dense(x), lambda: runtime(x), budget_s=budget)
+    moved = bytes_per_call(runtime, kind, batch, steps)
+    dense_moved = bytes_per_call(dense, kind, batch, steps)
     fmt = ",".join(sorted({f for e in runtime.sparse_runtime_report for f in e["formats"].values()})) or "-"
     return {"kind": kind, "hidden": hidden, "density": density, "structure": structure, "batch": batch,
             "threads": threads, "steps": steps if kind != "linear" else None, "format": fmt,
             "converted": all(e["converted"] for e in runtime.sparse_runtime_report),
             "dense_ms": timing["dense_ms"], "runtime_ms": timing["runtime_ms"], "speedup": timing["speedup"],
-            "pairs": timing["pairs"], "max_abs_diff": diff}
+            "pairs": timing["pairs"], "max_abs_diff": diff, "mb_per_call": moved / 1e6,
+            "byte_ceiling": dense_moved / moved, "runtime_gbs": moved / (timing["runtime_ms"] * 1e-3) / 1e9,
+            "dense_gbs": dense_moved / (timing["dense_ms"] * 1e-3) / 1e9}
 
 
 @torch.no_grad()
@@ -145,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=100, help="time steps of the recurrent cases")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of paired timing per case")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--no-kernel-rows", dest="kernel_rows", action="store_false",
+                    help="skip the weight_hh product rows (runtime, torch and scipy sparse kernels)")
     ap.add_argument("--checkpoint", type=Path, help="a speech checkpoint folder: end to end on its test split")
     ap.add_argument("--limit", type=int, help="with --checkpoint: only the first N test utterances")
     ap.add_argument("--batch-size", type=int, default=1, help="with --checkpoint: utterances per call")
@@ -158,20 +256,42 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
         return
-    grid = itertools.product(args.kinds.split(","), [int(h) for h in args.hidden.split(",")],
-                             [float(d) for d in args.densities.split(",")], args.structures.split(","),
-                             [int(b) for b in args.batches.split(",")], [int(t) for t in args.threads.split(",")])
+    hiddens = [int(h) for h in args.hidden.split(",")]
+    densities = [float(d) for d in args.densities.split(",")]
+    structures, batches = args.structures.split(","), [int(b) for b in args.batches.split(",")]
+    grid = itertools.product(args.kinds.split(","), hiddens, densities, structures, batches,
+                             [int(t) for t in args.threads.split(",")])
     rows = []
+    print("Ceiling: torch's dense float32 matvec on a 3*hidden x hidden matrix, one thread, timed just before "
+          "each row (the machine's load drifts); 'of ceiling' is the row's GB/s over that matvec's.")
     print("| layer | hidden | density | structure | batch | threads | format | dense ms | runtime ms "
-          "| speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | byte-ratio ceiling | MB/call | GB/s | matvec GB/s | of ceiling | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in grid:
+        torch.set_num_threads(1)
+        bandwidth = dense_matvec_bandwidth(3 * case[1], case[1], args.budget / 4)
         row = run_case(*case, steps=args.steps, budget=args.budget)
+        row["matvec_gbs"] = bandwidth / 1e9
+        row["fraction_of_ceiling"] = row["runtime_gbs"] / row["matvec_gbs"]
         rows.append(row)
         print(f"| {row['kind']} | {row['hidden']} | {row['density']} | {row['structure']} | {row['batch']} "
               f"| {row['threads']} | {row['format'] if row['converted'] else 'dense (fallback)'} "
               f"| {row['dense_ms']:.3f} | {row['runtime_ms']:.3f} | {row['speedup']:.2f}x "
-              f"| {row['max_abs_diff']:.1e} |", flush=True)
+              f"| {row['byte_ceiling']:.1f}x | {row['mb_per_call']:.2f} | {row['runtime_gbs']:.1f} "
+              f"| {row['matvec_gbs']:.1f} | {row['fraction_of_ceiling']:.2f} | {row['max_abs_diff']:.1e} |", flush=True)
+    if args.kernel_rows:
+        torch.set_num_threads(1)
+        print("\nweight_hh product alone (3*hidden x hidden), one thread, against torch's dense F.linear:")
+        print("| kernel | hidden | density | structure | batch | dense ms | ms | speed-up | byte-ratio ceiling "
+              "| MB/call | of ceiling |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for h, d, st, b in itertools.product(hiddens, densities, structures, batches):
+            bandwidth = dense_matvec_bandwidth(3 * h, h, args.budget / 4)
+            for row in kernel_rows(h, d, st, b, args.budget / 4, bandwidth):
+                rows.append(row)
+                print(f"| {row['kernel']} | {h} | {d} | {st} | {b} | {row['dense_ms']:.3f} | {row['ms']:.3f} "
+                      f"| {row['speedup']:.2f}x | {row['byte_ceiling']:.1f}x | {row['mb_per_call']:.2f} "
+                      f"| {row['fraction_of_ceiling']:.2f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
 

@@ -4,9 +4,13 @@
 #   1. semi-structured 2:4 sparsity: torch.sparse.to_sparse_semi_structured on a 4096x4096 Linear
 #      (compute capability >= 8.0): outputs vs dense, and speed vs dense at batch 1 / 64 / 1024.
 #   2. step cost of every method on CUDA with bf16 autocast, interleaved with dense in one process
-#      (bench/bench_engine.py --device cuda --bf16): LeNet-300-100 and timm resnet18 at 64x64.
+#      (bench/bench_engine.py --device cuda --bf16): LeNet-300-100 and timm resnet18 at 64x64; L0's
+#      gate kernels compiled (Triton), the ratios printed against the CPU targets (l0 <= 1.5 / 1.25,
+#      autoprune <= 1.3 / 1.15 on LeNet / resnet18).
 #   3. the speech GRU on CUDA (cuDNN, flatten_parameters): dense and gradual recipes for 300 steps
 #      with bf16, steps per second and the density reached.
+#   5. (printed after 2) L0's fused gate kernels on CUDA, compiled: the counter-based noise has the
+#      CPU's bits, the outputs match the eager CPU kernels, and the time per call for 11.2M gates.
 #   4. with 2 or more GPUs: the two-rank DDP test (masks equal on both ranks after every step, every
 #      method and granularity) and the SparseTrainer FSDP2 tests (masks = one process, resume,
 #      export) on CUDA/nccl (HF_SPARSE_TEST_DEVICE=cuda). With one GPU: skipped, says so.
@@ -93,6 +97,47 @@ echo; echo "== 2. step cost on CUDA, bf16 autocast, interleaved with dense (medi
     || echo "section 2 (lenet300) failed: exit $?"
 "$PY" bench/bench_engine.py --device cuda --bf16 --model resnet18 --image-size 64 --steps 300 --eval-samples 2000 \
     --methods $METHODS --breakdown || echo "section 2 (resnet18) failed: exit $?"
+
+echo; echo "== 5. L0's fused gate kernels on CUDA (compiled) against the eager CPU ones =="
+"$PY" - <<'PYEOF' || echo "section 5 failed: exit $?"
+import math, time
+
+import torch
+
+from hf_sparse.methods import gate_kernels as gk
+from hf_sparse.methods import hard_concrete as hc
+
+n = 11_200_000  # resnet18's targeted weights
+inv_beta, shift = 1 / hc.BETA, hc.BETA * math.log(-hc.GAMMA / hc.ZETA)
+g = torch.Generator().manual_seed(0)
+cpu = dict(la=(torch.randn(n, generator=g) * 3).clamp(-10, 10).bfloat16(), real=torch.randn(n, generator=g),
+           grad=torch.randn(n, generator=g), keys=torch.tensor(hc.step_keys(0, 1, "l0:0"), dtype=torch.int32),
+           off=torch.tensor(0, dtype=torch.int32))
+gpu = {k: v.cuda() for k, v in cpu.items()}
+idx = torch.arange(n, dtype=torch.int32)
+same = torch.equal(torch.compile(hc.hashed_uniform, dynamic=True)(idx.cuda(), gpu["keys"]).cpu(),
+                   hc.hashed_uniform(idx, cpu["keys"]))
+print(f"noise bits CUDA compiled = CPU eager: {same}")
+res = {}
+for name, t, compiled in (("cpu", cpu, False), ("cuda", gpu, True)):
+    out, grad, param = torch.empty_like(t["real"]), t["grad"].clone(), torch.empty_like(t["real"])
+    s = gk.run("train_write", compiled, t["la"], t["real"], out, t["keys"], t["off"], inv_beta, shift)
+    la_grad = gk.run("train_grads", compiled, t["la"], t["real"], grad, param, t["keys"], t["off"], inv_beta, shift,
+                     torch.tensor(0.3, device=t["la"].device))
+    res[name] = [x.float().cpu() for x in (out, s, la_grad, grad)]
+for label, a, b in zip(("W*z", "sum P", "dL/dlog_alpha", "dL/dW"), res["cpu"], res["cuda"]):
+    print(f"{label}: max |CUDA - CPU| = {float((a - b).abs().max()):.2e} (max |value| {float(a.abs().max()):.2e})")
+t = gpu
+out = torch.empty_like(t["real"])
+for _ in range(3):
+    gk.run("train_write", True, t["la"], t["real"], out, t["keys"], t["off"], inv_beta, shift)
+torch.cuda.synchronize()
+start = time.perf_counter()
+for _ in range(20):
+    gk.run("train_write", True, t["la"], t["real"], out, t["keys"], t["off"], inv_beta, shift)
+torch.cuda.synchronize()
+print(f"train_write, {n:,} gates: {(time.perf_counter() - start) / 20 * 1e3:.3f} ms per call")
+PYEOF
 
 echo; echo "== 3. speech GRU on CUDA (cuDNN), bf16, 300 steps =="
 OUT3=$(mktemp -d)

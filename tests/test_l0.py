@@ -73,7 +73,7 @@ def test_prob_nonzero_closed_form_by_hand():
 @pytest.mark.parametrize("log_alpha", [0.0, -2.0])
 def test_sampling_matches_closed_form(log_alpha):
     n = 200_000
-    u = hc.sample_uniform((n,), step_generator(0, 0, "test"))
+    u = hc.uniform((n,), hc.step_keys(0, 0, "test"))
     z = hc.sample(torch.full((n,), log_alpha), u)
     p_open, p_one = HAND[log_alpha]
     tol = 4 * math.sqrt(0.25 / n)  # 4 sigma of a binomial fraction
@@ -115,7 +115,7 @@ def test_sample_slope_equals_autograd_and_keeps_the_inside_value_at_the_clamp_en
     gives 0. Pinned, because changing it changes every trained result."""
     ends = torch.cat([_noise_hitting(1.0, math.log(11) * hc.BETA), _noise_hitting(0.0, -math.log(11) * hc.BETA)])
     assert len(ends) >= 2
-    noise = torch.cat([ends, hc.logistic_noise(hc.sample_uniform((4000,), step_generator(0, 0, "t")))])
+    noise = torch.cat([ends, hc.logistic_noise(hc.uniform((4000,), hc.step_keys(0, 0, "t")))])
     log_alpha = torch.cat([torch.zeros(len(ends)), torch.linspace(-6, 6, 4000)]).requires_grad_()
     z_ref = (torch.add(noise, log_alpha).mul(1.0 / hc.BETA).sigmoid() * (hc.ZETA - hc.GAMMA) + hc.GAMMA).clamp(0, 1)
     z_ref.sum().backward()
@@ -134,7 +134,7 @@ def test_init_and_fp32_under_autocast():
     assert float(la.mean()) == pytest.approx(math.log(0.8 / 0.2), abs=1e-3)
     assert float(la.std()) == pytest.approx(0.01, rel=0.05)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z = hc.sample(la[:10].bfloat16(), hc.sample_uniform((10,), step_generator(0, 1)))
+        z = hc.sample(la[:10].bfloat16(), hc.uniform((10,), hc.step_keys(0, 1)))
         assert z.dtype == torch.float32 and hc.prob_nonzero(la[:10].bfloat16()).dtype == torch.float32
 
 
@@ -190,7 +190,9 @@ def test_augmented_lagrangian_toy_equality():
 def test_gradient_mapping_equals_autograd(granularity, control):
     torch.manual_seed(0)
     layer = nn.Linear(5, 4)
-    m = l0_on(layer, 0.2, 100, granularity=granularity, control=control, penalty=0.7, dual_lr=0.3)
+    # float32 logits: the hand-derived gradients against autograd at 1e-6 (bfloat16 logits round them)
+    m = l0_on(layer, 0.2, 100, granularity=granularity, control=control, penalty=0.7, dual_lr=0.3,
+              gate_dtype="float32")
     m.controller is not None and m.controller.multipliers.fill_(1.5)  # a nonzero multiplier
     (g,) = m.gates
     if granularity == "neuron":  # the unit gate covers the weight's rows and the unit's bias
@@ -204,7 +206,7 @@ def test_gradient_mapping_equals_autograd(granularity, control):
     # explicit forward through W * z (or P diag(z) Q) with autograd on every real parameter
     la = g.log_alpha.detach().clone().requires_grad_()
     m.before_forward(3)
-    z = hc.sample(la, hc.sample_uniform(la.shape, step_generator(0, 3, "l0")))  # the step's own noise
+    z = hc.sample(la, hc.uniform(la.shape, hc.step_keys(0, 3, "l0:0")))  # the step's own noise (grid 0)
     if granularity == "factorized":
         P, Q = g.P.detach().clone().requires_grad_(), g.Q.detach().clone().requires_grad_()
         w_eff, real = (P * z) @ Q, [P, Q]
@@ -425,7 +427,8 @@ def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([1.0, 0.5, -0.7, 2.0]))
         bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3, 0.4]))
-    m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])), L0.Config(penalty=0.3, control="penalty"),
+    m = L0(resolve_targets(model, TargetSpec(include=["0.weight"])),
+           L0.Config(penalty=0.3, control="penalty", gate_dtype="float32"),  # exact gradients: float32 logits
            None, seed=0, granularity=Granularity.parse("channel"), model=model)
     m.setup(10)
     (g,) = m.gates
@@ -437,7 +440,7 @@ def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
     x, y = torch.randn(6, 2, 7, 7), torch.randn(6, 3)
     W, gamma, beta = conv.weight.detach().clone(), bn.weight.detach().clone(), bn.bias.detach().clone()
     leaves = [t.clone().requires_grad_() for t in (W, gamma, beta, g.log_alpha.detach())]
-    z = hc.sample(leaves[3], hc.sample_uniform((4,), step_generator(0, 2, "l0")))
+    z = hc.sample(leaves[3], hc.uniform((4,), hc.step_keys(0, 2, "l0:0")))
     h = F.batch_norm(F.conv2d(x, leaves[0]), None, None, leaves[1] * z, leaves[2] * z, training=True)
     loss = F.mse_loss(head(F.relu(h).flatten(1)), y) + 0.3 * hc.expected_l0(leaves[3]) / 4
     expected = torch.autograd.grad(loss, leaves)
@@ -526,6 +529,7 @@ def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
     assert {"sparsity/l0/expected_density", "sparsity/l0/hard_density", "sparsity/l0/lambda"} <= set(logs[-1])
     assert all(math.isfinite(v) for h in logs for v in h.values() if isinstance(v, float))
     assert trainer.sparsifier.density() == pytest.approx(0.3, abs=0.002)
+    # the logits keep the configured dtype (float32 by default), whatever the training precision
     assert all(g.log_alpha.dtype == torch.float32 for g in trainer.sparsifier.method.gates)
 
 

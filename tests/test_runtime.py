@@ -45,9 +45,10 @@ def test_format_is_read_from_the_zeros():
 @pytest.mark.parametrize("block", [1, 8])
 def test_linear_matches_dense(block, one_thread):
     torch.manual_seed(0)
-    dense = prune_(nn.Linear(64, 48), 0.15, block)
+    dense = prune_(nn.Linear(64, 48), 0.15, block).train()
     runtime = to_sparse_runtime(dense, calibrate=False)  # small: timing would keep it dense
-    assert isinstance(runtime, SparseLinear) and isinstance(dense, nn.Linear)  # a copy; the model is kept
+    assert isinstance(runtime, SparseLinear) and not runtime.training
+    assert dense.training  # a copy was converted (and put in eval mode); the model is left as it was
     for x in (torch.randn(64), torch.randn(1, 64), torch.randn(5, 3, 64)):
         torch.testing.assert_close(runtime(x), dense(x), atol=ATOL, rtol=0)
 
@@ -192,20 +193,34 @@ def _lenet300_at(density: float):
     return model, report
 
 
-def test_lenet300_checkpoint_runs_sparse_with_its_speed_in_the_card(tmp_path, fmnist_full, one_thread):
+@pytest.mark.parametrize("layer_gain", [2.0, 0.5])
+def test_lenet300_checkpoint_states_its_speed_in_the_card(tmp_path, monkeypatch, one_thread, layer_gain):
+    """Whether a layer converts depends on its timed gain; that figure is fixed here so each branch
+    of the card is checked (the end-to-end figure of a converted model is still really measured)."""
+    from hf_sparse import save_sparse_checkpoint
+    from hf_sparse.runtime import convert
+
+    monkeypatch.setattr(convert, "_measured_gain", lambda dense_fn, sparse_fn: layer_gain)
+    model, report = _lenet300_at(0.1)
+    out = save_sparse_checkpoint(model, tmp_path / "ck", report=report, measure_speed=True)
+    speed = json.loads((out / "sparsity.json").read_text())["runtime_speed"]
+    card = (out / "README.md").read_text()
+    assert "## Speed" in card
+    if layer_gain > 1:  # every layer's kernel beat dense: the whole model is timed
+        assert speed["measured"] is True and speed["converted_layers"] == ["fc1", "fc2", "classifier"]
+        assert speed["input_shapes"] == {"pixel_values": [1, 1, 28, 28]} and speed["threads"] == 1
+        assert f"**{speed['speedup']:.2f}×**" in card and speed["formats"] == ["csr"]
+        assert "`fc1` 2.00×" in card
+    else:  # no layer converts: each layer's own batch-1 figure is stated instead
+        assert speed["measured"] is False and "fc1: " in speed["reason"]
+        assert "Not measured with the sparse runtime" in card and "whole layer measured 0.50x at batch 1" in card
+
+
+def test_lenet300_checkpoint_runs_sparse(tmp_path, fmnist_full, one_thread):
     from hf_sparse import load_sparse, save_sparse_checkpoint
 
     model, report = _lenet300_at(0.1)
     out = save_sparse_checkpoint(model, tmp_path / "ck", report=report)
-    speed = json.loads((out / "sparsity.json").read_text())["runtime_speed"]
-    card = (out / "README.md").read_text()
-    assert "## Speed" in card
-    if speed["measured"]:  # some layer's kernel beat dense when timed at conversion
-        assert speed["input_shapes"] == {"pixel_values": [1, 1, 28, 28]} and speed["threads"] == 1
-        assert f"**{speed['speedup']:.2f}×**" in card and speed["formats"] == ["csr"]
-    else:  # each layer's own batch-1 figure is stated instead
-        assert "fc1: " in speed["reason"] and "whole layer measured" in card and "x at batch 1" in card
-
     images = fmnist_full.collator([fmnist_full.eval[i] for i in range(2000)])["pixel_values"]
     dense = load_sparse(out)
     forced = to_sparse_runtime(dense, calibrate=False)  # every layer on the CSR kernel
@@ -218,16 +233,16 @@ def test_lenet300_checkpoint_runs_sparse_with_its_speed_in_the_card(tmp_path, fm
             assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_speed_is_not_measured_when_off_or_not_worthwhile(tmp_path):
+def test_speed_is_not_measured_unless_asked_or_not_worthwhile(tmp_path):
     from hf_sparse import load_sparse, save_sparse_checkpoint
     from hf_sparse.checkpoint.save_and_load import CheckpointError
 
     model, report = _lenet300_at(0.1)
-    off = save_sparse_checkpoint(model, tmp_path / "off", report=report, measure_speed=False)
+    off = save_sparse_checkpoint(model, tmp_path / "off", report=report)  # off by default
     assert json.loads((off / "sparsity.json").read_text())["runtime_speed"] is None
     assert "## Speed" not in (off / "README.md").read_text()
     dense_model, dense_report = _lenet300_at(1.0)
-    kept = save_sparse_checkpoint(dense_model, tmp_path / "dense", report=dense_report)
+    kept = save_sparse_checkpoint(dense_model, tmp_path / "dense", report=dense_report, measure_speed=True)
     speed = json.loads((kept / "sparsity.json").read_text())["runtime_speed"]
     assert speed["measured"] is False and "above the threshold" in speed["reason"]
     assert "Not measured with the sparse runtime" in (kept / "README.md").read_text()

@@ -30,8 +30,8 @@ Choices the paper leaves open, made here: M starts at ``init > 0`` (all kept; ``
 spreads it over ``(0, 2 init_scale]`` in the order of the groups' mean ``|w|`` per layer, so a
 pretrained model's smallest weights are the first the regulariser prunes); M has its own
 optimizer group (``mask_lr``, no weight decay); masks change only after an optimizer step; a pruned
-weight is held exactly (its gradient is zero; moves by momentum or weight decay are undone and its
-optimizer state is cleared); W gets no weight decay unless ``weight_decay_on_targets``. From
+weight is held exactly (its gradient is zero; moves by momentum or weight decay are undone, and
+its optimizer state is zeroed when it is restored); W gets no weight decay unless ``weight_decay_on_targets``. From
 ``freeze_fraction`` on the masks are frozen and W fine-tunes; in target mode they are first
 projected: the m are ranked over all targets (stable sort, ties by position) and the largest kept
 up to the target, so the final density is the target to the weight (to a group otherwise; N:M keeps
@@ -93,6 +93,12 @@ class AutoPruneConfig(MethodConfig):
         return self
 
 
+#: every this many steps the second moments of the targets are floored at V_FLOOR (see
+#: ``AutoPrune._reset_moments``): from V_FLOOR a decay by beta2 >= 0.9 stays normal for 64 steps.
+V_FLOOR_EVERY = 64
+V_FLOOR = 2.0**-116
+
+
 def ste_grad(m: torch.Tensor, config: AutoPruneConfig) -> torch.Tensor:
     """h'(m) under the configured straight-through estimate (see the module docstring)."""
     if config.ste == "identity":
@@ -123,6 +129,7 @@ class AutoPrune(SparsityMethod):
         self.frozen = False
         self.ever_restored = [torch.zeros_like(m, dtype=torch.bool) for m in self.M]
         self.restore_events = 0  # weights whose mask went 0 -> 1, cumulative (a weight may count twice)
+        self._restored: list[torch.Tensor | None] = [None] * len(self.grids)  # this step's restored groups
         self.controller = LagrangianController(1, config.dual_lr, config.dual_restarts) if self.target_density else None
         self.constraint_target = 1.0
         self.start = self.freeze_at = 0
@@ -167,7 +174,9 @@ class AutoPrune(SparsityMethod):
     @torch.no_grad()
     def before_forward(self, step: int) -> None:
         self._follow_device()
-        self.real.write(self._factors)
+        if not self._written:  # after_step left W * h(M) in the targets already: a pass per weight saved
+            self.real.write(self._factors)
+            self._written = True
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
@@ -188,6 +197,7 @@ class AutoPrune(SparsityMethod):
                 reg = coef if self.single else coef * g.sizes
                 m.grad = ste_grad(m, self.config).mul_(corr.add_(reg))
         self.real.restore()
+        self._written = False
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
@@ -202,16 +212,46 @@ class AutoPrune(SparsityMethod):
                 self.controller.step(torch.tensor([self.density() / self.constraint_target - 1.0]))
             if self.total_steps and step + 1 >= self.freeze_at:
                 self.freeze()
-        for member, f in zip(self.covered, self._factors):
-            for s in optimizer_states(optimizer, member.target.parameter):
-                local(s).mul_(f)  # no stale moments for pruned weights (FSDP2: this rank's rows)
+        self._reset_moments(step, optimizer)
         self.real.write(self._factors)
+        self._written = True
+
+    def _reset_moments(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Zero the optimizer state of the weights restored at this step; keep the rest off subnormals.
+
+        A restored weight starts afresh (no stale moments); that is the invariant. A pruned weight's
+        state is left alone while it is pruned: its gradient is zero and its value is held, so its
+        moments only decay, and the W trajectory is the one that zeroing them at every step gave.
+        Zeroing them every step cost time twice: the multiply itself, and Adam's ``sqrt`` over zeros,
+        slower than over normal floats on CPU (a whole AdamW step over LeNet-300-100's weights at
+        density 0.1, one thread: about 1.5 ms against 0.9). Decaying second moments do turn
+        subnormal after some 10^4-10^5 steps, and AdamW over subnormal ``v`` took 41 ms against
+        0.9 (``bench/bench_denormal.py``); so every ``V_FLOOR_EVERY`` steps ``v`` is raised to at
+        least :data:`V_FLOOR`, whose square root (2^-58) vanishes next to Adam's ``eps`` in float32:
+        no update changes by it.
+        """
+        restored, self._restored = self._restored, [None] * len(self.grids)
+        if optimizer is None:
+            return
+        if any(r is not None for r in restored):
+            backs = [r if r is not None else torch.zeros_like(k) for r, k in zip(restored, self.masks)]
+            for member, f in zip(self.covered, self.mask_factors(backs)):
+                for s in optimizer_states(optimizer, member.target.parameter):
+                    local(s).mul_(1.0 - f)  # FSDP2: this rank's rows
+        if step % V_FLOOR_EVERY == 0:
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+            for member in self.covered:
+                state = inner.state.get(member.target.parameter, {})
+                for key in ("exp_avg_sq", "max_exp_avg_sq"):
+                    if torch.is_tensor(state.get(key)) and state[key].is_floating_point():
+                        local(state[key]).clamp_(min=V_FLOOR)
 
     def finalize(self) -> None:
         """Meet the target (if training stopped before the final phase) and write ``W * h(M)``."""
         if self.controller is not None and not self.frozen:
             self.freeze()
         self.real.write(self._factors)
+        self._written = True
 
     # -- masks ---------------------------------------------------------------------------------
     def group_masks(self) -> list[torch.Tensor]:
@@ -249,11 +289,15 @@ class AutoPrune(SparsityMethod):
         return [k.to(m.device) for k, m in zip(keep, self.M)]
 
     def _set_masks(self, new: list[torch.Tensor]) -> None:
-        """Put ``new`` masks in effect, counting the weights that come back."""
+        """Put ``new`` masks in effect, counting the weights that come back (their optimizer state
+        is zeroed after the step)."""
         for g, (old, keep) in enumerate(zip(self.masks, new)):
             back = keep & ~old
-            self.restore_events += self._kept(g, back)
-            self.ever_restored[g] |= back
+            n = self._kept(g, back)
+            if n:
+                self.restore_events += n
+                self.ever_restored[g] |= back
+                self._restored[g] = back if self._restored[g] is None else self._restored[g] | back
         self.masks = new
         self._refresh_factors()
 
@@ -263,6 +307,7 @@ class AutoPrune(SparsityMethod):
 
     def _refresh_factors(self) -> None:
         self._factors = self.mask_factors(self.masks)
+        self._written = False  # whether the targets hold W * h(M) for these factors
 
     def _follow_device(self) -> None:
         """Keep M and W where the model is (it may move after the method was built)."""

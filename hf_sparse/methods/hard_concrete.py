@@ -2,7 +2,7 @@
 
 A gate ``z`` in [0, 1] with location ``log_alpha`` is a stretched, clamped binary Concrete sample::
 
-    u ~ U(eps, 1 - eps)
+    u ~ U(0, 1)   (hashed_uniform: 2^23 equally likely midpoints (k + 1/2) / 2^23)
     s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
     z = clamp(s * (zeta - gamma) + gamma, 0, 1)
 
@@ -22,6 +22,7 @@ differences of ``log u - log(1 - u)`` near the ends or the tails of the sigmoid.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -29,7 +30,7 @@ import torch
 GAMMA = -0.1  # stretch interval lower end
 ZETA = 1.1  # stretch interval upper end
 BETA = 2.0 / 3.0  # temperature
-EPS = 1e-6  # keeps u away from 0 and 1 so log(u) and log(1 - u) stay finite
+EPS = 2.0**-24  # the smallest noise value (and 1 - EPS the largest): log(u) and log(1 - u) stay finite
 #: log_alpha is clamped to this range after every update: beyond it a gate is open or closed with
 #: probability > 1 - 3e-4, and larger values only slow down a later change of mind.
 LOG_ALPHA_RANGE = (-10.0, 10.0)
@@ -48,9 +49,56 @@ def init_log_alpha(shape: tuple[int, ...] | torch.Size, drop_rate: float, genera
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32) * std + mean
 
 
-def sample_uniform(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """The noise ``u ~ U(eps, 1 - eps)`` of one sample (on CPU, from a step generator)."""
-    return torch.rand(tuple(shape), generator=generator, dtype=torch.float32).mul_(1.0 - 2.0 * EPS).add_(EPS)
+# murmur3's 32-bit finaliser constants, as signed int32 (the arithmetic wraps modulo 2^32)
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B1 - 2**32, 0x85EBCA6B - 2**32, 0xC2B2AE35 - 2**32
+
+
+def _fmix_(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's finaliser on int32, in place (``>>`` is arithmetic on int32, hence the masks:
+    logical shifts). In-place ops: each new 1 MB temporary cost a page-faulting allocation eagerly."""
+    for shift, mask, mix in ((16, 0xFFFF, _MIX1), (13, 0x7FFFF, _MIX2), (16, 0xFFFF, None)):
+        t = x >> shift
+        x ^= t.bitwise_and_(mask)
+        if mix is not None:
+            x *= mix
+    return x
+
+
+def step_keys(seed: int, step: int, salt: str = "") -> tuple[int, int]:
+    """Two int32 keys from (seed, step, salt): with :func:`hashed_uniform` a noise stream per step and
+    tensor that is the same on every rank and after a resume, without any saved RNG state."""
+    digest = hashlib.sha256(f"{seed}:{step}:{salt}".encode()).digest()
+    return tuple(int.from_bytes(digest[i:i + 4], "little", signed=True) for i in (0, 4))
+
+
+def hashed_uniform(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Counter-based noise: ``u`` of element ``index`` (int32) under ``keys`` (int32 tensor of two).
+
+    Two rounds of murmur3's finaliser over ``index * golden + key0`` (then ``^ key1``) give 32 mixed
+    bits; their top 23 make ``u = (k + 1/2) / 2^23``. Integer arithmetic and an exact conversion, so
+    eager, compiled CPU and CUDA code all produce the same bits, and each element's value depends on
+    its index only (a shard computes its own slice; nothing is drawn sequentially). The values are
+    symmetric about 1/2 and lie in ``[EPS, 1 - EPS]``, so ``log u - log(1 - u)`` is finite.
+    Replaces a ``torch.rand`` draw from a per-step CPU generator: 1.36 ms of an L0 step's 2.14 ms
+    before the forward on LeNet-300-100's 266k gates (one thread).
+    """
+    x = index * _GOLDEN
+    x += keys[0]
+    _fmix_(x)
+    x ^= keys[1]
+    _fmix_(x)
+    x >>= 9
+    return x.bitwise_and_(0x7FFFFF).float().add_(0.5).mul_(2.0**-23)
+
+
+def uniform(shape: tuple[int, ...] | torch.Size, keys: tuple[int, int], offset: int = 0,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """The noise of a tensor of ``shape`` whose first element has flat index ``offset`` (see
+    :func:`hashed_uniform`; an FSDP2 shard passes its rows' offset and gets its slice of the
+    one-process noise)."""
+    n = math.prod(shape)
+    index = torch.arange(offset, offset + n, dtype=torch.int32, device=device)
+    return hashed_uniform(index, torch.tensor(keys, dtype=torch.int32, device=device)).view(tuple(shape))
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -115,4 +163,5 @@ def clamp_(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BETA", "EPS", "GAMMA", "LOG_ALPHA_RANGE", "ZETA", "clamp_", "deterministic", "expected_l0",
-           "init_log_alpha", "logistic_noise", "prob_nonzero", "sample", "sample_and_slope", "sample_uniform"]
+           "hashed_uniform", "init_log_alpha", "logistic_noise", "prob_nonzero", "sample", "sample_and_slope",
+           "step_keys", "uniform"]

@@ -16,9 +16,10 @@ local rows only:
   so all ranks agree exactly and agree with one process: top-k selections and thresholds gather
   the group *scores* of the grid being selected (one layer at a time; all layers at once for
   ``scope: global``), run the one-process selection on them and keep their own rows; sums
-  (E[L0], counts, DNS's mean/std) are all-reduced; random draws (Hard Concrete noise, gate
-  initialisation) are drawn at the full shape from the step generator and sliced, so they equal
-  the one-process draws.
+  (E[L0], counts, DNS's mean/std) are all-reduced; the Hard Concrete noise is counter-based (a
+  hash of each element's flat index and the step's keys), so a shard computes its own slice of the
+  one-process noise; the gate initialisation is drawn at the full shape from the step generator
+  and sliced, so it equals the one-process draw.
 
 The gathered scores are transient (4 bytes per group of the grid being selected, at mask updates
 only): for ``scope: layer`` no more than FSDP's own all-gather of that layer's weights.

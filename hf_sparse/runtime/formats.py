@@ -41,6 +41,11 @@ class SparseWeight:
     def stored(self) -> int:
         return int(self.data.shape[0])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes one product reads for the weight (values, column indices and row pointers)."""
+        return int(self.data.nbytes + self.indices.nbytes + self.indptr.nbytes)
+
 
 @dataclass
 class FormatChoice:

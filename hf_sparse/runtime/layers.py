@@ -35,10 +35,11 @@ class SparseProduct:
         if self.sparse is None:
             return F.linear(x, self.dense)
         s = self.sparse
-        xt = np.ascontiguousarray(x.detach().to(torch.float32).numpy().T)
-        y = np.empty((self.out_features, xt.shape[1]), np.float32)
-        kernels.spmm(s.block, s.indptr, s.indices, s.data, xt, y)
-        return torch.from_numpy(y).T
+        # feature-major input (torch's transposing copy is several times numpy's), batch-major output
+        xt = x.detach().to(torch.float32).t().contiguous().numpy()
+        y = np.empty((xt.shape[1], self.out_features), np.float32)
+        kernels.spmm(s.block, s.indptr, s.indices, s.data, xt, y, True)
+        return torch.from_numpy(y)
 
 
 def _refuse_training(module: nn.Module) -> None:

@@ -1,0 +1,217 @@
+"""The counter-based Hard Concrete noise, the fused L0 gate kernels (eager and compiled), and
+AutoPrune's moment handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hf_sparse.methods import gate_kernels as gk
+from hf_sparse.methods import hard_concrete as hc
+from hf_sparse.methods.autoprune import V_FLOOR, V_FLOOR_EVERY, AutoPrune
+from hf_sparse.methods.base import optimizer_states
+from hf_sparse.methods.granularity import Granularity
+from hf_sparse.methods.l0 import L0
+from hf_sparse.methods.targets import resolve_targets
+
+INV_BETA, SHIFT = 1.0 / hc.BETA, hc.BETA * math.log(-hc.GAMMA / hc.ZETA)
+
+
+# -- the noise ---------------------------------------------------------------------------------
+def test_hashed_uniform_is_a_uniform_counter_stream():
+    keys = hc.step_keys(0, 7, "l0:0")
+    assert keys == hc.step_keys(0, 7, "l0:0") and keys != hc.step_keys(0, 8, "l0:0")
+    u = hc.uniform((1000, 500), keys)
+    assert u.dtype == torch.float32 and float(u.min()) >= hc.EPS and float(u.max()) <= 1 - hc.EPS
+    assert float(u.mean()) == pytest.approx(0.5, abs=2e-3) and float(u.var()) == pytest.approx(1 / 12, abs=1e-3)
+    # deciles equally filled, neighbours uncorrelated
+    counts = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert torch.allclose(counts, torch.full((10,), 0.1), atol=3e-3)
+    flat = u.flatten() - 0.5
+    assert abs(float((flat[1:] * flat[:-1]).mean()) * 12) < 0.01
+    # each element depends on its index only: an FSDP2 shard's offset gives its slice of the whole draw
+    assert torch.equal(hc.uniform((300, 500), keys, offset=200 * 500), u[200:500])
+    # another step's stream is unrelated (not a shift of this one)
+    other = hc.uniform((1000, 500), hc.step_keys(0, 8, "l0:0")).flatten() - 0.5
+    assert abs(float((flat * other).mean()) * 12) < 0.01
+    # the values are symmetric about 1/2, so 1 - u is exact and log u - log(1 - u) finite
+    assert torch.isfinite(hc.logistic_noise(u)).all()
+
+
+def test_no_gate_in_the_logit_range_is_saturated():
+    """Why no draw is skipped: within LOG_ALPHA_RANGE every gate can still come out 0 and 1, so its
+    sample depends on u, and skipping a draw would change the expectation."""
+    lo, hi = hc.LOG_ALPHA_RANGE
+    ends = torch.tensor([hc.EPS, 1 - hc.EPS])
+    for la in (lo, hi):
+        z = hc.sample(torch.full((2,), la), ends)
+        assert float(z[0]) == 0.0 and float(z[1]) == 1.0
+        assert 0.0 < float(hc.prob_nonzero(torch.tensor(la))) < 1.0
+
+
+# -- the fused kernels = the generic formulas ----------------------------------------------------
+def _tensors(n=1000, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    la = (torch.randn(n, generator=g) * 3).clamp(-10, 10).to(dtype)
+    real, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    keys = torch.tensor(hc.step_keys(1, 2, "t"), dtype=torch.int32)
+    return la, real, grad, keys, torch.tensor(0, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_the_generic_formulas(dtype):
+    la, real, grad, keys, off = _tensors(dtype=dtype)
+    z, slope = hc.sample_and_slope(la, hc.logistic_noise(hc.uniform(la.shape, hc.step_keys(1, 2, "t"))))
+    out = torch.empty_like(real)
+    psum = gk.train_write(la, real, out, keys, off, INV_BETA, SHIFT)
+    torch.testing.assert_close(out, real * z, rtol=1e-6, atol=1e-7)
+    assert float(psum) == pytest.approx(float(hc.expected_l0(la)), rel=1e-6)
+    g, param, reg = grad.clone(), torch.empty_like(real), torch.tensor(0.3)
+    la_grad = gk.train_grads(la, real, g, param, keys, off, INV_BETA, SHIFT, reg)
+    p = hc.prob_nonzero(la)
+    want = (real * grad * slope + 0.3 * p * (1 - p)).to(dtype)
+    torch.testing.assert_close(la_grad, want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-7)
+    assert torch.equal(param, real)
+    torch.testing.assert_close(g, grad * z, rtol=1e-6, atol=1e-7)
+    w = real.clone()
+    gk.eval_write(la, w, param, INV_BETA, store=False)
+    torch.testing.assert_close(param, real * hc.deterministic(la), rtol=1e-6, atol=1e-7)
+
+
+def test_mode_switch_and_auto_threshold(monkeypatch):
+    monkeypatch.setenv("HF_SPARSE_GATE_KERNELS", "auto")
+    gk.set_mode(None)
+    assert not gk.use_compiled(100, 266_200) and gk.use_compiled(4690, 266_200)
+    monkeypatch.setenv("HF_SPARSE_GATE_KERNELS", "eager")
+    assert not gk.use_compiled(10**6, 10**6)
+    gk.set_mode("compiled")
+    try:
+        assert gk.use_compiled(1, 1)
+    finally:
+        gk.set_mode(None)
+    with pytest.raises(ValueError):
+        gk.set_mode("fast")
+
+
+def _lenet_l0(mode, total=1000, seed=0):
+    gk.set_mode(mode)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    m = L0(resolve_targets(model), L0.Config(control="constrained", dual_lr=2.0), 0.2, seed=0,
+           granularity=Granularity.parse("unstructured"), model=model)
+    m.setup(total)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for group in m.param_groups(2e-3):
+        opt.add_param_group(group)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)  # the gates' lr is pinned to gate_lr anyway
+    return model, m, opt, sched
+
+
+def _steps(model, m, opt, sched, start, stop):
+    g = torch.Generator().manual_seed(5)
+    for s in range(stop):
+        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+        if s < start:
+            continue
+        m.before_forward(s)
+        nn.functional.cross_entropy(model(x), y).backward()
+        m.after_backward(s)
+        opt.step()
+        m.after_step(s, opt)
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+
+
+def _state(model, m):
+    return [p.detach().clone() for p in model.parameters()] + [g.log_alpha.detach().clone() for g in m.gates]
+
+
+def _resume_is_bit_exact(mode):
+    model, m, opt, sched = _lenet_l0(mode)
+    assert m.compiled == (mode == "compiled")
+    _steps(model, m, opt, sched, 0, 6)
+    straight = _state(model, m)
+    model2, m2, opt2, sched2 = _lenet_l0(mode)
+    _steps(model2, m2, opt2, sched2, 0, 3)
+    saved = (m2.state_dict(), opt2.state_dict(), sched2.state_dict(), model2.state_dict())
+    model3, m3, opt3, sched3 = _lenet_l0(mode, seed=1)  # a fresh process's objects, other init
+    m3.load_state_dict(saved[0])
+    model3.load_state_dict(saved[3])
+    opt3.load_state_dict(saved[1])
+    sched3.load_state_dict(saved[2])
+    _steps(model3, m3, opt3, sched3, 3, 6)
+    return straight, _state(model3, m3)
+
+
+def test_resume_is_bit_exact_eager():
+    try:
+        straight, resumed = _resume_is_bit_exact("eager")
+    finally:
+        gk.set_mode(None)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.slow  # compiles the three kernels: 10-30 s in a fresh process
+def test_compiled_kernels_equal_eager_and_resume_bit_exact():
+    try:
+        straight, resumed = _resume_is_bit_exact("compiled")
+        eager, _ = _resume_is_bit_exact("eager")
+        la, real, grad, keys, off = _tensors(100_003)
+        idx = torch.arange(la.numel(), dtype=torch.int32)
+        assert torch.equal(torch.compile(hc.hashed_uniform, dynamic=True)(idx, keys), hc.hashed_uniform(idx, keys))
+        outs = []
+        for compiled in (False, True):
+            out, g, param = torch.empty_like(real), grad.clone(), torch.empty_like(real)
+            s = gk.run("train_write", compiled, la, real, out, keys, off, INV_BETA, SHIFT)
+            la_grad = gk.run("train_grads", compiled, la, real, g, param, keys, off, INV_BETA, SHIFT, torch.tensor(0.3))
+            outs.append((out, s, la_grad, g))
+    finally:
+        gk.set_mode(None)
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # six steps compiled vs eager: the same training up to float32 rounding (bfloat16 logits may round apart)
+    for a, b in zip(straight, eager):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=2e-2 if a.dtype == torch.bfloat16 else 1e-4)
+
+
+# -- AutoPrune: moments zeroed at restore events only ------------------------------------------------
+def test_autoprune_restore_only_zeroing_keeps_the_per_step_zeroing_trajectory():
+    """Zeroing the pruned weights' moments after every step (the old rule) and zeroing them only when
+    a weight is restored train the same weights; the second moments stay off subnormals."""
+
+    def train(zero_every_step: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+        m = AutoPrune(resolve_targets(model), AutoPrune.Config(start_fraction=0.0, end_fraction=0.5,
+                                                               freeze_fraction=0.9, mask_lr=0.01, init=0.02),
+                      0.3, seed=0, granularity=Granularity.parse("unstructured"), model=model)
+        m.setup(70)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+        for group in m.param_groups(0.01):
+            opt.add_param_group(group)
+        g = torch.Generator().manual_seed(3)
+        for s in range(70):
+            x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
+            m.before_forward(s)
+            nn.functional.cross_entropy(model(x), y).backward()
+            m.after_backward(s)
+            opt.step()
+            m.after_step(s, opt)
+            opt.zero_grad(set_to_none=True)
+            if zero_every_step:
+                for member, f in zip(m.covered, m._factors):
+                    for st in optimizer_states(opt, member.target.parameter):
+                        st.mul_(f)
+            if s % V_FLOOR_EVERY == 0 and not zero_every_step:
+                for member in m.covered:
+                    assert float(opt.state[member.target.parameter]["exp_avg_sq"].min()) >= V_FLOOR
+        return [v.clone() for v in m.real.values], [k.clone() for k in m.masks], m.restore_events
+
+    old, new = train(True), train(False)
+    assert new[2] > 0  # weights did come back
+    assert all(torch.equal(a, b) for a, b in zip(old[0], new[0]))
+    assert all(torch.equal(a, b) for a, b in zip(old[1], new[1]))

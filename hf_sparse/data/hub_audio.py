@@ -51,6 +51,10 @@ def load_hub_dataset(cfg) -> datasets.DatasetDict:
         if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
             dd = datasets.load_from_disk(str(local))
         else:
+            from ..hub_probe import hub_problem
+
+            if not local.exists() and (problem := hub_problem(cfg.hub_id, repo_type="dataset")):
+                raise OSError(f"the Hub does not answer: {problem}")  # in seconds, not after datasets' retries
             dd = datasets.load_dataset(cfg.hub_id, cfg.config_name, **options)
     except Exception as e:  # network, auth, missing repo or config: all reported the same way
         raise DataError(f"cannot load Hub dataset {cfg.hub_id!r}{f' ({cfg.config_name})' if cfg.config_name else ''} "

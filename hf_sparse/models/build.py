@@ -164,17 +164,13 @@ class PretrainedError(ValueError):
 def _require_hub(repo_id: str, filename: str, key: str, also: str | None = None, revision: str | None = None) -> None:
     """Weights of a Hub repo are in the local cache or the Hub answers; otherwise stop at once (the
     client's own retries take about a minute) with a message naming the local alternative."""
-    from huggingface_hub import HfApi, try_to_load_from_cache
+    from ..hub_probe import hub_problem
 
-    for name in (filename, also):
-        if name and isinstance(try_to_load_from_cache(repo_id, name, revision=revision), str):
-            return
-    try:
-        HfApi().model_info(repo_id, revision=revision, timeout=10)
-    except Exception as e:  # noqa: BLE001 - offline, DNS, 404, auth: one located answer
-        raise PretrainedError(f"cannot get {repo_id!r} from the Hub ({first_line(e)}) and it is not in the local "
+    problem = hub_problem(repo_id, cached_files=tuple(n for n in (filename, also) if n), revision=revision)
+    if problem:
+        raise PretrainedError(f"cannot get {repo_id!r} from the Hub ({problem}) and it is not in the local "
                               "cache: download the checkpoint where there is a connection and set model.path to "
-                              "its folder (or file)", key) from None
+                              "its folder (or file)", key)
 
 
 def _is_local(path: str) -> bool:

@@ -87,10 +87,11 @@ def make_trainer(data, output_dir, sparsity: dict | None, model=None, **arg_over
 
 
 def run_steps(method, optimizer: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor], steps: int,
-              start: int = 0) -> None:
+              start: int = 0, scheduler: Any = None, then: Callable[[int], None] | None = None) -> None:
     """Drive a method's (or a Sparsifier's) step hooks around a plain training loop: for each step,
     ``before_forward``, ``loss(step).backward()``, ``after_backward``, the optimizer step,
-    ``after_step``. ``setup`` and ``finalize`` are the caller's."""
+    ``after_step``, ``zero_grad``, then ``scheduler.step()`` and ``then(step)`` when given.
+    ``setup`` and ``finalize`` are the caller's."""
     for step in range(start, start + steps):
         method.before_forward(step)
         loss(step).backward()
@@ -98,6 +99,10 @@ def run_steps(method, optimizer: torch.optim.Optimizer, loss: Callable[[int], to
         optimizer.step()
         method.after_step(step, optimizer)
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        if then is not None:
+            then(step)
 
 
 def state_digest(state: Any) -> str:

@@ -16,6 +16,7 @@ from hf_sparse.methods.base import optimizer_states
 from hf_sparse.methods.granularity import Granularity
 from hf_sparse.methods.l0 import L0
 from hf_sparse.methods.targets import resolve_targets
+from tests.helpers import run_steps
 
 INV_BETA, SHIFT = 1.0 / hc.BETA, hc.BETA * math.log(-hc.GAMMA / hc.ZETA)
 
@@ -110,19 +111,17 @@ def _lenet_l0(mode, total=1000, seed=0):
     return model, m, opt, sched
 
 
+def _batches(steps, batch, features, classes, seed):
+    """The same seeded (x, y) per step whichever step a run starts at."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, features, generator=g), torch.randint(0, classes, (batch,), generator=g))
+            for _ in range(steps)]
+
+
 def _steps(model, m, opt, sched, start, stop):
-    g = torch.Generator().manual_seed(5)
-    for s in range(stop):
-        x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
-        if s < start:
-            continue
-        m.before_forward(s)
-        nn.functional.cross_entropy(model(x), y).backward()
-        m.after_backward(s)
-        opt.step()
-        m.after_step(s, opt)
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+    data = _batches(stop, 32, 64, 10, seed=5)
+    run_steps(m, opt, lambda s: nn.functional.cross_entropy(model(data[s][0]), data[s][1]), stop - start, start,
+              scheduler=sched)
 
 
 def _state(model, m):
@@ -193,15 +192,9 @@ def test_autoprune_restore_only_zeroing_keeps_the_per_step_zeroing_trajectory():
         opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
         for group in m.param_groups(0.01):
             opt.add_param_group(group)
-        g = torch.Generator().manual_seed(3)
-        for s in range(70):
-            x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
-            m.before_forward(s)
-            nn.functional.cross_entropy(model(x), y).backward()
-            m.after_backward(s)
-            opt.step()
-            m.after_step(s, opt)
-            opt.zero_grad(set_to_none=True)
+        data = _batches(70, 16, 16, 4, seed=3)
+
+        def then(s):
             if zero_every_step:
                 for member, f in zip(m.covered, m._factors):
                     for st in optimizer_states(opt, member.target.parameter):
@@ -209,6 +202,8 @@ def test_autoprune_restore_only_zeroing_keeps_the_per_step_zeroing_trajectory():
             if s % V_FLOOR_EVERY == 0 and not zero_every_step:
                 for member in m.covered:
                     assert float(opt.state[member.target.parameter]["exp_avg_sq"].min()) >= V_FLOOR
+
+        run_steps(m, opt, lambda s: nn.functional.cross_entropy(model(data[s][0]), data[s][1]), 70, then=then)
         return [v.clone() for v in m.real.values], [k.clone() for k in m.masks], m.restore_events
 
     old, new = train(True), train(False)

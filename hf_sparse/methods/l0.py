@@ -339,15 +339,19 @@ class L0(SparsityMethod):
         """Whether grid ``g`` trains through the fused kernels this step (a budget needs autograd)."""
         return g.fused and not self.frozen and self.budget is None
 
-    def _keys(self, step: int, i: int, device: torch.device) -> torch.Tensor:
+    def _key_pair(self, step: int, i: int) -> tuple[int, int]:
         """Grid ``i``'s noise keys at ``step`` (the same on every rank and after a resume)."""
-        return torch.tensor(hc.step_keys(self.seed, step, f"l0:{i}"), dtype=torch.int32, device=device)
+        return hc.step_keys(self.seed, step, f"l0:{i}")
+
+    def _keys(self, step: int, i: int, device: torch.device) -> torch.Tensor:
+        """:meth:`_key_pair` as the int32 tensor the fused kernels take."""
+        return torch.tensor(self._key_pair(step, i), dtype=torch.int32, device=device)
 
     def _sample(self, step: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, dz/dlog_alpha)`` of grid ``i`` at ``step``; recomputed rather than stored (8 bytes per gate)."""
         g = self.gates[i]
         la = g.log_alpha.detach()
-        u = hc.uniform(la.shape, hc.step_keys(self.seed, step, f"l0:{i}"), g.offset, la.device)
+        u = hc.uniform(la.shape, self._key_pair(step, i), g.offset, la.device)
         return hc.sample_and_slope(la, hc.logistic_noise(u), self.config.temperature)
 
     def _kernel_scalars(self) -> tuple[float, float]:

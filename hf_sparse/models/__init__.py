@@ -20,10 +20,10 @@ def register_model(name: str, override: bool = False) -> Callable:
 
 from .._post_import import when_imported  # noqa: E402
 from . import lenet, speech_rnn  # noqa: E402,F401
-from .pipeline_audio import install_audio_file_reader  # noqa: E402
+from .pipeline_audio import PIPELINE_MODULES, install_audio_file_reader  # noqa: E402
 
-for _module in ("transformers.pipelines.audio_classification", "transformers.pipelines.automatic_speech_recognition"):
-    when_imported(_module, lambda _m: install_audio_file_reader())  # audio files without FFmpeg
+for _module in PIPELINE_MODULES:  # audio files without FFmpeg, once each pipeline module is imported
+    when_imported(_module, install_audio_file_reader)
 from .build import build_model, forward_problem  # noqa: E402
 
 __all__ = ["MODEL_REGISTRY", "build_model", "forward_problem", "register_model"]

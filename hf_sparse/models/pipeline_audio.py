@@ -14,12 +14,13 @@ from __future__ import annotations
 import functools
 import shutil
 from collections.abc import Callable
+from types import ModuleType
 
 import numpy as np
 
 #: the pipeline modules that call ``ffmpeg_read`` by their module-level name
-_PIPELINE_MODULES = ("transformers.pipelines.audio_classification",
-                     "transformers.pipelines.automatic_speech_recognition")
+PIPELINE_MODULES = ("transformers.pipelines.audio_classification",
+                    "transformers.pipelines.automatic_speech_recognition")
 
 
 def read_audio_bytes(payload: bytes, sampling_rate: int) -> np.ndarray:
@@ -48,14 +49,9 @@ def _without_ffmpeg(original: Callable[[bytes, int], np.ndarray]) -> Callable[[b
     return read
 
 
-def install_audio_file_reader() -> None:
-    """Route the audio pipelines' file decoding through :func:`read_audio_bytes` when FFmpeg is missing."""
-    import importlib
-
-    for name in _PIPELINE_MODULES:
-        module = importlib.import_module(name)
-        original = getattr(module, "ffmpeg_read", None)
-        if original is None:  # a transformers without this hook: leave it as it is
-            continue
-        if not getattr(original, "hf_sparse_fallback", False):
-            module.ffmpeg_read = _without_ffmpeg(original)
+def install_audio_file_reader(module: ModuleType) -> None:
+    """Route one audio pipeline module's file decoding through :func:`read_audio_bytes` when FFmpeg
+    is missing (a module without ``ffmpeg_read``, from another transformers, is left as it is)."""
+    original = getattr(module, "ffmpeg_read", None)
+    if original is not None and not getattr(original, "hf_sparse_fallback", False):
+        module.ffmpeg_read = _without_ffmpeg(original)

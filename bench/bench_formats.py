@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_sparse.checkpoint.save_and_load import BITMASK_WEIGHTS, load_sparse, save_sparse_checkpoint  # noqa: E402
+from hf_sparse.checkpoint.formats.bitmask import BITMASK_WEIGHTS  # noqa: E402
+from hf_sparse.checkpoint.save_and_load import load_sparse, save_sparse_checkpoint
 from hf_sparse.models.lenet import LeNetConfig, LeNetForImageClassification  # noqa: E402
 
 TARGETS = ["fc1.weight", "fc2.weight", "classifier.weight"]

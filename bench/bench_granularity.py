@@ -55,7 +55,8 @@ def train(method: str, granularity: str, epochs: int | None, out: Path, extra: l
 
 def check_saved(run_dir: Path, results: dict, granularity: str) -> dict:
     """Density and shape rule, recomputed from the saved weights of the targeted layers."""
-    from hf_sparse.methods.granularity import Granularity, check_mask_rule, nm_count
+    from hf_sparse.grids import Granularity, check_mask_rule
+    from hf_sparse.grids.nm import nm_count
 
     extra = dict(s.split("=", 1) for s in SETTINGS[granularity])
     spec = Granularity.parse(extra["sparsity.granularity"], [4, 4] if "sparsity.block_shape" in extra else None)

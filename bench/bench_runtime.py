@@ -2,8 +2,8 @@
 
 Cases: nn.GRU / nn.LSTM (input size = hidden, ``--steps`` time steps, weight_ih and weight_hh
 pruned alike) and nn.Linear (hidden x hidden), at hidden 512/1024, densities 0.2/0.1/0.05,
-unstructured or block-pruned (16x16, 8x8 blocks kept at random), batch 1 and 8, 1 and 2 intra-op
-threads (torch's dense kernels use them; the runtime's kernels run on one thread). Each case
+unstructured or block-pruned (16x16, 8x8 blocks kept at random), batch 1 and 8, the runtime's
+weights in float32 and int8 (``--dtypes``), 1 and 2 intra-op threads (torch's dense kernels use them; the runtime's kernels run on one thread). Each case
 alternates dense and runtime calls on the same input (order swapped every pair) for
 ``--budget`` seconds and reports the median per-pair ratio dense/runtime and the largest
 absolute output difference. Layers are converted with ``calibrate=False`` so that every row
@@ -16,9 +16,9 @@ each, their median per-utterance ratio and whether every prediction agrees.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py [--kinds gru,lstm,linear]
         [--hidden 512,1024] [--densities 0.2,0.1,0.05] [--structures unstructured,16x16,8x8]
-        [--batches 1,8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
+        [--batches 1,8] [--dtypes float32,int8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py --checkpoint runs/fsdd_gru_gradual_block/model
-        [--batch-size 32] [--decide-at 1,32]
+        [--batch-size 32] [--decide-at 1,32] [--dtype int8]
 """
 
 from __future__ import annotations
@@ -101,9 +101,11 @@ def dense_matvec_bandwidth(rows: int, cols: int, budget: float) -> float:
     return product_bytes(F32 * rows * cols, cols, rows, 1) / (timing["dense_ms"] * 1e-3)
 
 
-def kernel_rows(hidden: int, density: float, structure: str, batch: int, budget: float, bandwidth: float) -> list[dict]:
+def kernel_rows(hidden: int, density: float, structure: str, batch: int, budget: float, bandwidth: float,
+                dtypes: tuple[str, ...] = ("float32",)) -> list[dict]:
     """One GRU-sized weight_hh (3*hidden x hidden) product at ``batch``: torch dense against the runtime's
-    kernel, torch's CSR/BSR and (if installed) scipy's CSR/BSR, each timed paired with the dense one."""
+    kernel (each of ``dtypes``), torch's CSR/BSR and (if installed) scipy's CSR/BSR, each timed paired
+    with the dense one."""
     from hf_sparse.runtime import kernels
     from hf_sparse.runtime.formats import to_sparse_weight
 
@@ -113,11 +115,14 @@ def kernel_rows(hidden: int, density: float, structure: str, batch: int, budget:
     prune_(layer, density, block, gen)
     w = layer.weight.detach().contiguous()
     x = torch.randn(batch, hidden)
-    sw = to_sparse_weight(w, block)
     xt = x.t().contiguous().numpy()
     y = np.empty((batch, w.shape[0]), np.float32)
-    candidates = {"runtime " + sw.format: (lambda: kernels.spmm(sw.block, sw.indptr, sw.indices, sw.data, xt, y, True),
-                                           sw.nbytes)}
+    candidates = {}
+    for dtype in dtypes:
+        sw = to_sparse_weight(w, block, dtype)
+        name = "runtime " + sw.format + ("" if dtype == "float32" else " " + dtype)
+        candidates[name] = (lambda sw=sw: kernels.spmm(sw.block, sw.indptr, sw.indices, sw.data, xt, y, True, sw.scale),
+                            sw.nbytes)
     xt_t = torch.from_numpy(xt)
     warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
     csr = w.to_sparse_csr()
@@ -153,26 +158,32 @@ def kernel_rows(hidden: int, density: float, structure: str, batch: int, budget:
     return rows
 
 
-def run_case(kind: str, hidden: int, density: float, structure: str, batch: int, threads: int, steps: int,
-             budget: float) -> dict:
+def make_case(kind: str, hidden: int, density: float, structure: str, batch: int, dtype: str, steps: int):
+    """The pruned dense layer, its runtime conversion, an input and the outputs' largest difference."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     block = 1 if structure == "unstructured" else int(structure.split("x")[0])
     dense = build(kind, hidden).eval()
     prune_(dense, density, block, gen)
-    runtime = to_sparse_runtime(dense, calibrate=False)  # the kernels themselves, also where they lose
+    runtime = to_sparse_runtime(dense, calibrate=False, dtype=dtype)  # the kernels themselves, also where they lose
     x = torch.randn(batch, hidden) if kind == "linear" else torch.randn(steps, batch, hidden)
-    torch.set_num_threads(threads)
     with torch.no_grad():
         ref, out = dense(x), runtime(x)
         ref, out = (ref[0], out[0]) if kind != "linear" else (ref, out)
-        diff = float((ref - out).abs().max())
+    return dense, runtime, x, float((ref - out).abs().max())
+
+
+def run_case(kind: str, hidden: int, density: float, structure: str, batch: int, dtype: str, threads: int,
+             steps: int, budget: float) -> dict:
+    dense, runtime, x, diff = make_case(kind, hidden, density, structure, batch, dtype, steps)
+    torch.set_num_threads(threads)
+    with torch.no_grad():
         timing = paired_timing(lambda: dense(x), lambda: runtime(x), budget_s=budget)
     moved = bytes_per_call(runtime, kind, batch, steps)
     dense_moved = bytes_per_call(dense, kind, batch, steps)
     fmt = ",".join(sorted({f for e in runtime.sparse_runtime_report for f in e["formats"].values()})) or "-"
     return {"kind": kind, "hidden": hidden, "density": density, "structure": structure, "batch": batch,
-            "threads": threads, "steps": steps if kind != "linear" else None, "format": fmt,
+            "dtype": dtype, "threads": threads, "steps": steps if kind != "linear" else None, "format": fmt,
             "converted": all(e["converted"] for e in runtime.sparse_runtime_report),
             "dense_ms": timing["dense_ms"], "runtime_ms": timing["runtime_ms"], "speedup": timing["speedup"],
             "pairs": timing["pairs"], "max_abs_diff": diff, "mb_per_call": moved / 1e6,
@@ -181,11 +192,50 @@ def run_case(kind: str, hidden: int, density: float, structure: str, batch: int,
 
 
 @torch.no_grad()
+def gru_vs_lstm(hidden: int, density: float, structure: str, batch: int, dtype: str, threads: int, steps: int,
+                budget: float) -> dict:
+    """GRU and LSTM speed-ups timed in one rotation (dense GRU, runtime GRU, dense LSTM, runtime LSTM,
+    the order rotated every round) so that both see the same load: timed as separate rows, minutes
+    apart, the dense references drifted by up to 2x on a shared machine and the comparison with them.
+    ``lstm_over_gru``: median over rounds of the LSTM's speed-up divided by the GRU's."""
+    import statistics
+    import time
+
+    cases = {kind: make_case(kind, hidden, density, structure, batch, dtype, steps) for kind in ("gru", "lstm")}
+    torch.set_num_threads(threads)
+    calls = [(kind, role, (lambda m=c[0] if role == "dense" else c[1], x=c[2]: m(x)))
+             for kind, c in cases.items() for role in ("dense", "runtime")]
+    for _, _, fn in calls:
+        fn()
+    times = {(kind, role): [] for kind, role, _ in calls}
+    rel = []
+    start, rounds = time.perf_counter(), 0
+    while rounds < 5 or time.perf_counter() - start < budget:
+        took = {}
+        for kind, role, fn in calls[rounds % 4:] + calls[:rounds % 4]:
+            t = time.perf_counter()
+            fn()
+            took[kind, role] = time.perf_counter() - t
+            times[kind, role].append(took[kind, role])
+        speedup = {k: took[k, "dense"] / took[k, "runtime"] for k in cases}
+        rel.append(speedup["lstm"] / speedup["gru"])
+        rounds += 1
+    row = {"hidden": hidden, "density": density, "structure": structure, "batch": batch, "dtype": dtype,
+           "threads": threads, "steps": steps, "rounds": rounds, "lstm_over_gru": statistics.median(rel)}
+    for kind, c in cases.items():
+        d, r = (1e3 * statistics.median(times[kind, role]) for role in ("dense", "runtime"))
+        row[kind] = {"dense_ms": d, "runtime_ms": r, "speedup": statistics.median(
+            a / b for a, b in zip(times[kind, "dense"], times[kind, "runtime"])), "max_abs_diff": c[3]}
+    return row
+
+
+@torch.no_grad()
 def run_checkpoint(folder: Path, threads: int, limit: int | None, batch_size: int = 1,
-                   decide_at: tuple[int, ...] = (1,)) -> dict:
+                   decide_at: tuple[int, ...] = (1,), dtype: str = "float32") -> dict:
     """End to end on the checkpoint's test split, ``batch_size`` utterances per call: utterances/s
-    dense vs runtime. The runtime converts each layer only where, timed whole, it beat dense at every
-    batch size in ``decide_at`` (its per-layer decisions and measured ratios are in the result)."""
+    dense vs runtime (its sparse weights in ``dtype``), and for a classifier both accuracies. The
+    runtime converts each layer only where, timed whole, it beat dense at every batch size in
+    ``decide_at`` (its per-layer decisions and measured ratios are in the result)."""
     import statistics
     import time
 
@@ -195,17 +245,17 @@ def run_checkpoint(folder: Path, threads: int, limit: int | None, batch_size: in
 
     torch.set_num_threads(threads)
     bundle = load_data(load_recipe(folder / "recipe.yaml").data)
-    dense, sparse = load_sparse(folder), load_sparse(folder, runtime="sparse", batch_sizes=decide_at)
+    dense, sparse = load_sparse(folder), load_sparse(folder, runtime="sparse", batch_sizes=decide_at, dtype=dtype)
     rows = bundle.eval if limit is None else bundle.eval.select(range(min(limit, len(bundle.eval))))
     warm = bundle.collator([rows[0]])
     warm.pop("labels", None)
     dense(**warm), sparse(**warm)  # first calls compile or load the kernels
     times = {"dense": [], "sparse": []}
-    ratios, agree = [], 0
+    ratios, agree, correct = [], 0, {"dense": 0, "sparse": 0}
     chunks = [[rows[j] for j in range(i, min(i + batch_size, len(rows)))] for i in range(0, len(rows), batch_size)]
     for i, chunk in enumerate(chunks):
         batch = bundle.collator(chunk)
-        batch.pop("labels", None)
+        labels = batch.pop("labels", None)
         outs = {}
         for name in (("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")):
             model = dense if name == "dense" else sparse
@@ -214,11 +264,15 @@ def run_checkpoint(folder: Path, threads: int, limit: int | None, batch_size: in
             times[name].append(time.perf_counter() - t)
         ratios.append(times["dense"][-1] / times["sparse"][-1])
         agree += int((outs["dense"] == outs["sparse"]).reshape(len(chunk), -1).all(1).sum())
+        if labels is not None and labels.dim() == 1:  # a classifier: one label per utterance
+            for name in correct:
+                correct[name] += int((outs[name] == labels).sum())
     n = len(rows)
     decisions = {e["layer"]: {"converted": e["converted"], "measured": e.get("measured")}
                  for e in sparse.sparse_runtime_report if e["type"] != "Linear" or e.get("measured")}
+    accuracy = {f"{k}_accuracy": v / n for k, v in correct.items()} if bundle.task.endswith("classification") else {}
     return {"checkpoint": str(folder), "task": bundle.task, "utterances": n, "threads": threads,
-            "batch_size": batch_size, "decided_at": list(decide_at), "decisions": decisions,
+            "batch_size": batch_size, "decided_at": list(decide_at), "dtype": dtype, **accuracy, "decisions": decisions,
             "dense_utt_per_s": n / sum(times["dense"]), "runtime_utt_per_s": n / sum(times["sparse"]),
             "dense_ms_median": 1e3 * statistics.median(times["dense"]),
             "runtime_ms_median": 1e3 * statistics.median(times["sparse"]),
@@ -237,21 +291,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--densities", default="0.2,0.1,0.05")
     ap.add_argument("--structures", default="unstructured,16x16,8x8")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dtypes", default="float32,int8", help="the runtime's weight value types")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--steps", type=int, default=100, help="time steps of the recurrent cases")
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of paired timing per case")
     ap.add_argument("--out", type=Path, help="also write the rows as JSON")
     ap.add_argument("--no-kernel-rows", dest="kernel_rows", action="store_false",
                     help="skip the weight_hh product rows (runtime, torch and scipy sparse kernels)")
+    ap.add_argument("--gru-vs-lstm", action="store_true",
+                    help="time GRU and LSTM in one rotation per case and compare their speed-ups (ignores --kinds)")
     ap.add_argument("--checkpoint", type=Path, help="a speech checkpoint folder: end to end on its test split")
     ap.add_argument("--limit", type=int, help="with --checkpoint: only the first N test utterances")
     ap.add_argument("--batch-size", type=int, default=1, help="with --checkpoint: utterances per call")
+    ap.add_argument("--dtype", default="float32", help="with --checkpoint: the runtime's weight value type")
     ap.add_argument("--decide-at", default="1", help="with --checkpoint: batch sizes the runtime's per-layer "
                                                      "decisions are timed at (converted only where faster at all)")
     args = ap.parse_args(argv)
     if args.checkpoint:
         result = run_checkpoint(args.checkpoint, int(args.threads.split(",")[0]), args.limit, args.batch_size,
-                                tuple(int(b) for b in args.decide_at.split(",")))
+                                tuple(int(b) for b in args.decide_at.split(",")), args.dtype)
         print(json.dumps(result, indent=1))
         if args.out:
             args.out.write_text(json.dumps(result, indent=1))
@@ -259,14 +317,31 @@ def main(argv: list[str] | None = None) -> None:
     hiddens = [int(h) for h in args.hidden.split(",")]
     densities = [float(d) for d in args.densities.split(",")]
     structures, batches = args.structures.split(","), [int(b) for b in args.batches.split(",")]
-    grid = itertools.product(args.kinds.split(","), hiddens, densities, structures, batches,
-                             [int(t) for t in args.threads.split(",")])
+    dtypes = tuple(args.dtypes.split(","))
+    threads = [int(t) for t in args.threads.split(",")]
+    if args.gru_vs_lstm:
+        rows = []
+        print("| hidden | density | structure | batch | dtype | threads | GRU dense ms | GRU runtime ms | GRU speed-up "
+              "| LSTM dense ms | LSTM runtime ms | LSTM speed-up | LSTM / GRU speed-up | rounds | max abs diff |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for case in itertools.product(hiddens, densities, structures, batches, dtypes, threads):
+            row = gru_vs_lstm(*case, steps=args.steps, budget=args.budget)
+            rows.append(row)
+            g, m = row["gru"], row["lstm"]
+            print(f"| {row['hidden']} | {row['density']} | {row['structure']} | {row['batch']} | {row['dtype']} "
+                  f"| {row['threads']} | {g['dense_ms']:.3f} | {g['runtime_ms']:.3f} | {g['speedup']:.2f}x "
+                  f"| {m['dense_ms']:.3f} | {m['runtime_ms']:.3f} | {m['speedup']:.2f}x | {row['lstm_over_gru']:.3f} "
+                  f"| {row['rounds']} | {max(g['max_abs_diff'], m['max_abs_diff']):.1e} |", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
+        return
+    grid = itertools.product(args.kinds.split(","), hiddens, densities, structures, batches, dtypes, threads)
     rows = []
     print("Ceiling: torch's dense float32 matvec on a 3*hidden x hidden matrix, one thread, timed just before "
           "each row (the machine's load drifts); 'of ceiling' is the row's GB/s over that matvec's.")
-    print("| layer | hidden | density | structure | batch | threads | format | dense ms | runtime ms "
+    print("| layer | hidden | density | structure | batch | dtype | threads | format | dense ms | runtime ms "
           "| speed-up | byte-ratio ceiling | MB/call | GB/s | matvec GB/s | of ceiling | max abs diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for case in grid:
         torch.set_num_threads(1)
         bandwidth = dense_matvec_bandwidth(3 * case[1], case[1], args.budget / 4)
@@ -275,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         row["fraction_of_ceiling"] = row["runtime_gbs"] / row["matvec_gbs"]
         rows.append(row)
         print(f"| {row['kind']} | {row['hidden']} | {row['density']} | {row['structure']} | {row['batch']} "
-              f"| {row['threads']} | {row['format'] if row['converted'] else 'dense (fallback)'} "
+              f"| {row['dtype']} | {row['threads']} | {row['format'] if row['converted'] else 'dense (fallback)'} "
               f"| {row['dense_ms']:.3f} | {row['runtime_ms']:.3f} | {row['speedup']:.2f}x "
               f"| {row['byte_ceiling']:.1f}x | {row['mb_per_call']:.2f} | {row['runtime_gbs']:.1f} "
               f"| {row['matvec_gbs']:.1f} | {row['fraction_of_ceiling']:.2f} | {row['max_abs_diff']:.1e} |", flush=True)
@@ -287,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for h, d, st, b in itertools.product(hiddens, densities, structures, batches):
             bandwidth = dense_matvec_bandwidth(3 * h, h, args.budget / 4)
-            for row in kernel_rows(h, d, st, b, args.budget / 4, bandwidth):
+            for row in kernel_rows(h, d, st, b, args.budget / 4, bandwidth, dtypes):
                 rows.append(row)
                 print(f"| {row['kernel']} | {h} | {d} | {st} | {b} | {row['dense_ms']:.3f} | {row['ms']:.3f} "
                       f"| {row['speedup']:.2f}x | {row['byte_ceiling']:.1f}x | {row['mb_per_call']:.2f} "

@@ -29,7 +29,7 @@ _EXPORTS = {
     "load_sparse": ".checkpoint.save_and_load",
     "push_to_hub": ".checkpoint.hub",
     "save_sparse_checkpoint": ".checkpoint.save_and_load",
-    "stream": ".runtime.streaming",
+    "stream": ".checkpoint.streaming",
     "to_sparse_runtime": ".runtime.convert",
 }
 
@@ -38,9 +38,9 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from .checkpoint.hub import push_to_hub  # noqa: F401
     from .checkpoint.save_and_load import load_sparse, save_sparse_checkpoint  # noqa: F401
+    from .checkpoint.streaming import stream  # noqa: F401
     from .config.recipe import Recipe, RecipeError, SparsityConfig, load_recipe  # noqa: F401
     from .runtime.convert import to_sparse_runtime  # noqa: F401
-    from .runtime.streaming import stream  # noqa: F401
     from .training.sparsifier import Sparsifier  # noqa: F401
     from .training.trainer import SparseTrainer  # noqa: F401
 

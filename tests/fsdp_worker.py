@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint  # noqa: E402
 from hf_sparse.config.recipe import DataConfig, SparsityConfig  # noqa: E402
-from hf_sparse.methods import sharding  # noqa: E402
+from hf_sparse.grids import shards as sharding  # noqa: E402
+from hf_sparse.training.fsdp2 import full_state_dict, model_has_dtensor  # noqa: E402
 from hf_sparse.training.sparsifier import Sparsifier  # noqa: E402
 from tests.helpers import fast_sparsity, state_digest, tiny_lenet  # noqa: E402
 
@@ -158,7 +159,7 @@ def load_all(folder: Path, model, sp, opt) -> None:
 def export(model, sp, folder: Path, rank: int) -> None:
     sp.finalize()
     report = sp.report(model).to_dict()
-    full = sharding.full_state_dict(model) if sharding.model_is_sharded(model) else model.state_dict()
+    full = full_state_dict(model) if model_has_dtensor(model) else model.state_dict()
     if rank == 0:
         plain = tiny_lenet()
         plain.load_state_dict(full)

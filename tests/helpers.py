@@ -64,8 +64,8 @@ GRANULARITIES = {"unstructured": {}, "block": {"granularity": "block", "block_sh
 
 def method_granularities() -> list[tuple[str, str]]:
     """Every registered (method, granularity) pair, e.g. ``("dns", "2:4")``."""
+    from hf_sparse.grids import Granularity
     from hf_sparse.methods import METHODS
-    from hf_sparse.methods.granularity import Granularity
 
     return [(m, g) for m in sorted(METHODS) for g, extra in GRANULARITIES.items()
             if Granularity.parse(extra.get("granularity", "unstructured"), extra.get("block_shape")).kind
@@ -150,6 +150,24 @@ TWO_RANK_SUITES = ("methods", "l0", "distill")
 _two_rank_launch: list[list[dict]] = []  # what ranks 0 and 1 recorded, once the launch has run
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), so launches running side by side under
+    ``pytest -n`` do not meet on accelerate's default port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args: str) -> list[str]:
+    """The command line of a two-process CPU ``accelerate launch`` of ``args`` (gloo; ``--multi_gpu``
+    is what starts two processes on a CPU machine, ``--cpu`` starts one), on a port of its own."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), *args]
+
+
 def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict]:
     """What ranks 0 and 1 recorded for ``suite`` of tests/dist_worker.py.
 
@@ -157,9 +175,7 @@ def two_rank_records(suite: str, out_dir: Path, timeout: int = 900) -> list[dict
     ``--multi_gpu`` is what starts two processes on a CPU machine, ``--cpu`` starts one) writing
     under ``out_dir``; later calls in the session reuse what it recorded."""
     if not _two_rank_launch:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "tests" / "dist_worker.py"), str(out_dir), *TWO_RANK_SUITES]
+        cmd = accelerate_launch(str(REPO / "tests" / "dist_worker.py"), str(out_dir), *TWO_RANK_SUITES)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=timeout)
         assert proc.returncode == 0, proc.stderr[-3000:]
         _two_rank_launch.append([json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)])

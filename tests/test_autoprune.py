@@ -7,10 +7,9 @@ import torch
 from torch import nn
 
 from hf_sparse.config.recipe import RecipeError, recipe_from_text
+from hf_sparse.grids import Granularity, resolve_targets
 from hf_sparse.methods import get_method
 from hf_sparse.methods.base import optimizer_states
-from hf_sparse.methods.granularity import Granularity
-from hf_sparse.methods.targets import resolve_targets
 from tests.helpers import make_trainer
 
 AutoPrune = get_method("autoprune")

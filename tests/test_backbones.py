@@ -14,15 +14,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from hf_sparse import SparseTrainer, load_sparse
-from hf_sparse.checkpoint.save_and_load import (
-    BITMASK_WEIGHTS,
-    DENSE_WEIGHTS,
-    CheckpointError,
-    saved_names,
-)
+from hf_sparse.checkpoint.files import DENSE_WEIGHTS
+from hf_sparse.checkpoint.formats.bitmask import BITMASK_WEIGHTS
+from hf_sparse.checkpoint.model_io import saved_names
+from hf_sparse.checkpoint.save_and_load import CheckpointError
 from hf_sparse.cli import main as cli_main
 from hf_sparse.config.recipe import recipe_from_text
-from hf_sparse.methods.targets import TargetSpec, head_weight_names, resolve_targets
+from hf_sparse.grids.targets import TargetSpec, head_weight_names, resolve_targets
 from hf_sparse.training.run import prepare_run, summary_table
 from tests.helpers import REPO, tiny_args
 

@@ -13,6 +13,7 @@ import torch
 
 from hf_sparse import load_sparse
 from hf_sparse.cli import main
+from tests.helpers import accelerate_launch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.max_train_samples=512", "data.max_eval_samples=256", "training.num_train_epochs=1",
@@ -119,9 +120,8 @@ def test_layers_that_end_empty_are_warned_about(fmnist_small):
 
 def _launch_two(out: Path, *sets: str) -> subprocess.CompletedProcess:
     """The README's command: ``accelerate launch --multi_gpu --num_processes 2 ... -m hf_sparse train``."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_sparse", "train",
-           str(REPO / "recipes/quickstart.yaml"), "--output-dir", str(out), "--set", *TINY, *sets]
+    cmd = accelerate_launch("-m", "hf_sparse", "train", str(REPO / "recipes/quickstart.yaml"), "--output-dir", str(out),
+                            "--set", *TINY, *sets)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
 

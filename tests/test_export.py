@@ -12,14 +12,12 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForImageClassification
 
+from hf_sparse.checkpoint.formats.bitmask import BITMASK_WEIGHTS, pack_tensor, unpack_tensor
 from hf_sparse.checkpoint.save_and_load import (
-    BITMASK_WEIGHTS,
     CheckpointError,
     inspect_checkpoint,
     load_sparse,
-    pack_tensor,
     save_sparse_checkpoint,
-    unpack_tensor,
 )
 from hf_sparse.cli.checkpoint import add_subcommands
 from hf_sparse.models.build import TimmClassifier

@@ -14,7 +14,7 @@ import torch
 
 from hf_sparse.checkpoint.save_and_load import load_sparse
 from tests.fsdp_trainer_worker import BATCHNORM, CONFIGS, RESUME_AT, STEPS
-from tests.helpers import REPO, assert_ranks_resume_exactly, launch_env
+from tests.helpers import REPO, accelerate_launch, assert_ranks_resume_exactly, launch_env
 
 pytestmark = pytest.mark.dist  # every test reads the two-process launch
 
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.dist  # every test reads the two-process launch
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_trainer")
     worker = str(REPO / "tests" / "fsdp_trainer_worker.py")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", worker, str(out)]
+    launch = accelerate_launch(worker, str(out))
     for cmd in (launch, [sys.executable, worker, str(out)]):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from hf_sparse.grids import Granularity, resolve_targets
 from hf_sparse.methods import gate_kernels as gk
 from hf_sparse.methods import hard_concrete as hc
 from hf_sparse.methods.autoprune import V_FLOOR, V_FLOOR_EVERY, AutoPrune
 from hf_sparse.methods.base import optimizer_states
-from hf_sparse.methods.granularity import Granularity
 from hf_sparse.methods.l0 import L0
-from hf_sparse.methods.targets import resolve_targets
 from tests.helpers import run_steps
 
 INV_BETA, SHIFT = 1.0 / hc.BETA, hc.BETA * math.log(-hc.GAMMA / hc.ZETA)

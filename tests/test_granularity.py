@@ -8,18 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from hf_sparse.grids import Granularity, build_grids, check_mask_rule, keep_top, resolve_targets, thresholds
+from hf_sparse.grids.nm import nm_count, nm_mask
 from hf_sparse.methods import get_method
-from hf_sparse.methods.granularity import (
-    Granularity,
-    build_grids,
-    check_mask_rule,
-    keep_top,
-    nm_count,
-    nm_mask,
-)
 from hf_sparse.methods.reparam import RealWeights
 from hf_sparse.methods.schedules import CubicSchedule, LinearWarmup, NarangThreshold, StepWindow
-from hf_sparse.methods.targets import resolve_targets
 from tests.helpers import GRANULARITIES, method_granularities, run_steps
 
 
@@ -152,6 +145,9 @@ def test_keep_top_budget_with_groups_of_different_sizes():
     keep = keep_top(grids, scores, 0.5, "global")
     assert [k.tolist() for k in keep] == [[True, False], [True, False]]
     assert [g.select(s, 0.5).tolist() for g, s in zip(grids, scores)] == [[True, False], [True, False]]
+    # the threshold is the score of the last group kept: global 0.5 (the second unit of 2 weights)
+    assert thresholds(grids, scores, 0.5, "global") == [0.5, 0.5]
+    assert thresholds(grids, scores, 0.5, "layer") == [pytest.approx(0.9), 0.5]
 
 
 # -- every method at every granularity ---------------------------------------------------------

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from hf_sparse.config.recipe import load_recipe
-from hf_sparse.methods.granularity import Granularity, _Slices
+from hf_sparse.grids import Granularity
+from hf_sparse.grids.tilings import Slices as _Slices
 from hf_sparse.structure.groups import find_groups
 from hf_sparse.structure.purge import purge_copy
 from hf_sparse.training.sparsifier import Sparsifier

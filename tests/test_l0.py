@@ -13,12 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_sparse.config.recipe import RecipeError, recipe_from_text
+from hf_sparse.grids import Granularity, resolve_targets
 from hf_sparse.methods import get_method
 from hf_sparse.methods import hard_concrete as hc
 from hf_sparse.methods.base import step_generator
 from hf_sparse.methods.constraints import AugmentedLagrangianController, LagrangianController
-from hf_sparse.methods.granularity import Granularity
-from hf_sparse.methods.targets import resolve_targets
 
 L0 = get_method("l0")
 
@@ -420,7 +419,7 @@ def conv_bn_model() -> nn.Sequential:
 
 
 def test_channel_gate_acts_after_batchnorm_with_exact_gradients():
-    from hf_sparse.methods.targets import TargetSpec
+    from hf_sparse.grids import TargetSpec
 
     model = conv_bn_model()
     conv, bn, head = model[0], model[1], model[4]

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from hf_sparse.grids import resolve_targets
 from hf_sparse.methods import bitset, get_method
 from hf_sparse.methods.base import step_generator
-from hf_sparse.methods.targets import resolve_targets
 
 
 def linear_with(weights: list[float]) -> nn.Linear:

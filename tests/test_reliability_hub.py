@@ -111,7 +111,7 @@ def test_a_sharded_checkpoint_round_trips_through_the_cache(hub, tmp_path):
     """The Hub cache stores snapshot files as links into blobs/: they are inside, by name and by target."""
     from safetensors.torch import load_file, save_file
 
-    from hf_sparse.checkpoint.save_and_load import weight_digests
+    from hf_sparse.checkpoint.formats import weight_digests
 
     model, report = sparse_lenet(density=0.1)
     folder = save_sparse_checkpoint(model, tmp_path / "ck", report=report)

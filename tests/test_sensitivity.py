@@ -61,8 +61,7 @@ def test_allocate_finds_the_least_predicted_loss_within_the_budget():
 
 def test_measure_keeps_what_was_measured_when_interrupted(fmnist_small, tmp_path):
     from hf_sparse.compare.sensitivity import measure
-    from hf_sparse.methods.granularity import Granularity, build_grids
-    from hf_sparse.methods.targets import TargetSpec, resolve_targets
+    from hf_sparse.grids import Granularity, TargetSpec, build_grids, resolve_targets
 
     trainer = make_trainer(fmnist_small, tmp_path, None, max_steps=10)
     trainer.train()

@@ -9,12 +9,13 @@ import torch
 
 import hf_sparse
 from hf_sparse.checkpoint.save_and_load import save_sparse_checkpoint
+from hf_sparse.checkpoint.streaming import stream
 from hf_sparse.data.feature_extraction import SpeechRNNFeatureExtractor
 from hf_sparse.data.fsdd import load_fsdd
 from hf_sparse.models.speech_rnn import SpeechRNNConfig, SpeechRNNForCTC, SpeechRNNForSequenceClassification
 from hf_sparse.runtime.convert import to_sparse_runtime
 from hf_sparse.runtime.layers import SparseRNN
-from hf_sparse.runtime.streaming import StreamingError, stream
+from hf_sparse.runtime.streaming import StreamingError
 from tests.test_export import make_report
 
 

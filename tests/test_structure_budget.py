@@ -140,9 +140,8 @@ def test_concat_split_dim():
 
 # -- L0 under a budget ---------------------------------------------------------------------------
 def _l0(net: nn.Module, fraction: float, kind: str = "macs", **params):
-    from hf_sparse.methods.granularity import Granularity
+    from hf_sparse.grids import Granularity, TargetSpec, resolve_targets
     from hf_sparse.methods.l0 import L0, L0Config
-    from hf_sparse.methods.targets import TargetSpec, resolve_targets
 
     targets = resolve_targets(net, TargetSpec(include=["0.weight", "4.weight"], layer_types=["Conv2d"]))
     cfg = L0Config(control=params.pop("control", "constrained"), count="gates", gate_lr=0.1, dual_lr=1.0,

@@ -157,7 +157,8 @@ def _cause(exc: BaseException, endpoint: str) -> str:
 def _operations(folder: Path, repo_id: str) -> list[CommitOperationAdd]:
     """One upload per regular file of the folder; a link that leads outside it is refused (its target
     would be uploaded: a secret linked in as notes.txt would land on the Hub)."""
-    from .save_and_load import CheckpointError, checked_file
+    from .files import checked_file
+    from .save_and_load import CheckpointError
 
     ops = []
     for path in sorted(folder.rglob("*")):

@@ -15,6 +15,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..runtime.speed import speed_sentence
+from .formats import get_format
 
 
 def _template_dir() -> Path:
@@ -34,13 +35,6 @@ REPO_PLACEHOLDER = "<repo_id>"
 #: hf_sparse's task names (``DataBundle.task``) that differ from the Hub's pipeline tags.
 _TASK_ALIASES = {"ctc": "automatic-speech-recognition"}
 _NOT_METRICS = ("runtime", "per_second", "epoch", "step", "flos", "memory")
-_FORMAT_NOTES = {
-    "dense": "full-size tensors with zeros where pruned; it loads with plain transformers/timm.",
-    "bitmask": "each pruned tensor as a packed bit mask plus its nonzero values "
-               "(`model.bitmask.safetensors`); lossless, load it with `hf_sparse.load_sparse`.",
-    "purged": "removed units/channels are physically gone, so the model is smaller and faster with the "
-              "same outputs (how it loads: see below).",
-}
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -193,26 +187,14 @@ def density_plot(path: Path, layers: dict[str, dict], target: float | None, unit
 
 def _plain_load(sparsity: dict) -> tuple[str, str]:
     """(library_name for the front matter, a sentence + snippet on loading without hf_sparse)."""
-    fmt, library = sparsity["format"], sparsity["library"]
+    library = sparsity["library"]
     if library == "torch":
         cls = sparsity["model_class"].rpartition(".")[2]
         return "pytorch", (f"The weights are the state dict of a plain PyTorch module (`{cls}`): build that module, "
                            "then `hf_sparse.load_sparse(path, model=module)` fills it in place.")
-    if fmt == "bitmask":
-        return "hf_sparse", "The bitmask format needs hf_sparse to load (`load_sparse` rebuilds the dense tensors)."
-    purged = sparsity.get("purged") or {}
-    if fmt == "purged" and purged.get("plan") and purged.get("config") is None:
-        return "hf_sparse", ("The architecture's own config cannot express the purged widths (per layer, or at all): "
-                             "`config.json` describes the dense model and the purge plan in `sparsity.json` the "
-                             "smaller shapes, so load it with `hf_sparse.load_sparse` (it builds the model from the "
-                             "config, resizes it to the plan and loads the weights; nothing of hf_sparse stays in "
-                             "the forward pass). Plain `from_pretrained` / `timm.create_model` refuses the weights "
-                             "(shape mismatch) rather than building a wrong model.")
-    if fmt == "purged" and purged.get("plan"):
-        fields = ", ".join(f"`{k}={v}`" for k, v in purged["config"].items())
-        note = f"Every layer kept the same width, so `config.json` expresses the purged shapes ({fields}). "
-    else:
-        note = ""
+    decided, note = get_format(sparsity["format"]).load_note(sparsity)
+    if decided is not None:
+        return decided, note
     if library == "timm":
         return "timm", ("It also loads with plain timm:\n\n```python\nimport timm\n\n"
                         f'model = timm.create_model("hf-hub:{REPO_PLACEHOLDER}", pretrained=True)\n```')
@@ -262,7 +244,7 @@ def render_model_card(sparsity: dict, *, recipe_yaml: str | None = None, dataset
         card_data, template_path=str(template),
         model_name=model_name, architecture=architecture, library=sparsity["library"], method=method,
         targeted_count=len(layers), layer_kinds=", ".join(kinds) or "weight tensors",
-        kept=f"{kept:,}", total=f"{total:,}", format=fmt, format_note=_FORMAT_NOTES[fmt],
+        kept=f"{kept:,}", total=f"{total:,}", format=fmt, format_note=get_format(fmt).card_note,
         target_density=target_text, achieved_density=achieved_text, base_model=base_model,
         license=license_id, license_note=license_note,
         model_density=_num(sparsity.get("model_density")), version=sparsity.get("hf_sparse_version", "-"),

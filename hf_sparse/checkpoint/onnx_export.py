@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .save_and_load import SPARSITY_FILE, CheckpointError, read_sparsity
+from .files import SPARSITY_FILE
+from .save_and_load import CheckpointError, read_sparsity
 
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
@@ -407,7 +408,7 @@ def evaluate_session(path: Path, data, names: list[str], *, max_rows: int = 10_0
 
 def is_structured(report: dict) -> bool:
     """Whether the run removed whole units/channels (then the ONNX graph is built from the purged model)."""
-    from ..methods.granularity import CHANNEL_ALIASES
+    from ..grids.channel import CHANNEL_ALIASES
 
     kind = str(report.get("granularity") or "unstructured").split()[0]
     return kind in (*CHANNEL_ALIASES, "group") or bool(report.get("structure"))
@@ -422,7 +423,8 @@ def add_onnx(folder: str | Path, *, quantize: str | None = None, recipe_yaml: st
     and in the card. int8 needs the recipe's data (``recipe_yaml`` or ``data``) for the accuracy
     before and after, and for calibration when convolutions are quantised statically.
     """
-    from .save_and_load import load_sparse, weight_digests
+    from .formats import weight_digests
+    from .save_and_load import load_sparse
 
     folder = Path(folder)
     if quantize not in (None, "int8"):
@@ -461,7 +463,7 @@ def _read_text(path: Path) -> str | None:
 
 
 def _sha(path: Path) -> str:
-    from .save_and_load import file_sha256
+    from .files import file_sha256
 
     return file_sha256(path)
 

@@ -17,20 +17,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.save_and_load import (  # numpy and safetensors only; torch comes with the commands that need it
+from ..checkpoint.files import (  # numpy and safetensors only; torch comes with the commands that need it
     DENSITY_PLOT,
-    FORMATS,
     SPARSITY_FILE,
-    CheckpointError,
     clear_stale_weights,
     copy_extra_files,
-    inspect_checkpoint,
     layer_stats,
+)
+from ..checkpoint.formats import CHECKPOINT_FORMATS, read_state_dict, weight_files
+from ..checkpoint.save_and_load import (
+    CheckpointError,
+    inspect_checkpoint,
     load_sparse,
     read_sparsity,
-    read_state_dict,
     save_sparse_checkpoint,
-    weight_files,
 )
 
 
@@ -286,7 +286,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                               description="Write RUN_DIR's checkpoint (RUN_DIR/model, or RUN_DIR itself when it is "
                                           "a model folder) to --out in the chosen format.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--format", choices=FORMATS, default="dense",
+    p.add_argument("--format", choices=list(CHECKPOINT_FORMATS), default="dense",
                    help="dense (zeros, plain transformers/timm), bitmask (compact, lossless), "
                         "purged (structured: smaller layers), onnx (purged or dense weights plus model.onnx, "
                         "checked against PyTorch)")

@@ -51,8 +51,7 @@ def _measure(args, recipe, sets, model_path, densities, target, out) -> int:
 
     from ..compare import sensitivity as sens
     from ..config.recipe import load_recipe
-    from ..methods.granularity import build_grids
-    from ..methods.targets import TargetSpec, resolve_targets
+    from ..grids import TargetSpec, build_grids, resolve_targets
     from ..training.run import prepare_run
 
     evaluated = load_recipe(args.recipe, [*sets, f"model.path={model_path}", "training.disable_tqdm=true",

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from ..methods.targets import LAYER_TYPES
+from ..grids.targets import LAYER_TYPES
 
 Loc = tuple[str | int, ...]
 
@@ -240,8 +240,8 @@ class SparsityConfig(_Section):
                                                           "target_density, e.g. {macs: 0.25}")
 
     def granularity_spec(self):
-        """The parsed :class:`~hf_sparse.methods.granularity.Granularity`."""
-        from ..methods.granularity import Granularity
+        """The parsed :class:`~hf_sparse.grids.Granularity` (its registered kind's class)."""
+        from ..grids import Granularity
 
         return Granularity.parse(self.granularity, self.block_shape)
 
@@ -355,8 +355,10 @@ def _schedule_order_error(config: BaseModel, written: dict[str, Any]) -> tuple[L
 
 
 class ExportConfig(_Section):
-    format: Literal["dense", "bitmask", "purged", "onnx"] = Field(
-        "dense", description="storage format of run_dir/model (onnx: purged or dense weights plus model.onnx)")
+    format: str = Field(
+        "dense", description="storage format of run_dir/model, a name in hf_sparse.checkpoint.formats (dense, "
+                             "bitmask, purged, onnx: purged or dense weights plus model.onnx); checked when the run "
+                             "is prepared, where the formats are known")
     push_to_hub: bool = Field(False, description="push the sparse checkpoint to the Hub at the end of the run")
     hub_model_id: str | None = Field(None, description="repo id to push to")
     private: bool = False

@@ -1,6 +1,6 @@
 """AutoPrune (Xiao, Wang & Rajasekaran, NeurIPS 2019): prune by training auxiliary parameters.
 
-Every group of targeted weights (:mod:`.granularity`: a weight, a block, an output unit - a row of
+Every group of targeted weights (:mod:`hf_sparse.grids`: a weight, a block, an output unit - a row of
 a Linear, an output channel of a conv, a hidden unit of an RNN/GRU/LSTM layer) gets an auxiliary
 parameter ``m``. The network computes with ``W * h(M)``, ``h(m) = 1[m > 0]``. Noise in M's training
 never touches W, and a pruned weight keeps its value, so it can come back (recoverability).
@@ -52,13 +52,12 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from . import register_method, sharding
+from ..grids import density_of, keep_top, kept_weights, local, sum_over_ranks
+from . import register_method
 from .base import MethodConfig, SparsityMethod, optimizer_states
 from .constraints import LagrangianController
-from .granularity import density_of, keep_top
 from .reparam import RealWeights
 from .schedules import CubicSchedule, StepWindow, resolve_step
-from .sharding import local
 
 
 class AutoPruneConfig(MethodConfig):
@@ -119,10 +118,9 @@ class AutoPrune(SparsityMethod):
         super().__init__(*args, **kwargs)
         config = self.config
         self.weight_decay_on_targets = config.weight_decay_on_targets
-        self.single = self.granularity.kind in ("unstructured", "n:m")  # one weight per m
         self.M = [nn.Parameter(self._initial_m(g)) for g in self.grids]
         self.real = RealWeights([m.target for m in self.covered])
-        self.numel = sum(g.total_numel for g in self.grids)  # FSDP2: the whole grids' weights
+        self.numel = sum(g.total_numel for g in self.grids)  # the whole grids' weights, on every rank
         self.masks = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
         self._factors: list[torch.Tensor] = []  # h(M) per covered tensor, float, broadcastable to it
         self._refresh_factors()
@@ -140,13 +138,13 @@ class AutoPrune(SparsityMethod):
         config, device = self.config, grid.members[0].param.device
         if config.init != "magnitude":
             return torch.full(grid.shape, config.init, device=device)
-        with torch.no_grad():  # FSDP2: ranks over the whole layer, this rank keeps its rows
-            scores = sharding.gather(grid, grid.score([m.param.detach() for m in grid.weights], "mean")).flatten()
+        with torch.no_grad():  # ranks over the whole layer; this process keeps its rows
+            scores = grid.gather(grid.score([m.param.detach() for m in grid.weights], "mean")).flatten()
             rank = torch.empty(scores.numel(), device=scores.device)
             rank[torch.argsort(scores.float(), stable=True)] = torch.arange(1, scores.numel() + 1, device=scores.device,
                                                                             dtype=rank.dtype)
-            full = (rank * (2.0 * config.init_scale / scores.numel())).view(sharding.full_shape(grid))
-            return sharding.local_rows(grid, full).to(device)
+            full = (rank * (2.0 * config.init_scale / scores.numel())).view(grid.full_shape)
+            return grid.local_rows(full).to(device)
 
     @classmethod
     def config_error(cls, config: AutoPruneConfig, target_density: float | None) -> tuple[tuple[str, ...], str] | None:
@@ -186,7 +184,7 @@ class AutoPrune(SparsityMethod):
         for g, m in zip(self.grids, self.M):
             corr = torch.zeros_like(m)
             for member in g.members:
-                grad, f, w = member.target.grad, next(factors), next(values)  # FSDP2: this rank's shard
+                grad, f, w = member.target.grad, next(factors), next(values)  # this process's rows
                 if grad is not None:
                     if not self.frozen and member.scored:
                         corr += member.tiling.reduce(grad.float() * torch.sign(w), "sum")
@@ -194,7 +192,7 @@ class AutoPrune(SparsityMethod):
             if self.frozen:
                 m.grad = None  # frozen masks: the optimizer skips M
             else:
-                reg = coef if self.single else coef * g.sizes
+                reg = coef if g.single else coef * g.sizes
                 m.grad = ste_grad(m, self.config).mul_(corr.add_(reg))
         self.real.restore()
         self._written = False
@@ -237,7 +235,7 @@ class AutoPrune(SparsityMethod):
             backs = [r if r is not None else torch.zeros_like(k) for r, k in zip(restored, self.masks)]
             for member, f in zip(self.covered, self.mask_factors(backs)):
                 for s in optimizer_states(optimizer, member.target.parameter):
-                    local(s).mul_(1.0 - f)  # FSDP2: this rank's rows
+                    local(s).mul_(1.0 - f)  # this process's rows
         if step % V_FLOOR_EVERY == 0:
             inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
             for member in self.covered:
@@ -283,9 +281,7 @@ class AutoPrune(SparsityMethod):
 
         Ties are broken deterministically (by position), so every rank makes the same choice.
         """
-        # FSDP2: the scores are gathered, so they stay on the device the process group reduces
-        keep = keep_top(self.grids, [m.detach().float() if self.sharded else m.detach().float().cpu() for m in self.M],
-                        density, "global")
+        keep = keep_top(self.grids, [g.host(m.detach().float()) for g, m in zip(self.grids, self.M)], density, "global")
         return [k.to(m.device) for k, m in zip(keep, self.M)]
 
     def _set_masks(self, new: list[torch.Tensor]) -> None:
@@ -303,7 +299,7 @@ class AutoPrune(SparsityMethod):
 
     def _kept(self, g: int, flags: torch.Tensor) -> int:
         """Number of weights behind the True entries of grid ``g``'s ``flags``."""
-        return int(flags.count_nonzero()) if self.single else int((self.grids[g].sizes * flags).sum())
+        return int(self.grids[g].weights_behind(flags))
 
     def _refresh_factors(self) -> None:
         self._factors = self.mask_factors(self.masks)
@@ -325,12 +321,8 @@ class AutoPrune(SparsityMethod):
 
     # -- reporting ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        restored = [self._kept(g, e) for g, e in enumerate(self.ever_restored)]
-        restore_events = self.restore_events
-        if self.sharded:  # FSDP2: each rank counts its rows (the event count is one number for all grids)
-            restored = sharding.sum_floats(self.grids, restored)
-            restore_events = int(sharding.sum_floats(self.grids[:1], [restore_events])[0])
-        restored = int(sum(restored))
+        restored = int(kept_weights(self.grids, self.ever_restored))  # over every rank's rows
+        restore_events = int(sum_over_ranks(self.grids[:1], [self.restore_events])[0])
         active = not self.frozen and self.last_step >= self.start
         out = {"density": self.density(), "reg_coef": self.reg_coef() if active else 0.0, "restored_weights": restored,
                "restore_events": restore_events, "frozen": float(self.frozen)}

@@ -31,9 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from .granularity import UNSTRUCTURED, Granularity, GroupGrid, build_grids
-from .sharding import is_sharded
-from .targets import Target
+from ..grids import UNSTRUCTURED, Granularity, GranularityKinds, GroupGrid, Target, build_grids, refuse_split
 
 logger = logging.getLogger(__name__)
 
@@ -67,20 +65,21 @@ def optimizer_states(optimizer: torch.optim.Optimizer | None, param: torch.Tenso
 class SparsityMethod:
     """Base class. Subclasses set ``name``/``Config`` and are registered with ``@register_method``.
 
-    A method sees its targets through group grids (:mod:`.granularity`): one grid per layer (or
-    per target), whose groups are single weights, blocks, N:M runs or output units, so the same
-    method code serves every granularity it lists in ``granularities``.
+    A method sees its targets through group grids (:mod:`hf_sparse.grids`): one grid per layer (or
+    per target), whose groups are whatever the recipe's granularity makes them, so the same method
+    code serves every granularity in ``granularities`` and FSDP2-sharded parameters alike.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: "required", "optional" or "unused": how the method treats ``sparsity.target_density``.
     target_density_mode: ClassVar[str] = "optional"
-    #: Values of ``sparsity.granularity`` (kinds) the method implements.
-    granularities: ClassVar[tuple[str, ...]] = ("unstructured", "block", "n:m", "channel", "group")
+    #: Values of ``sparsity.granularity`` (kinds) the method implements: every registered one
+    #: except the low-rank kinds a method must list itself.
+    granularities: ClassVar[GranularityKinds] = GranularityKinds()
     #: Whether Trainer's weight decay may act on the targeted weights.
     weight_decay_on_targets: bool = True
-    #: Whether the method follows FSDP2-sharded parameters (see :mod:`.sharding`).
+    #: Whether the method follows FSDP2-sharded parameters (see :mod:`hf_sparse.grids.shards`).
     supports_fsdp2: ClassVar[bool] = False
 
     def __init__(self, targets: list[Target], config: MethodConfig, target_density: float | None, seed: int = 0,
@@ -92,25 +91,20 @@ class SparsityMethod:
         self.target_density = granularity.fixed_density or target_density
         self.seed = seed
         self.total_steps = 0
-        if granularity.kind == "group" and any(is_sharded(t.parameter) for t in targets):
-            raise ValueError("granularity group is not supported with FSDP2-sharded parameters yet: a group couples "
-                             "the output rows of one weight with the input columns of the next, which FSDP2's dim-0 "
-                             "shards put on different ranks; use DDP or granularity channel")
         self.grids = self.build_grids(model)
-        if granularity.kind == "group":  # targets no group produces keep their width: not the method's
-            grouped = {id(m.target.param) for g in self.grids for m in g.weights}
-            left = [t.name for t in targets if id(t.param) not in grouped]
-            if left:
-                logger.info("granularity group: %d targeted weights belong to no removable channel group and stay "
-                            "dense (e.g. %s); see hf-sparse inspect --groups", len(left), ", ".join(left[:3]))
-            self.targets = [t for t in targets if id(t.param) in grouped]
+        # targets no grid covers (coupled groups: a layer that keeps its width) are not the method's
+        gridded = {id(m.target.param) for g in self.grids for m in g.weights}
+        left = [t.name for t in targets if id(t.param) not in gridded]
+        if left:
+            logger.info("granularity %s: %d targeted weights belong to no removable channel group and stay "
+                        "dense (e.g. %s); see hf-sparse inspect --groups", granularity, len(left), ", ".join(left[:3]))
+            self.targets = [t for t in targets if id(t.param) in gridded]
         self.covered = [m for g in self.grids for m in g.members]  # every tensor a grid acts on, in grid order
         #: ``group`` granularity: the coupled channel groups the grids act on (purge and cost models)
         self.channel_groups = [g.channel_group for g in self.grids if g.channel_group is not None]
-        self.sharded = any(g.shard is not None for g in self.grids)
-        if self.sharded and not self.supports_fsdp2:
-            raise ValueError(f"method {self.name!r} does not support FSDP2-sharded parameters yet; "
-                             "use DDP or one of the methods that do")
+        if not self.supports_fsdp2:
+            refuse_split(self.grids, f"method {self.name!r} does not support FSDP2-sharded parameters yet; "
+                                     "use DDP or one of the methods that do")
 
     def build_grids(self, model: nn.Module | None) -> list[GroupGrid]:
         return build_grids(self.targets, self.granularity, model)
@@ -190,12 +184,11 @@ class SparsityMethod:
         return {}
 
     def structure(self) -> dict[str, list[int]] | None:
-        """Channel granularity: target name -> indices of surviving output units/channels."""
+        """Structured granularity: target name -> indices of surviving output units/channels (of the
+        whole layer)."""
         if not self.granularity.structured:
             return None
-        from .sharding import gather  # FSDP2: the whole layer's units, on every rank
-
-        return {m.target.name: torch.nonzero(gather(g, keep)).flatten().tolist()
+        return {m.target.name: torch.nonzero(g.gather(keep)).flatten().tolist()
                 for g, keep in zip(self.grids, self.group_masks()) for m in g.weights}
 
     # -- checkpointing -----------------------------------------------------------------------
@@ -243,7 +236,7 @@ class MaskedMethod(SparsityMethod):
         clipping shrinks the updates of the weights that are actually kept.
         """
         for m, f in zip(self.covered, self._factors):
-            grad = m.target.grad  # under FSDP2 this rank's shard of the gradient
+            grad = m.target.grad  # this process's rows of the gradient
             if grad is not None:
                 grad.mul_(f)
 

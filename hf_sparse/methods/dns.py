@@ -19,7 +19,7 @@ so each layer ends at density d. With ``scope: global`` one threshold is taken o
 the last surgery keeps the largest weights of all targets together, so only the whole model is at
 density d (a small output layer is not starved at extreme densities).
 
-Granularity: T is one bit per group (:mod:`.granularity`) and ``|W|`` above is the group's mean
+Granularity: T is one bit per group (:mod:`hf_sparse.grids`) and ``|W|`` above is the group's mean
 ``|w|``, so the statistics, thresholds and band keep the units of a weight. With N:M every surgery
 keeps the N largest dense weights of every M (the band cannot hold N of M), still splicing.
 ``initial_sparsity`` (hf_sparse's addition, for pretrained models): T starts from a one-shot cut of
@@ -40,7 +40,8 @@ from typing import Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from . import bitset, register_method, sharding
+from ..grids import kept_weights
+from . import bitset, register_method
 from .base import MaskedMethod, MethodConfig, step_generator
 from .reparam import RealWeights
 from .schedules import (
@@ -137,11 +138,8 @@ class DynamicNetworkSurgery(MaskedMethod):
         if self.target_density is None:
             if self.surgeries == 0:
                 for i, (g, a) in enumerate(zip(self.grids, scores)):
-                    if g.shard is None:
-                        self.t[i] = max(float(a.mean() + self.config.c * a.std()), 0.0)
-                    else:  # FSDP2: the layer's statistics from all shards
-                        mean, std = sharding.mean_std(g, a)
-                        self.t[i] = max(mean + self.config.c * std, 0.0)
+                    mean, std = g.mean_std(a)  # the whole layer's statistics
+                    self.t[i] = max(float(mean + self.config.c * std), 0.0)
         elif self.calibrated_at < 0 or step - self.calibrated_at >= self.config.recalibrate_every:
             self.t.copy_(torch.tensor(thresholds_per_layer(self, scores, self.target_density)))
             self.calibrated_at = step
@@ -150,15 +148,8 @@ class DynamicNetworkSurgery(MaskedMethod):
         lo, hi = self.config.band
         kept = keep_per_layer(self, scores, self.target_density) if final else None
         for i, (g, a, m, ever) in enumerate(zip(self.grids, scores, self.masks, self.ever_pruned)):
-            if final:
-                new = kept[i]
-            elif g.granularity.kind == "n:m":
-                new = g.select(a, self.target_density)
-            else:
-                # T stays 1 while |W| > a = lo*t and becomes 1 once |W| > b = hi*t: one comparison
-                # against a per-group threshold (lo*t where kept, hi*t where pruned) does both.
-                t = float(self.t[i])
-                new = a > m.to(a.dtype).mul_((lo - hi) * t).add_(hi * t)
+            # T stays 1 while |W| > a = lo*t and becomes 1 once |W| > b = hi*t (N:M: the N largest)
+            new = kept[i] if final else g.hysteresis(a, m, float(self.t[i]), (lo, hi), self.target_density)
             ever |= bitset.pack(~new)
             m.copy_(new)
         self.masks_changed()
@@ -169,8 +160,7 @@ class DynamicNetworkSurgery(MaskedMethod):
         self.real.store()
 
     def _weights(self, flags: list[torch.Tensor]) -> int:
-        per_grid = [float((g.sizes * f).sum()) for g, f in zip(self.grids, flags)]
-        return int(sum(sharding.sum_floats(self.grids, per_grid) if self.sharded else per_grid))
+        return int(kept_weights(self.grids, flags))
 
     def spliced(self) -> int:
         """Weights that surgery pruned at some point and that are kept now: spliced back."""

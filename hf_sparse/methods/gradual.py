@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import AliasChoices, Field
 
-from . import register_method, sharding
+from . import register_method
 from .base import MaskedMethod, MethodConfig
 from .schedules import (
     INITIAL_SPARSITY_HELP,
@@ -117,23 +117,21 @@ class GradualThresholdPruning(MaskedMethod):
             q_t = thresholds_per_layer(self, scores, self.target_density)
             final = keep_per_layer(self, scores, self.target_density) if step == self.window.end else None
         if step == self.window.start and self.target_density is None:
-            for i, (g, s) in enumerate(zip(self.grids, scores)):  # FSDP2: the quantile of the whole grid
-                q = float(torch.quantile(sharding.gather(g, s).flatten().double(), self.config.q_percentile / 100))
+            for i, (g, s) in enumerate(zip(self.grids, scores)):  # the quantile of the whole grid
+                q = float(torch.quantile(g.gather(s).flatten().double(), self.config.q_percentile / 100))
                 self.theta[i], self.phi[i] = self.slopes(q)
         for i, (g, s, mask) in enumerate(zip(self.grids, scores, self.masks)):
             if self.target_density is None:
                 eps = self.eps(step, float(self.theta[i]), float(self.phi[i]))
-                mask &= s > eps
+                mask.copy_(g.prune_below(mask, s, eps))
             elif step == self.window.end:
                 mask.copy_(final[i])
                 eps = q_t[i]
             else:
                 theta, phi = self.slopes(1.0)  # shape only: eps(itr) / eps(end) is independent of q
                 eps = self.eps(step, theta, phi) / self.eps(self.window.end, theta, phi) * q_t[i]
-                if g.granularity.kind == "n:m":  # never below N of M: the best N kept weights of each run stay
-                    mask.copy_(mask & ((s > eps) | g.select(s * mask, self.target_density)))
-                else:
-                    mask &= s > eps
+                # the granularity's rule holds (N:M: the best N kept weights of each run stay)
+                mask.copy_(g.prune_below(mask, s, eps, self.target_density))
             self.thresholds[i] = eps
         self.masks_changed()
         self.zero_masked()

@@ -1,6 +1,6 @@
 """``l0``: Hard Concrete L0 gates, controlled by a penalty, a constraint or an augmented Lagrangian.
 
-Each gate multiplies one group of :mod:`.granularity` - a weight (``unstructured``), a block, a
+Each gate multiplies one group of :mod:`hf_sparse.grids` - a weight (``unstructured``), a block, a
 weight under an N:M rule, an output unit (``channel``: a conv output channel, a Linear output unit,
 or a recurrent hidden unit, whose gate covers its rows in every gate block of both ``weight_ih``
 and ``weight_hh`` and its biases) - or a rank-1 component of a factorised Linear
@@ -79,15 +79,24 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from ..grids import (
+    GranularityKinds,
+    GroupGrid,
+    Member,
+    Target,
+    build_grids,
+    refuse_split,
+    sum_over_ranks,
+    sum_over_ranks_differentiable,
+    top_k_mask,
+)
 from . import gate_kernels as gk
 from . import hard_concrete as hc
-from . import register_method, sharding
+from . import register_method
 from .base import MethodConfig, SparsityMethod, step_generator
 from .constraints import AugmentedLagrangianController, LagrangianController
-from .granularity import GroupGrid, Member, build_grids, nm_mask
 from .reparam import RealWeights
 from .schedules import LinearWarmup, resolve_step
-from .targets import Target
 
 
 class L0Config(MethodConfig):
@@ -159,13 +168,14 @@ class _Gates:
     Q: nn.Parameter | None = None
     #: unstructured gates over one contiguous tensor: the fused kernels of :mod:`.gate_kernels` apply
     fused: bool = field(default=False, repr=False)
-    #: flat index of this rank's first gate in the whole grid (FSDP2: the noise of the rank's rows)
+    #: flat index of this process's first gate in the whole grid (the noise of its rows)
     offset: int = field(default=0, repr=False)
 
     @property
     def num(self) -> int:
-        """Gates of the whole grid (under FSDP2 on all ranks; ``log_alpha`` holds this rank's)."""
-        return self.log_alpha.numel() if self.grid.shard is None else self.grid.total_num
+        """Gates of the whole grid (on every rank; ``log_alpha`` holds this process's rows), or
+        factorised components."""
+        return self.grid.total_num if self.P is None else self.log_alpha.numel()
 
     @property
     def paired(self) -> bool:
@@ -190,7 +200,7 @@ class L0(SparsityMethod):
     Config = L0Config
     budgets = True  # sparsity.budget: a params/MACs budget of the purged model (see set_budget)
     target_density_mode = "optional"
-    granularities = ("unstructured", "block", "n:m", "channel", "group", "factorized")
+    granularities = GranularityKinds("factorized")
     supports_fsdp2 = True
 
     @classmethod
@@ -202,9 +212,7 @@ class L0(SparsityMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.config
-        self.factorized = self.granularity.kind == "factorized"
-        if self.sharded and self.factorized:
-            raise ValueError("l0 with factorized gates does not support FSDP2-sharded parameters yet")
+        self.factorized = self.granularity.low_rank
         gen = step_generator(self.seed, 0, "l0-init")
         self.gate_dtype = getattr(torch, cfg.gate_dtype)
         self.compiled = False  # whether the fused gate kernels run compiled (decided in setup)
@@ -241,8 +249,7 @@ class L0(SparsityMethod):
         """
         if self.controller is None or self.config.constraint != "model":
             raise ValueError("a budget needs control constrained or augmented with constraint: model")
-        if self.sharded:
-            raise ValueError("a sparsity.budget is not supported with FSDP2-sharded parameters yet")
+        refuse_split(self.grids, "a sparsity.budget is not supported with FSDP2-sharded parameters yet")
         names = [g.name for g in self.gates] if names is None else list(names)
         known = dict(zip(cost.group_names, cost.channels))
         for g, n in zip(self.gates, names):
@@ -270,8 +277,8 @@ class L0(SparsityMethod):
     # -- construction --------------------------------------------------------------------------
     def _gates(self, grid: GroupGrid, gen: torch.Generator) -> _Gates:
         device = grid.members[0].param.device
-        # drawn at the whole grid's shape: under FSDP2 each rank keeps its rows of the one-process draw
-        init = sharding.local_sample(grid, lambda shape: hc.init_log_alpha(shape, self.config.init_drop_rate, gen))
+        # drawn at the whole grid's shape: each rank keeps its rows of the one-process draw
+        init = grid.local_sample(lambda shape: hc.init_log_alpha(shape, self.config.init_drop_rate, gen))
         init = init.to(device)
         if self.config.init == "magnitude":
             with torch.no_grad():
@@ -281,10 +288,9 @@ class L0(SparsityMethod):
         la = nn.Parameter(init.to(self.gate_dtype))
         real = RealWeights([m.target for m in grid.members])
         param = grid.members[0].param
-        fused = (self.granularity.kind == "unstructured" and len(grid.members) == 1
+        fused = (self.granularity.independent and len(grid.members) == 1
                  and param.shape == la.shape and param.is_contiguous())
-        lay = grid.shard
-        offset = 0 if lay is None else sum(lay.rows[:lay.rank]) * math.prod(lay.full_shape[1:])
+        offset = grid.offset
         if self.config.count == "gates":
             return _Gates(grid.name, la, grid, real, 1.0, float(grid.total_num), fused=fused, offset=offset)
         sizes = None if grid.uniform else grid.sizes
@@ -303,8 +309,7 @@ class L0(SparsityMethod):
         out, inp = t.shape
         la = hc.init_log_alpha((r,), self.config.init_drop_rate, gen).to(t.param.device)
         if self.config.init == "magnitude":  # a component's magnitude: its singular value
-            keep = torch.zeros(r, dtype=torch.bool, device=S.device)
-            keep[torch.argsort(S, descending=True, stable=True)[:round((1.0 - self.config.init_drop_rate) * r)]] = True
+            keep = top_k_mask(S, round((1.0 - self.config.init_drop_rate) * r))
             la = magnitude_logits(la, keep.to(la.device), self.config.init_drop_rate)
         la = nn.Parameter(la.to(self.gate_dtype))
         cost, total = (1.0, float(r)) if self.config.count == "gates" else (float(out + inp), float(out * inp))
@@ -402,7 +407,7 @@ class L0(SparsityMethod):
                 la = g.log_alpha.detach()
                 if self._fast(g):
                     param = g.grid.members[0].param
-                    grad = g.grid.members[0].target.grad  # under FSDP2 this rank's shard
+                    grad = g.grid.members[0].target.grad  # this process's rows
                     if grad is not None and grad.is_contiguous():
                         offset = torch.tensor(g.offset, dtype=torch.int32, device=la.device)
                         reg = (coef * g.cost).to(torch.float32)
@@ -423,7 +428,7 @@ class L0(SparsityMethod):
         and the real ``W`` in the targets."""
         total = torch.zeros_like(z)
         for member, real in zip(g.grid.members, g.real.values):
-            grad = member.target.grad  # under FSDP2 this rank's shard
+            grad = member.target.grad  # this process's rows
             if g.scaled(member) and grad is not None:
                 total += member.tiling.reduce(real.float() * grad.float(), "sum")
                 grad.mul_(member.expand(z).to(grad.dtype))
@@ -453,7 +458,7 @@ class L0(SparsityMethod):
         with torch.no_grad():
             local = [s * g.cost if s is not None else g.expected(self.config.temperature)
                      for g, s in zip(self.gates, self._sums)]
-            totals = sharding.sum_across(self.grids, local) if self.sharded else local
+            totals = sum_over_ranks_differentiable(self.grids, local)
         leaves = [t.detach().float().requires_grad_() for t in totals]
         with torch.enable_grad():
             reg, self._violation = self._regulariser(step, leaves)
@@ -523,13 +528,12 @@ class L0(SparsityMethod):
         return self.target_schedule(step)
 
     def _expected(self) -> list[torch.Tensor]:
-        """Expected density units per grid (differentiable in log_alpha; FSDP2: summed over the shards)."""
-        expected = [g.expected(self.config.temperature) for g in self.gates]
-        return sharding.sum_across(self.grids, expected) if self.sharded else expected
+        """Expected density units per grid (differentiable in log_alpha; of the whole grids)."""
+        return sum_over_ranks_differentiable(self.grids, [g.expected(self.config.temperature) for g in self.gates])
 
     def _across(self, values: list[float]) -> list[float]:
-        """Per-grid floats summed over the FSDP2 shards (unchanged without sharding)."""
-        return sharding.sum_floats(self.grids, values) if self.sharded else values
+        """Per-grid floats of the whole grids (summed over the ranks)."""
+        return sum_over_ranks(self.grids, values)
 
     def _regulariser(self, step: int, expected: list[torch.Tensor] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -557,12 +561,8 @@ class L0(SparsityMethod):
         """Fix each grid's hard mask: its top-k gates by log_alpha, k from :meth:`hard_counts`
         (N:M: the N largest of every M)."""
         self.masks = []
-        for g, k in zip(self.gates, self.hard_counts()):
-            la = g.log_alpha.detach()
-            if self.granularity.kind == "n:m":
-                self.masks.append(nm_mask(la, self.granularity))
-                continue
-            self.masks.append(sharding.top_k(g.grid, la, k))  # FSDP2: over the whole grid, this rank's rows
+        for g, k in zip(self.gates, self.hard_counts()):  # over the whole grid, this process's rows
+            self.masks.append(g.grid.keep_count(g.log_alpha.detach(), k))
         self.frozen = True
 
     @torch.no_grad()
@@ -591,10 +591,7 @@ class L0(SparsityMethod):
         """Per grid, the boolean mask of its ``k`` gates with the largest ``log_alpha``."""
         masks = []
         for g, k in zip(self.gates, counts):
-            order = torch.argsort(g.log_alpha.detach().flatten(), descending=True, stable=True)
-            keep = torch.zeros(g.num, dtype=torch.bool, device=g.log_alpha.device)
-            keep[order[:k]] = True
-            masks.append(keep.view(g.log_alpha.shape))
+            masks.append(g.grid.top_k(g.log_alpha.detach(), k))
         return masks
 
     @torch.no_grad()

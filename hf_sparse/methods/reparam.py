@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .targets import Target
+from ..grids import Target
 
 
 class RealWeights:

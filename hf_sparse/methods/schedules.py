@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..grids import keep_top, pattern_matches, thresholds
+
 
 def resolve_step(step: int | None, fraction: float, total_steps: int) -> int:
     """An explicit step wins; otherwise ``fraction`` of the run's optimizer steps."""
@@ -113,8 +115,6 @@ def one_shot(method, density: float, how: str, values: list | None = None) -> No
     """Set a masked method's masks to keep the best ``density`` of the groups by its score ``how``
     ("mean" or "max" of ``|w|``, of ``values`` or the weights now), per layer or over all targets as
     its ``scope`` says. The caller then applies the masks to the weights (zeroing or writing W*T)."""
-    from .granularity import keep_top
-
     scores = method.group_scores(how, values)
     for mask, keep in zip(method.masks, keep_top(method.grids, scores, density, getattr(method.config, "scope", "layer"))):
         mask.copy_(keep)
@@ -132,8 +132,6 @@ def layer_densities(method, default: float | None) -> list[float] | None:
     spec = getattr(method.config, "layer_density", None)
     if not spec or default is None:
         return None
-    from .targets import pattern_matches
-
     names = [[m.target.name for m in g.weights] for g in method.grids]
     unmatched = [p for p in spec if not any(pattern_matches(p, n) for grid in names for n in grid)]
     if unmatched:
@@ -143,9 +141,7 @@ def layer_densities(method, default: float | None) -> list[float] | None:
 
 
 def keep_per_layer(method, scores: list, density: float, densities: list[float] | None = None) -> list:
-    """:func:`~.granularity.keep_top` at the method's scope, or each grid at its own density."""
-    from .granularity import keep_top
-
+    """:func:`~hf_sparse.grids.keep_top` at the method's scope, or each grid at its own density."""
     densities = densities or getattr(method, "layer_density", None)
     if densities is None:
         return keep_top(method.grids, scores, density, getattr(method.config, "scope", "layer"))
@@ -153,9 +149,7 @@ def keep_per_layer(method, scores: list, density: float, densities: list[float] 
 
 
 def thresholds_per_layer(method, scores: list, density: float) -> list[float]:
-    """:func:`~.granularity.thresholds` at the method's scope, or each grid at its own density."""
-    from .granularity import thresholds
-
+    """:func:`~hf_sparse.grids.thresholds` at the method's scope, or each grid at its own density."""
     if getattr(method, "layer_density", None) is None:
         return thresholds(method.grids, scores, density, getattr(method.config, "scope", "layer"))
     return [g.threshold(s, d) for g, s, d in zip(method.grids, scores, method.layer_density)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,9 @@ from . import MODEL_REGISTRY
 
 if TYPE_CHECKING:
     from ..data import DataBundle
+
+#: Loads a saved checkpoint folder stored in a non-dense format (path, revision) -> model, or None.
+StoredLoader = Callable[[str, "str | None"], "nn.Module | None"]
 
 _DEFAULT_AUTO_CLASS = {
     "image-classification": "AutoModelForImageClassification",
@@ -198,11 +202,13 @@ def _from_pretrained(auto, cfg, labels: dict, overrides: dict) -> nn.Module:
         raise
 
 
-def build_model(cfg, data: DataBundle) -> nn.Module:
+def build_model(cfg, data: DataBundle, load_stored: StoredLoader | None = None) -> nn.Module:
     """``cfg`` is a ``recipe.ModelConfig``. Raises ValueError with a plain message on bad names.
 
     With ``cfg.path`` the model starts from pretrained weights (a transformers or hf_sparse checkpoint
-    folder or Hub id, a timm folder or weights file); the data decides the head.
+    folder or Hub id, a timm folder or weights file); the data decides the head. ``load_stored(path,
+    revision)`` loads an hf_sparse checkpoint folder whose weights are stored in a format of its own
+    (None for a dense one); the checkpoint layer above supplies it.
     """
     if cfg.source == "timm":
         return _build_timm(cfg, data)
@@ -212,7 +218,7 @@ def build_model(cfg, data: DataBundle) -> nn.Module:
         labels["label2id"] = {n: i for i, n in enumerate(data.label_names)}
     if cfg.source == "hf_sparse":
         if cfg.path:
-            return _from_hf_sparse_checkpoint(cfg, data, labels)
+            return _from_hf_sparse_checkpoint(cfg, data, labels, load_stored)
         if cfg.name not in MODEL_REGISTRY:
             raise ValueError(f"unknown hf_sparse model {cfg.name!r}; known: {', '.join(sorted(MODEL_REGISTRY))}")
         return MODEL_REGISTRY[cfg.name](dict(cfg.config), data)
@@ -233,33 +239,30 @@ def build_model(cfg, data: DataBundle) -> nn.Module:
     return auto.from_config(config)
 
 
-def _from_hf_sparse_checkpoint(cfg, data: DataBundle, labels: dict) -> nn.Module:
-    """A saved hf_sparse checkpoint (dense, or any format ``load_sparse`` reads) as the starting point:
-    "train dense, then sparsify it" is one recipe. Dense folders load through the model's Auto class,
-    so a head for other labels is replaced as with transformers checkpoints."""
+def _from_hf_sparse_checkpoint(cfg, data: DataBundle, labels: dict, load_stored: StoredLoader | None) -> nn.Module:
+    """A saved hf_sparse checkpoint as the starting point: "train dense, then sparsify it" is one recipe.
+    Dense folders load through the model's Auto class, so a head for other labels is replaced as with
+    transformers checkpoints; a folder stored in another format (bitmask, purged) is what ``load_stored``
+    returns, loaded as saved."""
     import transformers
-
-    from ..checkpoint.save_and_load import load_sparse, read_sparsity
 
     folder = Path(cfg.path).expanduser()
     if not _is_local(cfg.path):
         _require_hub(cfg.path, "config.json", "path", revision=cfg.revision)
     elif not folder.is_dir():
         raise PretrainedError(f"{cfg.path} is not a checkpoint folder", "path")
-    fmt = "dense"
-    if folder.is_dir() and (folder / "sparsity.json").is_file():
-        fmt = read_sparsity(folder).get("format", "dense")
-    if fmt == "dense":
+    model = load_stored(cfg.path, cfg.revision) if load_stored is not None and folder.is_dir() else None
+    if model is None:
         overrides = dict(cfg.config)
         if data.task == "ctc":  # the data's vocabulary sizes the CTC head
             overrides.setdefault("vocab_size", data.num_labels)
         return _from_pretrained(getattr(transformers, _DEFAULT_AUTO_CLASS[data.task]), cfg, labels, overrides)
     if cfg.config:
-        raise PretrainedError(f"a {fmt} checkpoint is loaded as saved; model.config cannot change it", "config")
-    model = load_sparse(cfg.path, revision=cfg.revision)
+        raise PretrainedError("a sparse (bitmask or purged) checkpoint is loaded as saved; model.config cannot "
+                              "change it", "config")
     saved = getattr(getattr(model, "config", None), "num_labels", None)
     if saved != labels["num_labels"] and data.task != "ctc":
-        raise PretrainedError(f"the {fmt} checkpoint has {saved} labels and the data {labels['num_labels']}; "
+        raise PretrainedError(f"the sparse checkpoint has {saved} labels and the data {labels['num_labels']}; "
                               "start from its dense export to replace the head", "path")
     return model
 

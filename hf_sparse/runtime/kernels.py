@@ -2,12 +2,16 @@
 
 A sparse matrix is held in one layout for both formats: ``indptr`` (int64, one entry per row of
 blocks plus one), ``indices`` (uint16, or uint32 past 65535, block column of each stored block) and ``data`` (float32,
-flat). With block size ``b == 1`` that is plain CSR; with ``b > 1`` it is BSR with ``b x b`` blocks,
-each block stored transposed (``data[p*b*b + k*b + r]`` is row ``r``, column ``k`` of block ``p``),
-so that the inner loop is an axpy over a block's rows, which vectorises.
+or int8 with a float32 ``scale`` per stored block, per row for CSR; flat). With block size ``b == 1`` that is plain CSR;
+with ``b > 1`` it is BSR with ``b x b`` blocks in a row-slab layout: a block row's ``nb`` blocks
+(``p0 .. p0+nb-1``) occupy ``data[p0*b*b : (p0+nb)*b*b]`` with row ``r`` of all of them contiguous
+(``data[p0*b*b + r*nb*b + q*b + k]`` is row ``r``, column ``k`` of block ``p0+q``), so that at batch 1
+each output row is one contiguous dot product with the gathered inputs, which vectorises.
 
-Activations are feature-major (``x[feature, batch]``): at batch 1 that is a plain vector, and at
-batch B every weight read is used B times from contiguous memory.
+``spmm`` takes feature-major activations (``x[feature, batch]``, the recurrent state's layout);
+:func:`bsr_rows` takes them utterance-major (``x[batch, feature]``, torch's layout, so the input
+projections make no transposing copy). Every BSR product, whatever the batch, is a dot product per
+output row over a contiguous gather of the inputs its block row reads.
 
 A whole GRU/LSTM direction runs inside one compiled call (every time step, the recurrent product on
 the sparse ``weight_hh`` and the gate arithmetic), so a step costs no Python or dispatch overhead;
@@ -23,7 +27,7 @@ kernels run on one thread.
 from __future__ import annotations
 
 import numpy as np
-from numba import literally, njit
+from numba import njit
 
 
 @njit(cache=True, inline="always")
@@ -35,29 +39,28 @@ def _store(y, row, n, value, batch_major):
         y[row, n] = value
 
 
-@njit(cache=True)
-def _csr(indptr, indices, data, x, y, batch_major):
+#: Reassociation for the row sums (so they vectorise) without fastmath's no-NaN/no-inf assumptions.
+_SUM = {"reassoc", "contract", "nsz"}
+
+
+@njit(cache=True, fastmath=_SUM)
+def _csr(indptr, indices, data, scale, x, y, batch_major):
     nrows = indptr.shape[0] - 1
     batch = x.shape[1]
     if batch == 1:
+        # one reassociable sum per row over unsigned indices, from a contiguous copy of the input:
+        # LLVM vectorises it with gathers (3072x1024 at density 0.1: 218 -> 146 us; the four
+        # hand-written partial sums it replaces stayed scalar)
+        xv = np.empty(x.shape[0], np.float32)
+        for k in range(x.shape[0]):
+            xv[k] = x[k, 0]
         for i in range(nrows):
-            # four partial sums: a single one is a chain of dependent adds (measured ~5% slower)
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            p = indptr[i]
-            end = indptr[i + 1]
-            while p + 4 <= end:
-                s0 += data[p] * x[indices[p], 0]
-                s1 += data[p + 1] * x[indices[p + 1], 0]
-                s2 += data[p + 2] * x[indices[p + 2], 0]
-                s3 += data[p + 3] * x[indices[p + 3], 0]
-                p += 4
-            while p < end:
-                s0 += data[p] * x[indices[p], 0]
-                p += 1
-            _store(y, i, 0, (s0 + s1) + (s2 + s3), batch_major)
+            acc = np.float32(0.0)
+            for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
+                acc += np.float32(data[p]) * xv[np.uint64(indices[p])]
+            if scale is not None:  # int8 CSR: one scale per row, applied once to its sum
+                acc *= scale[i]
+            _store(y, i, 0, acc, batch_major)
         return
     group = 16  # rows computed before they are stored, so a batch-major store writes runs of them
     acc = np.empty((group, batch), np.float32)
@@ -65,12 +68,29 @@ def _csr(indptr, indices, data, x, y, batch_major):
         rows = min(group, nrows - i0)
         for g in range(rows):
             i = i0 + g
-            acc[g, :] = 0.0
-            for p in range(indptr[i], indptr[i + 1]):
-                w = data[p]
-                c = indices[p]
+            a = acc[g]
+            a[:] = 0.0
+            # four stored entries per pass over the row's batch: one load and store of the sums per
+            # four products instead of per product (the input projection over 100 frames of a
+            # 4096x1024 CSR weight: 14.8 -> 8.1 ms)
+            p = indptr[i]
+            end = indptr[i + 1]
+            while p + 4 <= end:
+                w0, w1 = np.float32(data[p]), np.float32(data[p + 1])
+                w2, w3 = np.float32(data[p + 2]), np.float32(data[p + 3])
+                x0, x1, x2, x3 = x[indices[p]], x[indices[p + 1]], x[indices[p + 2]], x[indices[p + 3]]
                 for n in range(batch):
-                    acc[g, n] += w * x[c, n]
+                    a[n] += w0 * x0[n] + w1 * x1[n] + w2 * x2[n] + w3 * x3[n]
+                p += 4
+            while p < end:
+                w0 = np.float32(data[p])
+                x0 = x[indices[p]]
+                for n in range(batch):
+                    a[n] += w0 * x0[n]
+                p += 1
+            if scale is not None:  # int8 CSR: one scale per row, applied once to its sums
+                for n in range(batch):
+                    a[n] *= scale[i]
         if batch_major:
             for n in range(batch):
                 for g in range(rows):
@@ -81,108 +101,88 @@ def _csr(indptr, indices, data, x, y, batch_major):
                     y[i0 + g, n] = acc[g, n]
 
 
-@njit(cache=True)
-def _bsr16_batch1(indptr, indices, data, x, y, batch_major):
-    """BSR 16x16 at batch 1 with a block row's 16 sums in scalar variables, not an array: with no
-    store in the loop LLVM keeps them in one vector register and vectorises the block (an
-    accumulator array is stored and reloaded at every step, since numba cannot tell it apart
-    from the weight's memory; that loop stayed scalar and measured 1.7x slower)."""
-    nrows = indptr.shape[0] - 1
-    for i in range(nrows):
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = np.float32(0.0)
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.int64(indices[p]) * 16
-            off = p * 256
-            for k in range(16):
-                xv = x[c + k, 0]
-                a0 += data[off + 0] * xv
-                a1 += data[off + 1] * xv
-                a2 += data[off + 2] * xv
-                a3 += data[off + 3] * xv
-                a4 += data[off + 4] * xv
-                a5 += data[off + 5] * xv
-                a6 += data[off + 6] * xv
-                a7 += data[off + 7] * xv
-                a8 += data[off + 8] * xv
-                a9 += data[off + 9] * xv
-                a10 += data[off + 10] * xv
-                a11 += data[off + 11] * xv
-                a12 += data[off + 12] * xv
-                a13 += data[off + 13] * xv
-                a14 += data[off + 14] * xv
-                a15 += data[off + 15] * xv
-                off += 16
-        sums = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
-        if batch_major:
-            for r in range(16):
-                y[0, i * 16 + r] = sums[r]
-        else:
-            for r in range(16):
-                y[i * 16 + r, 0] = sums[r]
+#: Utterances per pass over the weight in :func:`bsr_rows`: their inputs (32 x 4 KB at 1024 features)
+#: stay in L2 while every block row reads them; an input projection over all frames of a batch (800
+#: rows at batch 8) had streamed its whole input from memory once per block row.
+_TILE = 32
 
 
-@njit(cache=True)
-def _bsr(b, indptr, indices, data, x, y, batch_major):
-    literally(b)  # compiled per block size: the block loops unroll and vectorise
+@njit(cache=True, fastmath=_SUM)
+def bsr_rows(b, indptr, indices, data, scale, xb, y, batch_major):
+    """BSR on the row-slab layout for utterance-major input ``xb[B, K]`` (any batch): for each block
+    row and utterance, the inputs its blocks read (times each block's int8 scale) are gathered into
+    a contiguous buffer, then each of the ``b`` rows is one contiguous dot product with it, which
+    LLVM vectorises (int8 values widen to float32 in registers); four utterances at a time share
+    each weight load, and a block row's values stay in L1 across the batch. Indices are unsigned so
+    numba adds no negative-index check (that check had kept the earlier kernels' loops scalar).
+    Measured figures: docs/runtime.md."""
     nrows = indptr.shape[0] - 1
-    batch = x.shape[1]
-    bb = b * b
-    if batch == 1:
-        acc1 = np.empty(b, np.float32)
+    batch, cols = xb.shape
+    xg = np.empty((4, cols), np.float32)
+    for t0 in range(0, batch, _TILE):
+        t1 = min(t0 + _TILE, batch)
         for i in range(nrows):
-            acc1[:] = 0.0
-            for p in range(indptr[i], indptr[i + 1]):
-                c = np.int64(indices[p]) * b
-                base = p * bb
-                for k in range(b):
-                    xv = x[c + k, 0]
-                    off = base + k * b
-                    for r in range(b):
-                        acc1[r] += data[off + r] * xv
-            for r in range(b):
-                _store(y, i * b + r, 0, acc1[r], batch_major)
-        return
-    acc = np.empty((b, batch), np.float32)
-    for i in range(nrows):
-        acc[:, :] = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            c = np.int64(indices[p]) * b
-            base = p * bb
-            for k in range(b):
-                off = base + k * b
+            p0 = indptr[i]
+            nb = indptr[i + 1] - p0
+            length = np.uint64(nb * b)
+            base = np.uint64(p0 * b * b)
+            n0 = t0
+            while n0 < t1:
+                group = 4 if n0 + 4 <= t1 else 1  # four utterances share each weight load and widening
+                for g in range(group):
+                    for q in range(nb):
+                        c = np.int64(indices[p0 + q]) * b
+                        s = np.float32(1.0) if scale is None else scale[p0 + q]
+                        for k in range(b):
+                            xg[g, q * b + k] = xb[n0 + g, c + k] * s
                 for r in range(b):
-                    w = data[off + r]
-                    for n in range(batch):
-                        acc[r, n] += w * x[c + k, n]
-        if batch_major:  # each utterance's b outputs are contiguous there: write them together
-            for n in range(batch):
-                for r in range(b):
-                    y[n, i * b + r] = acc[r, n]
-        else:
-            for r in range(b):
-                for n in range(batch):
-                    y[i * b + r, n] = acc[r, n]
+                    start = base + np.uint64(r) * length
+                    if group == 4:
+                        a0 = np.float32(0.0)
+                        a1 = np.float32(0.0)
+                        a2 = np.float32(0.0)
+                        a3 = np.float32(0.0)
+                        for j in range(length):
+                            w = np.float32(data[start + j])
+                            a0 += w * xg[0, j]
+                            a1 += w * xg[1, j]
+                            a2 += w * xg[2, j]
+                            a3 += w * xg[3, j]
+                        _store(y, i * b + r, n0, a0, batch_major)
+                        _store(y, i * b + r, n0 + 1, a1, batch_major)
+                        _store(y, i * b + r, n0 + 2, a2, batch_major)
+                        _store(y, i * b + r, n0 + 3, a3, batch_major)
+                    else:
+                        acc = np.float32(0.0)
+                        for j in range(length):
+                            acc += np.float32(data[start + j]) * xg[0, j]
+                        _store(y, i * b + r, n0, acc, batch_major)
+                n0 += group
 
 
 @njit(cache=True)
-def spmm(b, indptr, indices, data, x, y, batch_major=False):
+def _bsr(b, indptr, indices, data, scale, x, y, batch_major):
+    """:func:`bsr_rows` for feature-major ``x[K, B]`` (the recurrent state's layout)."""
+    xb = np.empty((x.shape[1], x.shape[0]), np.float32)
+    for k in range(x.shape[0]):
+        for n in range(x.shape[1]):
+            xb[n, k] = x[k, n]
+    bsr_rows(b, indptr, indices, data, scale, xb, y, batch_major)
+
+
+@njit(cache=True)
+def spmm(b, indptr, indices, data, x, y, batch_major=False, scale=None):
     """y[M, B] = W @ x[K, B] for W in CSR (``b == 1``) or BSR with ``b x b`` blocks (4, 8 or 16);
     with ``batch_major`` y is [B, M] instead (torch's layout, so no transposing copy follows).
+    ``scale`` (float32) marks int8 ``data``: one scale per stored block (BSR) or per row (CSR).
 
-    Each block size has its own compiled loop nest (the constant block size lets the loops unroll
-    and vectorise; a block size read at run time measured 1.6x slower at batch 1), and batch 1
-    has its own loops.
+    CSR has its own loops for batch 1; every BSR block size and batch runs one kernel (its inner
+    loop is a dot product whose length is the block row's stored width, not the block size).
     """
     if b == 1:
-        _csr(indptr, indices, data, x, y, batch_major)
-    elif b == 4:
-        _bsr(4, indptr, indices, data, x, y, batch_major)
-    elif b == 8:
-        _bsr(8, indptr, indices, data, x, y, batch_major)
-    elif b == 16 and x.shape[1] == 1:
-        _bsr16_batch1(indptr, indices, data, x, y, batch_major)
-    elif b == 16:
-        _bsr(16, indptr, indices, data, x, y, batch_major)
+        _csr(indptr, indices, data, scale, x, y, batch_major)
+    elif b == 4 or b == 8 or b == 16:
+        _bsr(b, indptr, indices, data, scale, x, y, batch_major)
     else:
         raise ValueError("unsupported block size")
 
@@ -254,73 +254,51 @@ def _lstm_gates(gi, gh, b_hh, h, cs, out):
 
 
 @njit(cache=True)
-def _column(a, n, buf):
-    """buf[:] = a[:, n] (a feature-major operand's column for one utterance, made contiguous)."""
-    for j in range(buf.shape[0]):
-        buf[j] = a[j, n]
-
-
-@njit(cache=True)
-def _set_column(a, n, buf):
-    for j in range(buf.shape[0]):
-        a[j, n] = buf[j]
-
-
-@njit(cache=True)
-def gru_direction(gi, lengths, reverse, h0, b, indptr, indices, data, b_hh, out, h_n):
-    """One GRU direction over a padded batch: gi[T, B, 3H] = x W_ih^T + b_ih (gates r, z, n);
-    h0[H, B]; writes out[T, B, H] (zeros past each length) and h_n[B, H]."""
-    steps = gi.shape[0]
-    batch = gi.shape[1]
-    hidden = h0.shape[0]
-    h = h0.copy()
-    gh = np.empty((3 * hidden, batch), np.float32)
-    ghc = np.empty(3 * hidden, np.float32)
-    hc = np.empty(hidden, np.float32)
-    for s in range(steps):
-        spmm(b, indptr, indices, data, h, gh)
+def _recurrent_product(b, indptr, indices, data, scale, h, xt, gh):
+    """gh[B, G] = h[B, H] W^T, utterance-major in and out so that each utterance's rows are contiguous
+    for the gates (no per-step column copies). BSR reads ``h`` as it is; CSR reads it feature-major,
+    which at batch 1 is the same memory (a reshape) and otherwise a transposing copy into ``xt``."""
+    batch, hidden = h.shape
+    if b == 1:
+        if batch == 1:
+            _csr(indptr, indices, data, scale, h.reshape((hidden, 1)), gh, True)
+            return
         for n in range(batch):
-            if s >= lengths[n]:
-                continue
-            t = _time_index(s, lengths[n], reverse)
-            _column(gh, n, ghc)
-            _column(h, n, hc)
-            _gru_gates(gi[t, n], ghc, b_hh, hc, out[t, n])
-            _set_column(h, n, hc)
-    for n in range(batch):
-        for j in range(hidden):
-            h_n[n, j] = h[j, n]
+            for k in range(hidden):
+                xt[k, n] = h[n, k]
+        _csr(indptr, indices, data, scale, xt, gh, True)
+    elif b == 4 or b == 8 or b == 16:
+        bsr_rows(b, indptr, indices, data, scale, h, gh, True)
+    else:
+        raise ValueError("unsupported block size")
 
 
 @njit(cache=True)
-def lstm_direction(gi, lengths, reverse, h0, c0, b, indptr, indices, data, b_hh, out, h_n, c_n):
-    """One LSTM direction: gi[T, B, 4H] = x W_ih^T + b_ih (gates i, f, g, o); h0, c0[H, B];
-    writes out[T, B, H], h_n[B, H] and c_n[B, H]."""
+def rnn_direction(lstm, gi, lengths, reverse, h0, c0, b, indptr, indices, data, b_hh, out, h_n, c_n, scale=None):
+    """One GRU or LSTM direction over a padded batch, both through the same loop (only the gate
+    function differs): gi[T, B, G] = x W_ih^T + b_ih (GRU: G = 3H, gates r, z, n; LSTM: G = 4H,
+    gates i, f, g, o); h0, c0[B, H] (a GRU ignores ``c0`` and ``c_n``); writes out[T, B, H] (zeros
+    past each length), h_n[B, H] and, for an LSTM, c_n[B, H]. ``scale``: the int8 weight's scales
+    (None: float32 ``data``)."""
     steps = gi.shape[0]
     batch = gi.shape[1]
-    hidden = h0.shape[0]
     h = h0.copy()
     cs = c0.copy()
-    gh = np.empty((4 * hidden, batch), np.float32)
-    ghc = np.empty(4 * hidden, np.float32)
-    hc = np.empty(hidden, np.float32)
-    cc = np.empty(hidden, np.float32)
+    gh = np.empty((batch, gi.shape[2]), np.float32)
+    xt = np.empty((h.shape[1], batch), np.float32)
     for s in range(steps):
-        spmm(b, indptr, indices, data, h, gh)
+        _recurrent_product(b, indptr, indices, data, scale, h, xt, gh)
         for n in range(batch):
             if s >= lengths[n]:
                 continue
             t = _time_index(s, lengths[n], reverse)
-            _column(gh, n, ghc)
-            _column(h, n, hc)
-            _column(cs, n, cc)
-            _lstm_gates(gi[t, n], ghc, b_hh, hc, cc, out[t, n])
-            _set_column(h, n, hc)
-            _set_column(cs, n, cc)
-    for n in range(batch):
-        for j in range(hidden):
-            h_n[n, j] = h[j, n]
-            c_n[n, j] = cs[j, n]
+            if lstm:
+                _lstm_gates(gi[t, n], gh[n], b_hh, h[n], cs[n], out[t, n])
+            else:
+                _gru_gates(gi[t, n], gh[n], b_hh, h[n], out[t, n])
+    h_n[:, :] = h
+    if lstm:
+        c_n[:, :] = cs
 
 
 #: Block sizes with kernels (1: CSR); each compiles on first use and numba caches it on disk.

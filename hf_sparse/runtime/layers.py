@@ -1,7 +1,9 @@
 """Inference modules that replace ``nn.Linear``, ``nn.GRU`` and ``nn.LSTM`` with sparse kernels.
 
 Each computes what the dense module computes (to float32 rounding) without multiplying the zeros.
-They are inference-only: no autograd, CPU, float32; ``train()`` on them is refused in ``forward``.
+They are inference-only: no autograd, CPU, float32 activations; ``train()`` on them is refused in
+``forward``. With ``dtype="int8"`` the sparse weights are stored as int8 with float32 scales (a
+quarter of the bytes) and dequantised in registers; weights kept dense stay float32.
 """
 
 from __future__ import annotations
@@ -22,23 +24,28 @@ from .formats import SparseWeight, to_sparse_weight
 class SparseProduct:
     """``x @ W.T`` for 2-D ``x`` with ``W`` held either dense (torch) or sparse (runtime kernel)."""
 
-    def __init__(self, weight: torch.Tensor, block: int | None):
+    def __init__(self, weight: torch.Tensor, block: int | None, dtype: str = "float32"):
         self.out_features, self.in_features = weight.shape
-        self.sparse: SparseWeight | None = to_sparse_weight(weight, block) if block else None
+        self.sparse: SparseWeight | None = to_sparse_weight(weight, block, dtype) if block else None
         self.dense = None if block else weight.detach().to(torch.float32).contiguous()
 
     @property
     def format(self) -> str:
-        return self.sparse.format if self.sparse is not None else "dense"
+        if self.sparse is None:
+            return "dense"
+        return self.sparse.format + ("/int8" if self.sparse.scale is not None else "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparse is None:
             return F.linear(x, self.dense)
         s = self.sparse
-        # feature-major input (torch's transposing copy is several times numpy's), batch-major output
-        xt = x.detach().to(torch.float32).t().contiguous().numpy()
-        y = np.empty((xt.shape[1], self.out_features), np.float32)
-        kernels.spmm(s.block, s.indptr, s.indices, s.data, xt, y, True)
+        x = x.detach().to(torch.float32)
+        y = np.empty((x.shape[0], self.out_features), np.float32)
+        if s.block > 1:  # BSR reads utterance-major rows as torch holds them: no transposing copy
+            kernels.bsr_rows(s.block, s.indptr, s.indices, s.data, s.scale, x.contiguous().numpy(), y, True)
+            return torch.from_numpy(y)
+        # CSR: feature-major input (torch's transposing copy is several times numpy's), batch-major output
+        kernels.spmm(s.block, s.indptr, s.indices, s.data, x.t().contiguous().numpy(), y, True, s.scale)
         return torch.from_numpy(y)
 
 
@@ -49,12 +56,12 @@ def _refuse_training(module: nn.Module) -> None:
 
 
 class SparseLinear(nn.Module):
-    """``nn.Linear`` on a CSR/BSR weight."""
+    """``nn.Linear`` on a CSR/BSR weight (float32, or int8 with float32 scales)."""
 
-    def __init__(self, linear: nn.Linear, block: int):
+    def __init__(self, linear: nn.Linear, block: int, dtype: str = "float32"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.product = SparseProduct(linear.weight, block)
+        self.product = SparseProduct(linear.weight, block, dtype)
         bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
         self.register_buffer("bias", bias)
 
@@ -75,10 +82,11 @@ class SparseRNN(nn.Module):
 
     For each layer and direction the input projection of every time step is one matrix product
     (``weight_ih``, dense or sparse); the recurrence runs in one compiled kernel per direction with
-    ``weight_hh`` in CSR/BSR. ``blocks[name]`` gives each weight's storage (0: dense, 1: CSR, b: BSR).
+    ``weight_hh`` in CSR/BSR. ``blocks[name]`` gives each weight's storage (0: dense, 1: CSR, b: BSR);
+    ``dtype`` the sparse weights' value type (``"float32"`` or ``"int8"``).
     """
 
-    def __init__(self, rnn: nn.GRU | nn.LSTM, blocks: dict[str, int]):
+    def __init__(self, rnn: nn.GRU | nn.LSTM, blocks: dict[str, int], dtype: str = "float32"):
         super().__init__()
         if getattr(rnn, "proj_size", 0):
             raise ValueError("LSTM with proj_size is not supported by the sparse runtime")
@@ -95,12 +103,13 @@ class SparseRNN(nn.Module):
                 zeros = torch.zeros(w_hh.shape[0])
                 b_ih = getattr(rnn, "bias_ih" + sfx).detach().float() if rnn.bias else zeros
                 b_hh = getattr(rnn, "bias_hh" + sfx).detach().float() if rnn.bias else zeros
-                recurrent = to_sparse_weight(w_hh, blocks["weight_hh" + sfx])
-                self.cells.append((SparseProduct(w_ih, blocks["weight_ih" + sfx]), recurrent,
+                recurrent = to_sparse_weight(w_hh, blocks["weight_hh" + sfx], dtype)
+                self.cells.append((SparseProduct(w_ih, blocks["weight_ih" + sfx], dtype), recurrent,
                                    b_ih.clone(), b_hh.numpy().astype(np.float32).copy()))
 
     def extra_repr(self) -> str:
-        fmts = ", ".join(f"{p.format}/{r.format}" for p, r, _, _ in self.cells)
+        fmts = ", ".join(f"{p.format}/{r.format}" + ("/int8" if r.scale is not None else "")
+                         for p, r, _, _ in self.cells)
         return (f"{self.mode}({self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"bidirectional={self.num_directions == 2}), ih/hh formats: {fmts}")
 
@@ -116,15 +125,13 @@ class SparseRNN(nn.Module):
         reverse = index % self.num_directions == 1
         out = np.zeros((steps, batch, self.hidden_size), np.float32)
         h_n = np.empty((batch, self.hidden_size), np.float32)
-        h0t = np.ascontiguousarray(h0.numpy().T)
-        if self.mode == "GRU":
-            kernels.gru_direction(gi, lengths, reverse, h0t, rec.block, rec.indptr, rec.indices, rec.data, b_hh, out, h_n)
-            return torch.from_numpy(out), torch.from_numpy(h_n), None
-        c_n = np.empty_like(h_n)
-        c0t = np.ascontiguousarray(c0.numpy().T)
-        kernels.lstm_direction(gi, lengths, reverse, h0t, c0t, rec.block, rec.indptr, rec.indices, rec.data,
-                               b_hh, out, h_n, c_n)
-        return torch.from_numpy(out), torch.from_numpy(h_n), torch.from_numpy(c_n)
+        lstm = self.mode == "LSTM"
+        h0 = np.ascontiguousarray(h0.numpy())
+        c_n = np.empty_like(h_n) if lstm else h_n  # a GRU has no cell state: the kernel ignores c0/c_n
+        c0 = np.ascontiguousarray(c0.numpy()) if lstm else h0
+        kernels.rnn_direction(lstm, gi, lengths, reverse, h0, c0, rec.block, rec.indptr, rec.indices, rec.data,
+                              b_hh, out, h_n, c_n, rec.scale)
+        return torch.from_numpy(out), torch.from_numpy(h_n), torch.from_numpy(c_n) if lstm else None
 
     @torch.no_grad()
     def forward(self, input: torch.Tensor | PackedSequence, hx=None):

@@ -21,7 +21,6 @@ end): train streaming models with ``normalize: global`` (or ``none``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -224,22 +223,10 @@ class SpeechStream:
         return update
 
 
-def stream(model: nn.Module | str | Path, feature_extractor: Any = None, *, runtime: str = "dense",
-           **load_kwargs: Any) -> SpeechStream:
-    """A :class:`SpeechStream` for a speech model, or for a checkpoint folder / Hub id (loaded with
-    ``load_sparse(..., runtime=runtime)`` and its saved feature extractor)."""
-    if isinstance(model, (str, Path)):
-        from transformers import AutoFeatureExtractor
-
-        from ..checkpoint.save_and_load import load_sparse, resolve_checkpoint
-
-        folder = resolve_checkpoint(model, **load_kwargs)  # revision, endpoint, token...
-        loaded = load_sparse(folder, runtime=runtime)
-        if feature_extractor is None:
-            from .. import models  # noqa: F401  (registers the speech feature extractor)
-
-            feature_extractor = AutoFeatureExtractor.from_pretrained(folder)
-        return SpeechStream(loaded, feature_extractor)
+def stream(model: nn.Module, feature_extractor: Any, *, runtime: str = "dense") -> SpeechStream:
+    """A :class:`SpeechStream` for a speech model in memory (``runtime="sparse"``: on the sparse kernels).
+    ``hf_sparse.stream`` also takes a checkpoint folder or Hub id
+    (:func:`hf_sparse.checkpoint.streaming.stream`)."""
     if runtime == "sparse":
         from .convert import to_sparse_runtime
 

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from accelerate.utils import model_has_dtensor
 from torch import nn
 
-from ..methods import sharding
+__all__ = ["ExportSkeleton", "full_state_dict", "gather_model", "groups_state", "load_groups_state", "model_has_dtensor",
+           "own_groups", "reshard", "without_groups"]
 
 
 class ExportSkeleton:
@@ -45,8 +47,37 @@ class ExportSkeleton:
 def gather_model(model: nn.Module, skeleton: ExportSkeleton | None) -> nn.Module | None:
     """The whole model from its FSDP2 shards, on the process that holds ``skeleton``; None on the
     others. A collective: every process calls it."""
-    full = sharding.full_state_dict(model)
+    full = full_state_dict(model)
     return None if skeleton is None else skeleton.load(full)
+
+
+def reshard(model: nn.Module | None) -> None:
+    """Put every FSDP2 module of ``model`` back into its sharded state.
+
+    A forward without backward (evaluation) leaves the root group's parameters unsharded, and the
+    next forward would not all-gather again; the method writes into the shards, so it reshards
+    first.
+    """
+    if model is None:
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) model state dict on CPU, for exporting a model trained under FSDP2.
+
+    A collective: call it on every rank; rank 0 gets the tensors, the other ranks an empty dict.
+    Load it into an unsharded copy of the model and pass that to ``save_sparse_checkpoint``.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def own_groups(optimizer: torch.optim.Optimizer, own_params: list[torch.Tensor]) -> list[dict[str, Any]]:

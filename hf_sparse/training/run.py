@@ -26,10 +26,12 @@ from torch import nn
 from transformers import TrainingArguments, set_seed
 
 from .. import __version__
+from ..checkpoint.formats import CHECKPOINT_FORMATS
+from ..checkpoint.save_and_load import load_stored_sparse
 from ..config.recipe import Recipe, RecipeError, RecipeWarning
 from ..data import DataBundle, DataError, load_data
-from ..methods.granularity import target_problem
-from ..methods.targets import TargetSpec, resolve_targets, unmatched_patterns
+from ..grids import target_problem
+from ..grids.targets import TargetSpec, resolve_targets, unmatched_patterns
 from ..models import build_model, forward_problem
 from ..models.build import PretrainedError
 from .report import SparsityReport
@@ -174,7 +176,7 @@ def _check_trainer_only_values(recipe: Recipe, args: TrainingArguments) -> None:
 def _build_model(recipe: Recipe, data: DataBundle) -> nn.Module:
     """build_model, with any failure located at the ``model.config``/``model.kwargs`` key that causes it."""
     try:
-        model = build_model(recipe.model, data)
+        model = build_model(recipe.model, data, load_stored_sparse)
     except PretrainedError as e:
         raise recipe.error(("model", e.key), str(e)) from None
     except Exception as e:  # noqa: BLE001 - TypeError/RuntimeError/... from model code are recipe errors
@@ -199,7 +201,7 @@ def _culprit(recipe: Recipe, data: DataBundle, message: str) -> tuple:
         alone = {"config": {k: v for k, v in recipe.model.config.items() if k == "model_type"}, "kwargs": {}}
         alone[section] = {**alone[section], key: getattr(recipe.model, section)[key]}
         try:
-            build_model(recipe.model.model_copy(update=alone), data)
+            build_model(recipe.model.model_copy(update=alone), data, load_stored_sparse)
         except Exception:  # noqa: BLE001
             return ("model", section, key)
     return ("model", "config") if options else ("model", "path" if recipe.model.path else "name")
@@ -264,6 +266,9 @@ def prepare_run(recipe: Recipe, output_dir: str | Path) -> PreparedRun:
     """Build data, model and arguments; raise RecipeError (located in the recipe) on any bad input."""
     for notice in recipe.notices():  # settings that run but do not do what they promise
         warnings.warn(notice, RecipeWarning, stacklevel=2)
+    if recipe.export.format not in CHECKPOINT_FORMATS:
+        raise recipe.error(("export", "format"), f"unknown checkpoint format {recipe.export.format!r}; choose one "
+                                                 f"of {', '.join(CHECKPOINT_FORMATS)}")
     args = training_arguments(recipe, output_dir)
     data_field = "hub_id" if recipe.data.hub_id else "path" if recipe.data.path else "name"
     try:

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from ..config.recipe import SparsityConfig
+from ..grids import TargetSpec, resolve_targets
+from ..grids.shards import local, sum_counts
 from ..methods import get_method
-from ..methods.sharding import local, reshard, sum_counts
-from ..methods.targets import TargetSpec, resolve_targets
+from .fsdp2 import reshard
 from .report import SparsityReport
 
 
@@ -46,7 +47,7 @@ class Sparsifier:
                 self.cost = None  # groups unknown (e.g. a residual add after a gated layer): no cost figures
         self.finalized = False
         self.model = model  # FSDP2: its modules are resharded before the method writes into the shards
-        self.sharded = self.method.sharded
+        self.sharded = self.shard is not None
 
     @property
     def shard(self) -> tuple[int, int] | None:

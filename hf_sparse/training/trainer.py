@@ -33,7 +33,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config.recipe import DistillationConfig, Recipe, SparsityConfig, load_recipe
-from ..methods import sharding
 from . import fsdp2
 from .distill import Distiller
 from .report import SparsityReport
@@ -274,7 +273,7 @@ class SparseTrainer(Trainer):
         method's own tensors (gate logits) do not have. So the Sparsifier is built here, on the
         sharded model once prepare is done, and its param groups join the prepared optimizer before
         the scheduler is made (so they are scheduled) and before a checkpoint is loaded."""
-        if self._pending is not None and sharding.model_is_sharded(self.model):
+        if self._pending is not None and fsdp2.model_has_dtensor(self.model):
             sparsity, example = self._pending
             self._pending = None
             self.sparsifier = Sparsifier(self.model, sparsity, seed=self.args.seed, example_inputs=example)
@@ -449,7 +448,7 @@ class SparseTrainer(Trainer):
             self.sparsifier.finalize()
         self.check_finite("before saving the model")
         model = self.accelerator.unwrap_model(self.model)
-        if not sharding.model_is_sharded(model):
+        if not fsdp2.model_has_dtensor(model):
             return model
         return fsdp2.gather_model(model, self._export_skeleton)
 

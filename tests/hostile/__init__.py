@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_sparse.checkpoint.save_and_load import file_sha256
+from hf_sparse.checkpoint.files import file_sha256
 
 
 @dataclass(frozen=True)

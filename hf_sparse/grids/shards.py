@@ -1,4 +1,4 @@
-"""Methods on FSDP2-sharded parameters (``torch.distributed.fsdp.fully_shard``).
+"""Group grids over FSDP2-sharded parameters (``torch.distributed.fsdp.fully_shard``).
 
 Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over a 1-D device mesh: rank ``r``
 holds rows ``[r * c, (r + 1) * c)`` of it (``c = ceil(rows / world)``, ``torch.chunk``'s split).
@@ -11,7 +11,8 @@ local rows only:
 * every grid is built on the local rows, so masks, real-weight copies, gate logits and their Adam
   moments are shards too. Dim-0 sharding keeps single weights, N:M runs (they lie along dim 1),
   output units and blocks whose row count divides the shard whole, so each rank's groups are
-  complete groups (a recurrent unit's rows lie in several gate blocks: not supported);
+  complete groups; each granularity says how its group rows follow the shard
+  (:meth:`~.granularity.Granularity.shard_rows`) or refuses it;
 * every quantity defined over a whole layer or model is computed from reduced shard statistics,
   so all ranks agree exactly and agree with one process: top-k selections and thresholds gather
   the group *scores* of the grid being selected (one layer at a time; all layers at once for
@@ -21,14 +22,16 @@ local rows only:
   one-process noise; the gate initialisation is drawn at the full shape from the step generator
   and sliced, so it equals the one-process draw.
 
-The gathered scores are transient (4 bytes per group of the grid being selected, at mask updates
-only): for ``scope: layer`` no more than FSDP's own all-gather of that layer's weights.
+This module holds the layout and the collectives; :class:`~.grid.GroupGrid` uses them so that an
+unsharded grid takes the same code path (every collective is then the identity). The gathered
+scores are transient (4 bytes per group of the grid being selected, at mask updates only): for
+``scope: layer`` no more than FSDP's own all-gather of that layer's weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +44,7 @@ except ImportError:  # torch without DTensor: nothing is ever sharded
     DTensor, Shard = None, None
 
 if TYPE_CHECKING:
-    from .granularity import GroupGrid
+    from .grid import GroupGrid
 
 
 def is_sharded(x: Any) -> bool:
@@ -86,8 +89,6 @@ class ShardLayout:
 def layout_for(grid: GroupGrid) -> ShardLayout | None:
     """The shard layout of ``grid`` (None when its tensors are not sharded); raises ``ValueError``
     for a sharding the methods cannot follow exactly."""
-    from .granularity import _Blocks, _Rows
-
     params = [m.target.parameter for m in grid.members]
     flags = [is_sharded(p) for p in params]
     if not any(flags):
@@ -105,17 +106,7 @@ def layout_for(grid: GroupGrid) -> ShardLayout | None:
             raise ValueError(f"{grid.name}: {m.target.name} is split over the ranks unlike the rest of its group")
     if 0 in chunks:
         raise ValueError(f"{grid.name}: {params[0].shape[0]} rows cannot give each of {world} FSDP2 ranks a share")
-    tiling = grid.members[0].tiling
-    if isinstance(tiling, _Rows) and tiling.blocks > 1:
-        raise ValueError(f"{grid.name}: a recurrent unit's rows lie in several gate blocks, which FSDP2's dim-0 "
-                         "shards split; channel granularity on recurrent layers is not supported under FSDP2")
-    if isinstance(tiling, _Blocks):
-        if any(c % tiling.r for c in chunks[:-1]):
-            raise ValueError(f"{grid.name}: FSDP2 shards of {chunks[0]} rows split blocks of {tiling.r} rows; "
-                             "choose a block height that divides the shard")
-        rows = [math.ceil(c / tiling.r) for c in chunks]
-    else:
-        rows = chunks
+    rows = grid.granularity.shard_rows(grid, chunks)
     extremes = torch.tensor([float(grid.sizes.min()), -float(grid.sizes.max())], dtype=torch.float64,
                             device=grid.sizes.device)
     group = mesh.get_group()
@@ -125,14 +116,9 @@ def layout_for(grid: GroupGrid) -> ShardLayout | None:
                        sum(p.numel() for m, p in zip(grid.members, params) if m.scored), lo == hi, lo)
 
 
-# -- whole-grid views ------------------------------------------------------------------------
-def full_shape(grid: GroupGrid) -> tuple[int, ...]:
-    return grid.shape if grid.shard is None else grid.shard.full_shape
-
-
-def gather(grid: GroupGrid, x: torch.Tensor) -> torch.Tensor:
-    """A group-shaped local tensor of ``grid`` -> the whole grid's tensor, on every rank."""
-    lay = grid.shard
+# -- whole-grid views (the identity without a layout) --------------------------------------------
+def gather(lay: ShardLayout | None, x: torch.Tensor) -> torch.Tensor:
+    """A group-shaped local tensor -> the whole grid's tensor, on every rank."""
     if lay is None:
         return x
     dtype = x.dtype
@@ -145,73 +131,9 @@ def gather(grid: GroupGrid, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, lay.rows)]).to(dtype)
 
 
-def local_rows(grid: GroupGrid, full: torch.Tensor) -> torch.Tensor:
+def local_rows(lay: ShardLayout | None, full: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a whole-grid tensor (a new tensor: the whole one can be freed)."""
-    lay = grid.shard
     return full if lay is None else full[lay.offset: lay.offset + lay.rows[lay.rank]].clone()
-
-
-def local_sample(grid: GroupGrid, draw: Callable[[tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
-    """``draw`` at the whole grid's shape, sliced to this rank: the one-process random stream."""
-    return local_rows(grid, draw(full_shape(grid)))
-
-
-def full_sizes(grid: GroupGrid) -> torch.Tensor:
-    lay = grid.shard
-    if lay is None:
-        return grid.sizes
-    if lay.uniform:
-        return torch.full(lay.full_shape, lay.size0, dtype=grid.sizes.dtype, device=grid.sizes.device)
-    return gather(grid, grid.sizes)
-
-
-# -- selections: the one-process code on gathered scores --------------------------------------
-def select(grid: GroupGrid, scores: torch.Tensor, density: float) -> torch.Tensor:
-    """:meth:`GroupGrid.select` (not N:M) of a sharded grid; this rank's rows of the mask."""
-    from .granularity import _top_by_size
-
-    lay = grid.shard
-    keep = _top_by_size(gather(grid, scores).flatten(), full_sizes(grid).flatten(), density * lay.total_numel)
-    return local_rows(grid, keep.view(lay.full_shape))
-
-
-def threshold(grid: GroupGrid, scores: torch.Tensor, density: float) -> float:
-    from .granularity import _threshold
-
-    return _threshold(gather(grid, scores).flatten(), full_sizes(grid).flatten(), density * grid.shard.total_numel)
-
-
-def _pooled(grids: Sequence[GroupGrid], scores: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    flat = torch.cat([gather(g, s).flatten().float() for g, s in zip(grids, scores)])
-    sizes = torch.cat([full_sizes(g).flatten().to(flat.device) for g in grids])
-    return flat, sizes, sum(g.total_numel for g in grids)
-
-
-def keep_top_global(grids: Sequence[GroupGrid], scores: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
-    """``keep_top(..., scope="global")`` over sharded grids."""
-    from .granularity import _top_by_size
-
-    flat, sizes, numel = _pooled(grids, scores)
-    keep = _top_by_size(flat, sizes, density * numel)
-    parts = keep.split([math.prod(full_shape(g)) for g in grids])
-    return [local_rows(g, k.view(full_shape(g))) for k, g in zip(parts, grids)]
-
-
-def threshold_global(grids: Sequence[GroupGrid], scores: Sequence[torch.Tensor], density: float) -> float:
-    from .granularity import _threshold
-
-    flat, sizes, numel = _pooled(grids, scores)
-    return _threshold(flat, sizes, density * numel)
-
-
-def top_k(grid: GroupGrid, values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest ``values`` of the whole grid (stable: ties to the lower
-    position), this rank's rows."""
-    full = gather(grid, values)
-    order = torch.argsort(full.flatten(), descending=True, stable=True)
-    keep = torch.zeros(full.numel(), dtype=torch.bool, device=full.device)
-    keep[order[:k]] = True
-    return local_rows(grid, keep.view(full.shape))
 
 
 # -- reductions ------------------------------------------------------------------------------
@@ -242,18 +164,18 @@ def sum_across(grids: Sequence[GroupGrid], values: Sequence[torch.Tensor]) -> li
 
 
 def sum_floats(grids: Sequence[GroupGrid], values: Sequence[float]) -> list[float]:
-    """Per grid, a float summed over the shards (float64)."""
+    """Per grid, a float summed over the shards (float64); unsharded grids pass through."""
     # on the parameters' device: an nccl group reduces CUDA tensors only
     device = next((g.sizes.device for g in grids if g.shard is not None), None)
     tensors = sum_across(grids, [torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
     return [float(t) for t in tensors]
 
 
-def mean_std(grid: GroupGrid, a: torch.Tensor) -> tuple[float, float]:
+def mean_std(lay: ShardLayout, a: torch.Tensor) -> tuple[float, float]:
     """Mean and unbiased standard deviation of a sharded grid's group scores (float64 sums)."""
     moments = torch.stack([a.double().sum(), a.double().square().sum()])
-    dist.all_reduce(moments, group=grid.shard.group)
-    n = grid.shard.total_num
+    dist.all_reduce(moments, group=lay.group)
+    n = lay.total_num
     mean = float(moments[0]) / n
     var = max(float(moments[1]) - n * mean * mean, 0.0) / max(n - 1, 1)
     return mean, math.sqrt(var)
@@ -269,36 +191,3 @@ def sum_counts(params: Sequence[torch.Tensor], counts: Sequence[Sequence[int]]) 
     t = torch.tensor([list(c) for c in counts], dtype=torch.int64, device=local(params[0]).device)
     dist.all_reduce(t, group=params[0].device_mesh.get_group())
     return t.tolist()
-
-
-def reshard(model: torch.nn.Module | None) -> None:
-    """Put every FSDP2 module of ``model`` back into its sharded state.
-
-    A forward without backward (evaluation) leaves the root group's parameters unsharded, and the
-    next forward would not all-gather again; the method writes into the shards, so it reshards
-    first.
-    """
-    if model is None:
-        return
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def model_is_sharded(model: torch.nn.Module) -> bool:
-    return any(is_sharded(p) for p in model.parameters())
-
-
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (unsharded) model state dict on CPU, for exporting a model trained under FSDP2.
-
-    A collective: call it on every rank; rank 0 gets the tensors, the other ranks an empty dict.
-    Load it into an unsharded copy of the model and pass that to ``save_sparse_checkpoint``.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

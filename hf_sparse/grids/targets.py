@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .shards import local
+
 #: Layer types a recipe may name in ``sparsity.targets.layer_types``.
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -61,14 +63,13 @@ class Target:
     @property
     def param(self) -> nn.Parameter:
         """The values this process holds and writes: the parameter, or under FSDP2 this rank's shard."""
-        p = getattr(self.module, self.attr)
-        return p._local_tensor if _is_dtensor(p) else p
+        return local(getattr(self.module, self.attr))
 
     @property
     def grad(self) -> torch.Tensor | None:
         """The gradient of :attr:`param` (under FSDP2 this rank's shard of the reduce-scattered one)."""
         g = getattr(self.module, self.attr).grad
-        return g._local_tensor if g is not None and _is_dtensor(g) else g
+        return None if g is None else local(g)
 
     @property
     def layer_type(self) -> str:
@@ -84,12 +85,6 @@ class Target:
 
     def numel(self) -> int:
         return self.param.numel()
-
-
-def _is_dtensor(x) -> bool:
-    from .sharding import is_sharded
-
-    return is_sharded(x)
 
 
 def pattern_matches(pattern: str, name: str) -> bool:

@@ -46,12 +46,6 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import datasets
 
-from ..config.recipe import first_line
+from ..text import first_line
 from . import DataBundle, DataError
 from .audio_folder import (
     EVAL_SPLITS,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datasets
 import numpy as np
 
-from ..config.recipe import first_line
+from ..text import first_line
 from . import DataBundle, DataError
 from .idx import image_bundle, images_to_dataset
 from .lazy_images import image_and_label_columns, lazy_image_bundle

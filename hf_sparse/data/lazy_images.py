@@ -21,7 +21,7 @@ from typing import Any
 import datasets
 import torch
 
-from ..config.recipe import first_line
+from ..text import first_line
 from . import DataBundle, DataError, register_data
 from .idx import accuracy
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..config.recipe import first_line
+from ..text import first_line
 from . import MODEL_REGISTRY
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config.recipe import first_line
+from ..text import first_line
 
 logger = logging.getLogger(__name__)
 

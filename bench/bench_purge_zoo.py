@@ -127,7 +127,8 @@ def shrink(config: Any) -> Any:
     for key, value in list(vars(config).items()):
         if hasattr(value, "to_dict") and key.endswith("_config"):
             shrink(value)
-        elif key in ("num_hidden_layers", "num_layers", "encoder_layers") and isinstance(value, int) and value > 2:
+        elif key in ("num_hidden_layers", "num_layers", "encoder_layers", "num_self_attends_per_block") \
+                and isinstance(value, int) and value > 2:
             setattr(config, key, 2)
         elif key in ("depths", "depth", "num_blocks", "layers", "block_repeats") and isinstance(value, (list, tuple)) \
                 and value and all(isinstance(v, int) for v in value):
@@ -170,7 +171,8 @@ def hf_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
     if not isinstance(one, dict):
         one = {"pixel_values": one}
     gen = torch.Generator().manual_seed(batch)
-    return {k: torch.randn(batch, *v.shape[1:], generator=gen) for k, v in one.items()}
+    return {k: torch.randn(batch, *v.shape[1:], generator=gen) if v.is_floating_point() else
+            v.expand(batch, *v.shape[1:]).clone() for k, v in one.items()}  # masks and grids stay as they are
 
 
 # -- one architecture -----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import nn
 
 from hf_sparse.config.recipe import SparsityConfig
 from hf_sparse.structure.groups import GroupError, find_groups
-from hf_sparse.structure.purge import purge_copy
+from hf_sparse.structure.purge import keep_by_magnitude, mask_channels, purge_copy
 from hf_sparse.training.sparsifier import Sparsifier
 
 _spec = importlib.util.spec_from_file_location("bench_purge_zoo", Path(__file__).parents[1] / "bench" / "bench_purge_zoo.py")
@@ -115,3 +115,81 @@ def test_swin_relative_position_table_is_not_a_value_channel():
             assert int(s.index.max()) < sizes[s.tensor].shape[s.dim], (g.name, s.tensor)
     small, info = purge_copy(model, inputs=zoo.hf_inputs(model, 1))
     assert info["max_abs_diff"] <= 1e-5
+
+
+def cpu_seconds(fn):
+    import time
+
+    started = time.process_time()
+    out = fn()
+    return out, time.process_time() - started
+
+
+@pytest.mark.parametrize("name", ["visformer_tiny", pytest.param("halonet_h1", marks=pytest.mark.slow)])
+def test_attention_reshapes_that_never_converge_are_cut_short(name, caplog):
+    """DepGraph's index propagation around a conv attention's head reshape either never repeats
+    (Visformer) or multiplies its index lists each pass (HaloNet): discovery took over 30 s and was
+    refused. Such a root is now left out with a warning naming it, and the rest is found in seconds."""
+    model = zoo.build_timm(name).eval()
+    with caplog.at_level(logging.WARNING, logger="hf_sparse.structure.groups"):
+        groups, seconds = cpu_seconds(lambda: find_groups(model, zoo.timm_inputs(model, 1)))
+    assert groups and seconds < 15, (len(groups), seconds)
+    warned = [r.getMessage() for r in caplog.records if "the tracer cannot collect them" in r.getMessage()]
+    assert warned and "attn" in warned[0] and "_Runaway" in warned[0], caplog.text
+
+
+def test_a_concat_of_unknown_width_leaves_the_rest_traceable():
+    """CSPNet's focus stem concatenates space-to-depth slices whose widths DepGraph cannot infer (it
+    raised TypeError): that concat stays unmapped and the other groups are found and proven."""
+    model = zoo.build_timm("cs3darknet_focus_s").eval()
+    x = zoo.timm_inputs(model, 1)
+    groups = find_groups(model, x)
+    assert len(groups) >= 10
+    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
+    small, info = purge_copy(model, inputs=x, groups=groups)
+    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+
+
+def test_one_failing_root_does_not_end_discovery():
+    """transformers Hiera: one root's index mapping divides by zero inside DepGraph; that root is
+    left out and the model's other groups purge exactly."""
+    model = zoo.build_hf("hiera", "HieraForImageClassification").eval()
+    x = zoo.hf_inputs(model, 1)
+    groups = find_groups(model, x)
+    assert groups
+    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
+    small, info = purge_copy(model, inputs=x, groups=groups)
+    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+
+
+def test_tensors_cached_by_the_traced_forward_do_not_stop_copies():
+    """transformers LeViT caches its attention biases in eval mode; cached under autograd they made
+    every later deepcopy fail. Discovery detaches them, so groups are found and purged."""
+    model = zoo.build_hf("levit", "LevitForImageClassification").eval()
+    x = zoo.hf_inputs(model, 1)
+    groups = find_groups(model, x)
+    assert groups
+    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
+    small, info = purge_copy(model, inputs=x, groups=groups)
+    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        return x.view(x.shape[0], 7, -1)  # 8 channels x 4 x 4 = 128 values: no multiple of 7
+
+
+class BrokenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.ReLU(), Broken())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.block(self.conv(x)).mean(1))
+
+
+def test_a_model_that_cannot_be_traced_is_refused_naming_the_module():
+    with pytest.raises(GroupError, match=r"cannot trace BrokenNet to find its channel groups at block\.1 \(Broken\)"):
+        find_groups(BrokenNet(), torch.randn(1, 3, 4, 4))

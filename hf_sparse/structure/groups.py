@@ -28,7 +28,10 @@ purge we can prove exact:
   (the input stem of a CNN or ViT) unless ``keep_stem=False``, and every module matching an
   ``exclude`` pattern;
 * GRU/LSTM hidden units come from :func:`hf_sparse.structure.recurrent.recurrent_groups` (DepGraph
-  does not follow recurrent gate blocks).
+  does not follow recurrent gate blocks);
+* a root whose group DepGraph cannot collect (index lists that never repeat or grow without bound
+  around an attention reshape, index arithmetic that raises) is left out alone, with a logged
+  reason, instead of taking minutes or ending the discovery (:func:`_all_groups`).
 
 A :class:`Slice` names a tensor (its state-dict name), the module owning it, the ``dim`` along
 which the group's channels lie and ``index`` (channels x positions per channel): row ``c`` of
@@ -278,6 +281,136 @@ def _convert(dg, group, names: Mapping[nn.Module, str], param_names: Mapping[nn.
     return ChannelGroup(root_name, channels, list(slices.values()))
 
 
+#: How often one node of the dependency graph may be reached while one group is collected. DepGraph
+#: follows couplings until the index lists it reaches repeat; around some attention reshapes
+#: (Visformer's, SAM2 Hiera's) they never do, and one group took minutes. Real groups reach a node a
+#: few times (once per path into it).
+MAX_VISITS_PER_NODE = 8
+#: Around other reshapes (HaloNet's blocked attention) each pass multiplies the index lists instead
+#: (8x): a list longer than this many times the model's largest tensor dimension can be no tensor's
+#: slice, so the group is left out before it takes minutes and gigabytes.
+MAX_INDEX_GROWTH = 1
+
+
+class _Runaway(Exception):
+    """DepGraph's index propagation does not converge for this group."""
+
+
+def _bounded_group_class(base: type, longest: int) -> type:
+    """``Group`` that refuses to grow past :data:`MAX_VISITS_PER_NODE` visits of one node or an index
+    list over ``longest``; the group being collected is ``current`` (its items tell which layers a failed
+    root reached)."""
+
+    class BoundedGroup(base):
+        current = None
+
+        def __init__(self):
+            super().__init__()
+            self._visits: dict[int, int] = {}
+            type(self).current = self
+
+        def add_dep(self, dep, idxs):
+            key = id(dep.target)
+            self._visits[key] = self._visits.get(key, 0) + 1
+            if self._visits[key] > MAX_VISITS_PER_NODE:
+                raise _Runaway(f"the index mappings around {dep.target} do not converge")
+            if len(idxs) > longest:
+                raise _Runaway(f"the index lists grow without bound around {dep.target}")
+            super().add_dep(dep, idxs)
+
+    return BoundedGroup
+
+
+def _all_groups(dg, names: Mapping[nn.Module, str], left_out: dict[str, str]):
+    """DepGraph's ``get_all_groups`` (one group per Conv/Linear not yet reached, rooted at its outputs),
+    except that a root whose group cannot be collected (an index mapping that fails or does not
+    converge) is left out with a logged reason instead of ending the whole discovery; the layers it
+    reached are not tried again as roots (they would fail the same way). ``left_out`` gets root -> why."""
+    from torch_pruning import ops
+    from torch_pruning.dependency import graph as tp_graph
+
+    sizes = [int(d) for m in dg.module2node if isinstance(m, nn.Module)
+             for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) for d in t.shape]
+    bounded = _bounded_group_class(tp_graph.Group, MAX_INDEX_GROWTH * max(sizes, default=1))
+    original, tp_graph.Group = tp_graph.Group, bounded
+    try:
+        with _tolerant_concat():  # every group's collection redoes the concat index mappings
+            visited: set[int] = set()
+            ignored = {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
+            for m in list(dg.module2node):
+                if id(m) in ignored or id(m) in visited or not isinstance(m, (ops.TORCH_CONV, ops.TORCH_LINEAR)):
+                    continue
+                pruner = dg.get_pruner_of_module(m)
+                if pruner is None or pruner.get_out_channels(m) is None:
+                    continue
+                bounded.current = None
+                try:
+                    group = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m))))
+                except Exception as why:  # noqa: BLE001 - the tracer's index arithmetic (ZeroDivisionError...)
+                    partial = bounded.current.items if bounded.current is not None else []
+                    visited.update(id(it.dep.target.module) for it in partial
+                                   if dg.is_out_channel_pruning_fn(it.dep.handler))
+                    visited.add(id(m))
+                    left_out[str(names.get(m))] = f"{type(why).__name__}: {first_line(why)}"
+                    continue
+                outs = [it.dep.target.module for it in group.items if dg.is_out_channel_pruning_fn(it.dep.handler)]
+                visited.update(id(o) for o in outs)
+                if not any(id(o) in ignored for o in outs):
+                    yield group
+    finally:
+        tp_graph.Group = original
+
+
+@contextlib.contextmanager
+def _tolerant_concat():
+    """DepGraph's concat index mapping sums the input widths before it checks that each is known
+    (TNT, CSPNet's focus stem) and indexes a split's sizes past their end (CvT): a width it cannot
+    infer leaves that concat unmapped, as DepGraph means to; the groups through it are then proven or
+    dropped like any other."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_concat_index_mapping
+
+    def tolerant(graph, node):
+        try:
+            return original(graph, node)
+        except (TypeError, IndexError):  # sum() over a width of None; a split's size list (CvT)
+            return None
+
+    index_mapping.update_concat_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        index_mapping.update_concat_index_mapping = original
+
+
+def _where(error: BaseException, model: nn.Module) -> str:
+    """`` at <module>`` for the innermost module of ``model`` whose forward the error passed through."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names and names[id(owner)]:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return f" at {found} ({type(model.get_submodule(found)).__name__})" if found else ""
+
+
+def _detach_cached_tensors(model: nn.Module) -> None:
+    """Tensors a traced forward cached on its modules (LeViT's attention biases, computed under autograd)
+    are not leaves and would stop every later ``deepcopy``; the cache keeps their values, detached."""
+    for m in model.modules():
+        for key, value in list(vars(m).items()):
+            if key.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                setattr(m, key, value.detach())
+            elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) and v.grad_fn is not None
+                                                 for v in value.values()):
+                vars(m)[key] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+
+
 def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Mapping) -> list[ChannelGroup]:
     from .purge import output_tensor
 
@@ -290,17 +423,18 @@ def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Ma
     was_training = model.training
     model.eval()
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), _tolerant_concat():
             dg = tp.DependencyGraph().build_dependency(model, inputs, forward_fn=output_tensor, verbose=False)
     except Exception as e:  # noqa: BLE001 - any tracing failure is one clear error, never a wrong model
-        raise GroupError(f"cannot trace {type(model).__name__} to find its channel groups: "
-                         f"{type(e).__name__}: {e}") from None
+        raise GroupError(f"cannot trace {type(model).__name__} to find its channel groups"
+                         f"{_where(e, model)}: {type(e).__name__}: {first_line(e)}") from None
     finally:
         model.train(was_training)
+        _detach_cached_tensors(model)
     param_names = dict(dg._param_to_name)
     param_dims = {id(u.parameters): int(u.pruning_dim) for u in dg.unwrapped_parameters}
-    groups = []
-    for g in dg.get_all_groups():
+    groups, uncollected = [], {}
+    for g in _all_groups(dg, names, uncollected):
         outs = {names.get(it.dep.target.module) for it in g.items if dg.is_out_channel_pruning_fn(it.dep.handler)}
         root = names.get(g[0].dep.target.module)
         if outs & qkv:
@@ -312,6 +446,10 @@ def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Ma
             groups.append(_convert(dg, g, names, param_names, param_dims))
         except _Skip as why:
             logger.debug("channel group %s left out: %s", root, why)
+    if uncollected:  # their layers keep their width
+        logger.warning("%d channel groups of %s left out (the tracer cannot collect them): %s", len(uncollected),
+                       type(model).__name__, "; ".join(f"{n} ({why})" for n, why in list(uncollected.items())[:3])
+                       + (" ..." if len(uncollected) > 3 else ""))
     return groups
 
 

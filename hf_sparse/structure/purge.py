@@ -422,8 +422,10 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     timm: ``(1, in_chans, H, W)`` at the model's fixed image size (ViT-like, or ``pretrained_cfg``'s
     ``fixed_input_size``), else 64x64 (a CNN takes
     any size; removing channels never changes output positions, so MAC fractions do not depend on
-    it much). transformers vision models: ``pixel_values`` at ``config.image_size``; speech models:
-    50 frames of ``num_mel_bins`` features.
+    it much); a timm model whose first layer is no conv (CSATv2's DCT stem) gets ``pretrained_cfg``'s
+    channels. transformers vision models: ``pixel_values`` at ``config.image_size`` (packed patches with
+    their mask and grid where the vision config counts patches instead: SigLIP2); speech models: 50
+    frames of ``num_mel_bins`` features.
     """
     gen = torch.Generator().manual_seed(0)
     if hasattr(model, "timm_name") and isinstance(getattr(model, "model", None), nn.Module):
@@ -431,6 +433,14 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_mel_bins"):
         return {"input_features": torch.randn(1, 50, int(config.num_mel_bins), generator=gen)}
+    vision = getattr(config, "vision_config", None) or config
+    if getattr(vision, "num_patches", None) and getattr(vision, "patch_size", None) and not getattr(vision, "image_size", None):
+        # packed patches (SigLIP2): (batch, patches, channels * patch * patch), a mask and the patch grid
+        side, patch = int(int(vision.num_patches) ** 0.5), int(vision.patch_size)
+        return {"pixel_values": torch.randn(1, side * side, int(getattr(vision, "num_channels", 3)) * patch * patch,
+                                            generator=gen),
+                "pixel_attention_mask": torch.ones(1, side * side, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[side, side]])}
     if config is not None and not hasattr(config, "image_size") and hasattr(getattr(config, "vision_config", None),
                                                                            "image_size"):
         config = config.vision_config  # a vision tower's classifier (CLIP, SigLIP): its tower's input
@@ -448,6 +458,8 @@ def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
         h, w = cfg["input_size"][1:]
     elif len(cfg.get("input_size") or ()) == 3 and not _runs(model, torch.zeros(1, chans, 64, 64)):
         h, w = cfg["input_size"][1:]  # too small for its downsampling (Inception's stem): its own size
+        if not _runs(model, torch.zeros(1, chans, h, w)):  # a first layer that is no conv (CSATv2's DCT stem)
+            chans = int(cfg["input_size"][0])
     else:
         h = w = 64
     return torch.randn(1, chans, int(h), int(w), generator=gen)

@@ -110,7 +110,7 @@ def build_timm(name: str) -> nn.Module:
 
 def timm_inputs(model: nn.Module, batch: int) -> torch.Tensor:
     """Images of the shape :func:`example_inputs` picks (what the method's own group discovery uses)."""
-    from hf_sparse.structure.purge import example_inputs
+    from hf_sparse.families import example_inputs
 
     shape = list(example_inputs(model).shape)
     return torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(batch))
@@ -165,7 +165,7 @@ def build_hf(model_type: str, cls_name: str) -> nn.Module:
 
 
 def hf_inputs(model: nn.Module, batch: int) -> dict[str, torch.Tensor]:
-    from hf_sparse.structure.purge import example_inputs
+    from hf_sparse.families import example_inputs
 
     one = example_inputs(model)
     if not isinstance(one, dict):

@@ -2,7 +2,7 @@
 above (read from the source with ``ast``, so imports inside functions count too).
 
 Bottom to top: data, runtime, models, structure, grids, methods, config, checkpoint, training,
-compare, cli. Top-level modules (``registry``, ``_post_import``, ``hub_probe``, ``text``) sit under
+compare, cli. Top-level modules (``registry``, ``_post_import``, ``hub_probe``, ``text``, ``families``) sit under
 all of them. ``KNOWN_UPWARD`` lists the imports that still point up, each with its reason (none
 today); the test fails on any other, and on an entry that no longer exists (so the list only
 shrinks). With no upward import the packages form no cycle.

@@ -8,39 +8,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..families import is_transformers_model, unwrap
 from .files import DENSE_WEIGHTS, SPARSITY_FILE, CheckpointError, checked_file, read_json
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-def _is_transformers_model(model: nn.Module) -> bool:
-    import sys
-
-    if "transformers" not in sys.modules:  # a model of that library cannot exist without it being imported
-        return False
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
-
-
-def unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
-    """(model to save, library, prefix its parameter names carry in the engine's report).
-
-    Any other ``nn.Module`` is library ``torch``: its state dict is saved and the user rebuilds
-    the module to load it (``load_sparse(path, model=module)``).
-    """
-    from torch import nn
-
-    if _is_transformers_model(model):
-        return model, "transformers", ""
-    inner, name = getattr(model, "model", None), getattr(model, "timm_name", None)
-    if isinstance(inner, nn.Module) and isinstance(name, str):  # hf_sparse.models.build.TimmClassifier
-        return inner, "timm", "model."
-    if isinstance(getattr(model, "pretrained_cfg", None), dict) and "architecture" in model.pretrained_cfg:
-        return model, "timm", ""
-    return model, "torch", ""
 
 
 def saved_names(model: nn.Module) -> dict[str, str]:
@@ -53,7 +26,7 @@ def saved_names(model: nn.Module) -> dict[str, str]:
     are left out; timm and plain modules save names unchanged.
     """
     state = model.state_dict()
-    if not _is_transformers_model(model):
+    if not is_transformers_model(model):
         return {k: k for k in state}
     try:
         from transformers.core_model_loading import revert_weight_conversion

@@ -54,6 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..families import example_inputs, unwrap
 from ..text import first_line
 
 logger = logging.getLogger(__name__)
@@ -93,16 +94,10 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _wrapped(model: nn.Module) -> tuple[nn.Module, str]:
-    """hf_sparse's Trainer wrapper of a timm model -> (the timm model, its name prefix)."""
-    inner = getattr(model, "model", None)
-    return (inner, "model.") if hasattr(model, "timm_name") and isinstance(inner, nn.Module) else (model, "")
-
-
 def head_module(model: nn.Module) -> str | None:
     """The name of the module producing the model's outputs (timm ``get_classifier()``, transformers
     ``classifier``/output embeddings, hf_sparse's speech heads), else the last Linear."""
-    inner, prefix = _wrapped(model)
+    inner, _, prefix = unwrap(model)
     if prefix:
         found = head_module(inner)
         return prefix + found if found is not None else None
@@ -492,7 +487,7 @@ def find_groups(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tens
                 time_limit: float | None = DISCOVERY_SECONDS) -> GroupList:
     """The channel groups of ``model`` that can be removed exactly, found on one example input.
 
-    ``inputs`` defaults to :func:`hf_sparse.structure.purge.example_inputs`. Modules matching an
+    ``inputs`` defaults to :func:`hf_sparse.families.example_inputs`. Modules matching an
     ``exclude`` pattern (fnmatch, or a module name prefix) keep their width: no group writes them.
     The output head never loses outputs; with ``keep_stem`` the first convolution keeps its outputs
     too. Models with GRU/LSTM layers get their hidden units (recurrent groups) only.
@@ -527,8 +522,6 @@ def _find_groups(model: nn.Module, inputs, exclude: list[str], keep_stem: bool) 
         return [g for g in recurrent_groups(model)
                 if not any(s.role == "out" and _matches(s.module, exclude) for s in g.slices)]
     if inputs is None:
-        from .purge import example_inputs
-
         inputs = example_inputs(model)
     modules = dict(model.named_modules())
     skip_out = {n for n in modules if n and _matches(n, exclude)}
@@ -564,8 +557,6 @@ def verify_groups(model: nn.Module, groups: list[ChannelGroup],
     from .purge import mask_channels, output_tensor, purge_model, purge_tolerance
 
     if inputs is None:
-        from .purge import example_inputs
-
         inputs = example_inputs(model)
     was_training = model.training
     masked = copy.deepcopy(model).eval()

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..families import example_inputs
+
 if TYPE_CHECKING:
     from .groups import ChannelGroup, Slice
 
@@ -416,68 +418,6 @@ def plan_params(plan: Mapping[str, Any], model: nn.Module) -> int:
 # -- a purged copy for checkpoints ------------------------------------------------------------------------
 
 
-def example_inputs(model: nn.Module) -> torch.Tensor | dict[str, torch.Tensor]:
-    """One small input the model accepts, for tracing its groups and counting MACs.
-
-    timm: ``(1, in_chans, H, W)`` at the model's fixed image size (ViT-like, or ``pretrained_cfg``'s
-    ``fixed_input_size``), else 64x64 (a CNN takes
-    any size; removing channels never changes output positions, so MAC fractions do not depend on
-    it much); a timm model whose first layer is no conv (CSATv2's DCT stem) gets ``pretrained_cfg``'s
-    channels. transformers vision models: ``pixel_values`` at ``config.image_size`` (packed patches with
-    their mask and grid where the vision config counts patches instead: SigLIP2); speech models: 50
-    frames of ``num_mel_bins`` features.
-    """
-    gen = torch.Generator().manual_seed(0)
-    if hasattr(model, "timm_name") and isinstance(getattr(model, "model", None), nn.Module):
-        model = model.model  # hf_sparse's Trainer wrapper of a timm model: the same positional input
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "num_mel_bins"):
-        return {"input_features": torch.randn(1, 50, int(config.num_mel_bins), generator=gen)}
-    vision = getattr(config, "vision_config", None) or config
-    if getattr(vision, "num_patches", None) and getattr(vision, "patch_size", None) and not getattr(vision, "image_size", None):
-        # packed patches (SigLIP2): (batch, patches, channels * patch * patch), a mask and the patch grid
-        side, patch = int(int(vision.num_patches) ** 0.5), int(vision.patch_size)
-        return {"pixel_values": torch.randn(1, side * side, int(getattr(vision, "num_channels", 3)) * patch * patch,
-                                            generator=gen),
-                "pixel_attention_mask": torch.ones(1, side * side, dtype=torch.long),
-                "spatial_shapes": torch.tensor([[side, side]])}
-    if config is not None and not hasattr(config, "image_size") and hasattr(getattr(config, "vision_config", None),
-                                                                           "image_size"):
-        config = config.vision_config  # a vision tower's classifier (CLIP, SigLIP): its tower's input
-    if config is not None and hasattr(config, "image_size"):
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        return {"pixel_values": torch.randn(1, int(getattr(config, "num_channels", 3)), int(size), int(size),
-                                            generator=gen)}
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    chans = first.in_channels if first is not None else 3
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if size is not None and getattr(model.patch_embed, "strict_img_size", True):
-        h, w = (size, size) if isinstance(size, int) else size
-    elif cfg.get("fixed_input_size") and len(cfg.get("input_size") or ()) == 3:  # timm: this size only
-        h, w = cfg["input_size"][1:]
-    elif len(cfg.get("input_size") or ()) == 3 and not _runs(model, torch.zeros(1, chans, 64, 64)):
-        h, w = cfg["input_size"][1:]  # too small for its downsampling (Inception's stem): its own size
-        if not _runs(model, torch.zeros(1, chans, h, w)):  # a first layer that is no conv (CSATv2's DCT stem)
-            chans = int(cfg["input_size"][0])
-    else:
-        h = w = 64
-    return torch.randn(1, chans, int(h), int(w), generator=gen)
-
-
-def _runs(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``model`` (in eval mode, without autograd) takes ``x``."""
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(x)
-        return True
-    except Exception:  # noqa: BLE001 - any failure: the input does not fit
-        return False
-    finally:
-        model.train(was_training)
-
-
 def output_tensor(model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The model's output tensor on ``inputs``: bare logits, ``ModelOutput.logits`` or its first field."""
     out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
@@ -636,5 +576,4 @@ def purge_copy(model: nn.Module, structure: Mapping[str, Any] | None = None, *,
 
 
 __all__ = ["PURGE_HINT_FRACTION", "PURGE_TOLERANCE", "PurgeError", "PurgeRule", "keep_by_magnitude", "mask_channels", "plan_params", "purge_model",
-           "purge_copy", "purge_summary", "purge_tolerance", "register_purge_rule", "resize_to_plan", "rule_for", "uniform_config", "zero_channels",
-           "example_inputs"]
+           "purge_copy", "purge_summary", "purge_tolerance", "register_purge_rule", "resize_to_plan", "rule_for", "uniform_config", "zero_channels"]

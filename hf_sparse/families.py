@@ -1,0 +1,100 @@
+"""What hf_sparse knows about each model family, in one place: which library a model comes from
+(hf_sparse's own models and transformers' ``PreTrainedModel``, timm, or plain torch), how to reach
+the model inside hf_sparse's Trainer wrapper of a timm model, and an input each family accepts.
+
+A top-level module (duck-typed, importing no model library): the channel groups, the purge, the
+runtime's speed measurement and the checkpoint all read it, so a new family is taught here once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    if "transformers" not in sys.modules:  # a model of that library cannot exist without it being imported
+        return False
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
+    """(the library's own model, its library, the prefix its parameter names carry in ``model``).
+
+    hf_sparse's Trainer wrapper of a timm model (``hf_sparse.models.build.TimmClassifier``: a
+    ``timm_name`` and the timm model as ``.model``) unwraps to the timm model under ``"model."``. Any
+    other ``nn.Module`` is library ``torch``.
+    """
+    if is_transformers_model(model):
+        return model, "transformers", ""
+    inner, name = getattr(model, "model", None), getattr(model, "timm_name", None)
+    if isinstance(inner, nn.Module) and isinstance(name, str):
+        return inner, "timm", "model."
+    if isinstance(getattr(model, "pretrained_cfg", None), dict) and "architecture" in model.pretrained_cfg:
+        return model, "timm", ""
+    return model, "torch", ""
+
+
+def example_inputs(model: nn.Module, frames: int = 50) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One small batch-1 input the model accepts: for tracing its groups, counting MACs and timing it.
+
+    timm: ``(1, in_chans, H, W)`` at the model's fixed image size (ViT-like, or ``pretrained_cfg``'s
+    ``fixed_input_size``), else 64x64 (a CNN takes
+    any size; removing channels never changes output positions, so MAC fractions do not depend on
+    it much); a timm model whose first layer is no conv (CSATv2's DCT stem) gets ``pretrained_cfg``'s
+    channels. transformers vision models: ``pixel_values`` at ``config.image_size`` (packed patches with
+    their mask and grid where the vision config counts patches instead: SigLIP2); speech models:
+    ``frames`` frames of ``num_mel_bins`` features.
+    """
+    gen = torch.Generator().manual_seed(0)
+    model = unwrap(model)[0]  # hf_sparse's Trainer wrapper of a timm model: the same positional input
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_mel_bins"):
+        return {"input_features": torch.randn(1, frames, int(config.num_mel_bins), generator=gen)}
+    vision = getattr(config, "vision_config", None) or config
+    if getattr(vision, "num_patches", None) and getattr(vision, "patch_size", None) and not getattr(vision, "image_size", None):
+        # packed patches (SigLIP2): (batch, patches, channels * patch * patch), a mask and the patch grid
+        side, patch = int(int(vision.num_patches) ** 0.5), int(vision.patch_size)
+        return {"pixel_values": torch.randn(1, side * side, int(getattr(vision, "num_channels", 3)) * patch * patch,
+                                            generator=gen),
+                "pixel_attention_mask": torch.ones(1, side * side, dtype=torch.long),
+                "spatial_shapes": torch.tensor([[side, side]])}
+    if config is not None and not hasattr(config, "image_size") and hasattr(getattr(config, "vision_config", None),
+                                                                           "image_size"):
+        config = config.vision_config  # a vision tower's classifier (CLIP, SigLIP): its tower's input
+    if config is not None and hasattr(config, "image_size"):
+        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+        return {"pixel_values": torch.randn(1, int(getattr(config, "num_channels", 3)), int(size), int(size),
+                                            generator=gen)}
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = first.in_channels if first is not None else 3
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if size is not None and getattr(model.patch_embed, "strict_img_size", True):
+        h, w = (size, size) if isinstance(size, int) else size
+    elif cfg.get("fixed_input_size") and len(cfg.get("input_size") or ()) == 3:  # timm: this size only
+        h, w = cfg["input_size"][1:]
+    elif len(cfg.get("input_size") or ()) == 3 and not _runs(model, torch.zeros(1, chans, 64, 64)):
+        h, w = cfg["input_size"][1:]  # too small for its downsampling (Inception's stem): its own size
+        if not _runs(model, torch.zeros(1, chans, h, w)):  # a first layer that is no conv (CSATv2's DCT stem)
+            chans = int(cfg["input_size"][0])
+    else:
+        h = w = 64
+    return torch.randn(1, chans, int(h), int(w), generator=gen)
+
+
+def _runs(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` (in eval mode, without autograd) takes ``x``."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the input does not fit
+        return False
+    finally:
+        model.train(was_training)

@@ -8,6 +8,8 @@ alternates dense and runtime calls on the same input (order swapped every pair) 
 ``--budget`` seconds and reports the median per-pair ratio dense/runtime and the largest
 absolute output difference. Layers are converted with ``calibrate=False`` so that every row
 times the sparse kernels, including the cases where ``to_sparse_runtime`` would keep them dense.
+With ``--gru-vs-lstm`` each case instead times a GRU and an LSTM of the same size in one rotation
+(with their dense forms) and compares their speed-ups, so that both see the same load.
 
 With ``--checkpoint DIR`` it instead classifies (or CTC-decodes) the test split of the
 checkpoint's own recipe end to end, `--batch-size` utterances at a time (default 1), with the checkpoint loaded dense and
@@ -17,6 +19,7 @@ each, their median per-utterance ratio and whether every prediction agrees.
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py [--kinds gru,lstm,linear]
         [--hidden 512,1024] [--densities 0.2,0.1,0.05] [--structures unstructured,16x16,8x8]
         [--batches 1,8] [--dtypes float32,int8] [--threads 1,2] [--steps 100] [--budget 1.0] [--out results.json]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py --gru-vs-lstm [same grid options, --kinds ignored]
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_runtime.py --checkpoint runs/fsdd_gru_gradual_block/model
         [--batch-size 32] [--decide-at 1,32] [--dtype int8]
 """

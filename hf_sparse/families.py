@@ -9,9 +9,11 @@ runtime's speed measurement and the checkpoint all read it, so a new family is t
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is looked at: `hf-sparse inspect` and the CLI parser need none
+    import torch
+    from torch import nn
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -29,6 +31,8 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str, str]:
     ``timm_name`` and the timm model as ``.model``) unwraps to the timm model under ``"model."``. Any
     other ``nn.Module`` is library ``torch``.
     """
+    from torch import nn
+
     if is_transformers_model(model):
         return model, "transformers", ""
     inner, name = getattr(model, "model", None), getattr(model, "timm_name", None)
@@ -50,6 +54,9 @@ def example_inputs(model: nn.Module, frames: int = 50) -> torch.Tensor | dict[st
     their mask and grid where the vision config counts patches instead: SigLIP2); speech models:
     ``frames`` frames of ``num_mel_bins`` features.
     """
+    import torch
+    from torch import nn
+
     gen = torch.Generator().manual_seed(0)
     model = unwrap(model)[0]  # hf_sparse's Trainer wrapper of a timm model: the same positional input
     config = getattr(model, "config", None)
@@ -89,6 +96,8 @@ def example_inputs(model: nn.Module, frames: int = 50) -> torch.Tensor | dict[st
 
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``model`` (in eval mode, without autograd) takes ``x``."""
+    import torch
+
     was_training = model.training
     try:
         with torch.no_grad():

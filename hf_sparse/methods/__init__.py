@@ -5,7 +5,9 @@ from __future__ import annotations
 from ..registry import Registry
 from .base import MaskedMethod, MethodConfig, SparsityMethod
 
-METHODS: Registry = Registry("sparsity method")
+#: The built-in methods register themselves when their modules are imported, on the first lookup.
+METHODS: Registry = Registry("sparsity method",
+                             builtins=tuple(f"{__name__}.{m}" for m in ("autoprune", "dns", "gmp", "gradual", "l0")))
 
 
 def register_method(cls: type[SparsityMethod] | None = None, *, override: bool = False):
@@ -23,8 +25,5 @@ def get_method(name: str) -> type[SparsityMethod]:
     except KeyError:
         raise KeyError(f"unknown sparsity method {name!r}; known: {', '.join(sorted(METHODS))}") from None
 
-
-# Importing the modules registers the methods.
-from . import autoprune, dns, gmp, gradual, l0  # noqa: E402,F401
 
 __all__ = ["METHODS", "MaskedMethod", "MethodConfig", "SparsityMethod", "get_method", "register_method"]

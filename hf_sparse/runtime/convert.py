@@ -222,7 +222,8 @@ def to_sparse_runtime(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *,
             _record(report, name, kind, False, formats, density, reason)
             continue
         new = _build(module, kind, blocks, dtype)
-        gains = measure_layer(module, new, batch_sizes) if calibrate else None
+        # decided on the figures as recorded (3 decimals), so the report never disagrees with the decision
+        gains = {b: round(g, 3) for b, g in measure_layer(module, new, batch_sizes).items()} if calibrate else None
         if gains is not None and min(gains.values()) < MIN_MEASURED_GAIN:
             slower = [b for b, g in gains.items() if g < MIN_MEASURED_GAIN]
             _record(report, name, kind, False, {w: "dense" for w in formats}, density,

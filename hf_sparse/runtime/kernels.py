@@ -8,13 +8,15 @@ with ``b > 1`` it is BSR with ``b x b`` blocks in a row-slab layout: a block row
 (``data[p0*b*b + r*nb*b + q*b + k]`` is row ``r``, column ``k`` of block ``p0+q``), so that at batch 1
 each output row is one contiguous dot product with the gathered inputs, which vectorises.
 
-``spmm`` takes feature-major activations (``x[feature, batch]``, the recurrent state's layout);
-:func:`bsr_rows` takes them utterance-major (``x[batch, feature]``, torch's layout, so the input
-projections make no transposing copy). Every BSR product, whatever the batch, is a dot product per
-output row over a contiguous gather of the inputs its block row reads.
+``spmm`` takes feature-major activations (``x[feature, batch]``; CSR's batched loop reads one
+input row per stored entry); :func:`bsr_rows` takes them utterance-major (``x[batch, feature]``,
+torch's layout, so the input projections make no transposing copy). Every BSR product, whatever
+the batch, is a dot product per output row over a contiguous gather of the inputs its block row reads.
 
-A whole GRU/LSTM direction runs inside one compiled call (every time step, the recurrent product on
-the sparse ``weight_hh`` and the gate arithmetic), so a step costs no Python or dispatch overhead;
+A whole GRU/LSTM direction runs inside one compiled call, :func:`rnn_direction` for both (every
+time step, the recurrent product on the sparse ``weight_hh`` and the gate arithmetic; only the gate
+function differs), so a step costs no Python or dispatch overhead; the state is utterance-major, so
+each utterance's state, recurrent product and gate inputs are contiguous rows used in place;
 the input projections for all steps are computed beforehand as one matrix product (on the sparse
 kernels too when ``weight_ih`` is stored sparse). Per-utterance lengths give packed-sequence
 semantics: an utterance's state stops at its last frame, the reverse direction starts at it, and
@@ -223,29 +225,29 @@ def _time_index(step, length, reverse):
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _gru_gates(gi, gh, b_hh, h, out):
-    """One utterance's GRU update on contiguous rows: gi, gh, b_hh[3H] (gates r, z, n); h[H] updated
+def _gru_gates(gi, gh, b_ih, b_hh, h, out):
+    """One utterance's GRU update on contiguous rows: gi, gh, b_ih, b_hh[3H] (gates r, z, n); h[H] updated
     in place and copied to out[H]. Contiguous 1-D operands and no division check let it vectorise."""
     hidden = h.shape[0]
     for j in range(hidden):
-        r = _sigmoid(gi[j] + gh[j] + b_hh[j])
-        z = _sigmoid(gi[hidden + j] + gh[hidden + j] + b_hh[hidden + j])
-        c = _tanh(gi[2 * hidden + j] + r * (gh[2 * hidden + j] + b_hh[2 * hidden + j]))
+        r = _sigmoid(gi[j] + b_ih[j] + gh[j] + b_hh[j])
+        z = _sigmoid(gi[hidden + j] + b_ih[hidden + j] + gh[hidden + j] + b_hh[hidden + j])
+        c = _tanh(gi[2 * hidden + j] + b_ih[2 * hidden + j] + r * (gh[2 * hidden + j] + b_hh[2 * hidden + j]))
         hv = (np.float32(1.0) - z) * c + z * h[j]
         h[j] = hv
         out[j] = hv
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")
-def _lstm_gates(gi, gh, b_hh, h, cs, out):
-    """One utterance's LSTM update on contiguous rows: gi, gh, b_hh[4H] (gates i, f, g, o); h, cs[H]
+def _lstm_gates(gi, gh, b_ih, b_hh, h, cs, out):
+    """One utterance's LSTM update on contiguous rows: gi, gh, b_ih, b_hh[4H] (gates i, f, g, o); h, cs[H]
     updated in place, h copied to out[H]."""
     hidden = h.shape[0]
     for j in range(hidden):
-        ig = _sigmoid(gi[j] + gh[j] + b_hh[j])
-        fg = _sigmoid(gi[hidden + j] + gh[hidden + j] + b_hh[hidden + j])
-        gg = _tanh(gi[2 * hidden + j] + gh[2 * hidden + j] + b_hh[2 * hidden + j])
-        og = _sigmoid(gi[3 * hidden + j] + gh[3 * hidden + j] + b_hh[3 * hidden + j])
+        ig = _sigmoid(gi[j] + b_ih[j] + gh[j] + b_hh[j])
+        fg = _sigmoid(gi[hidden + j] + b_ih[hidden + j] + gh[hidden + j] + b_hh[hidden + j])
+        gg = _tanh(gi[2 * hidden + j] + b_ih[2 * hidden + j] + gh[2 * hidden + j] + b_hh[2 * hidden + j])
+        og = _sigmoid(gi[3 * hidden + j] + b_ih[3 * hidden + j] + gh[3 * hidden + j] + b_hh[3 * hidden + j])
         cv = fg * cs[j] + ig * gg
         hv = og * _tanh(cv)
         cs[j] = cv
@@ -274,12 +276,13 @@ def _recurrent_product(b, indptr, indices, data, scale, h, xt, gh):
 
 
 @njit(cache=True)
-def rnn_direction(lstm, gi, lengths, reverse, h0, c0, b, indptr, indices, data, b_hh, out, h_n, c_n, scale=None):
+def rnn_direction(lstm, gi, lengths, reverse, h0, c0, b, indptr, indices, data, b_ih, b_hh, out, h_n, c_n,
+                  scale=None):
     """One GRU or LSTM direction over a padded batch, both through the same loop (only the gate
-    function differs): gi[T, B, G] = x W_ih^T + b_ih (GRU: G = 3H, gates r, z, n; LSTM: G = 4H,
-    gates i, f, g, o); h0, c0[B, H] (a GRU ignores ``c0`` and ``c_n``); writes out[T, B, H] (zeros
-    past each length), h_n[B, H] and, for an LSTM, c_n[B, H]. ``scale``: the int8 weight's scales
-    (None: float32 ``data``)."""
+    function differs): gi[T, B, G] = x W_ih^T (GRU: G = 3H, gates r, z, n; LSTM: G = 4H, gates i,
+    f, g, o), its bias ``b_ih`` added in the gates (no pass over every frame's projection for it);
+    h0, c0[B, H] (a GRU ignores ``c0`` and ``c_n``); writes out[T, B, H] (zeros past each length),
+    h_n[B, H] and, for an LSTM, c_n[B, H]. ``scale``: the int8 weight's scales (None: float32 ``data``)."""
     steps = gi.shape[0]
     batch = gi.shape[1]
     h = h0.copy()
@@ -293,9 +296,9 @@ def rnn_direction(lstm, gi, lengths, reverse, h0, c0, b, indptr, indices, data, 
                 continue
             t = _time_index(s, lengths[n], reverse)
             if lstm:
-                _lstm_gates(gi[t, n], gh[n], b_hh, h[n], cs[n], out[t, n])
+                _lstm_gates(gi[t, n], gh[n], b_ih, b_hh, h[n], cs[n], out[t, n])
             else:
-                _gru_gates(gi[t, n], gh[n], b_hh, h[n], out[t, n])
+                _gru_gates(gi[t, n], gh[n], b_ih, b_hh, h[n], out[t, n])
     h_n[:, :] = h
     if lstm:
         c_n[:, :] = cs

@@ -105,7 +105,7 @@ class SparseRNN(nn.Module):
                 b_hh = getattr(rnn, "bias_hh" + sfx).detach().float() if rnn.bias else zeros
                 recurrent = to_sparse_weight(w_hh, blocks["weight_hh" + sfx], dtype)
                 self.cells.append((SparseProduct(w_ih, blocks["weight_ih" + sfx], dtype), recurrent,
-                                   b_ih.clone(), b_hh.numpy().astype(np.float32).copy()))
+                                   b_ih.numpy().astype(np.float32).copy(), b_hh.numpy().astype(np.float32).copy()))
 
     def extra_repr(self) -> str:
         fmts = ", ".join(f"{p.format}/{r.format}" + ("/int8" if r.scale is not None else "")
@@ -121,7 +121,7 @@ class SparseRNN(nn.Module):
                        c0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         product, rec, b_ih, b_hh = self.cells[index]
         steps, batch, _ = x.shape
-        gi = (product(x.reshape(steps * batch, -1)) + b_ih).reshape(steps, batch, -1).contiguous().numpy()
+        gi = product(x.reshape(steps * batch, -1)).reshape(steps, batch, -1).contiguous().numpy()  # b_ih: in the gates
         reverse = index % self.num_directions == 1
         out = np.zeros((steps, batch, self.hidden_size), np.float32)
         h_n = np.empty((batch, self.hidden_size), np.float32)
@@ -130,7 +130,7 @@ class SparseRNN(nn.Module):
         c_n = np.empty_like(h_n) if lstm else h_n  # a GRU has no cell state: the kernel ignores c0/c_n
         c0 = np.ascontiguousarray(c0.numpy()) if lstm else h0
         kernels.rnn_direction(lstm, gi, lengths, reverse, h0, c0, rec.block, rec.indptr, rec.indices, rec.data,
-                              b_hh, out, h_n, c_n, rec.scale)
+                              b_ih, b_hh, out, h_n, c_n, rec.scale)
         return torch.from_numpy(out), torch.from_numpy(h_n), torch.from_numpy(c_n) if lstm else None
 
     @torch.no_grad()

@@ -38,22 +38,6 @@ def fmnist_small(fmnist_full):
     return bundle
 
 
-#: Tests that read the session's two-process launch (tests/helpers.two_rank_records) but carry no
-#: ``dist`` mark of their own.
-TWO_RANK_TESTS = {"tests/test_l0.py::test_gates_identical_on_two_ranks"}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Mark the two-rank readers ``dist``, and keep what shares a launch or a module fixture on one
-    worker under ``pytest -n`` (``--dist loadgroup``): the session's two-rank launch runs once, and
-    a module's shared trained run (``tests/test_fsdp.py::runs``...) is not trained twice."""
-    for item in items:
-        two_rank = item.nodeid in TWO_RANK_TESTS or item.nodeid.startswith("tests/test_distributed.py")
-        if item.nodeid in TWO_RANK_TESTS:
-            item.add_marker(pytest.mark.dist)
-        item.add_marker(pytest.mark.xdist_group("two_rank" if two_rank else item.nodeid.split("::")[0]))
-
-
 # -- loopback Hub (tests/hub_server.py): the real huggingface_hub client over HTTP -----------------
 
 HUB_TOKEN = "hf_loopback_test_token"

@@ -532,18 +532,6 @@ def test_trainer_bf16_accumulation_and_logs(fmnist_small, tmp_path):
     assert all(g.log_alpha.dtype == torch.float32 for g in trainer.sparsifier.method.gates)
 
 
-def test_gates_identical_on_two_ranks(tmp_path):
-    from tests.helpers import two_rank_records
-
-    ranks = two_rank_records("l0", tmp_path, timeout=600)
-    assert set(ranks[0]) == set(TRAINER_CONFIGS)
-    for name in TRAINER_CONFIGS:
-        a, b = ranks[0][name], ranks[1][name]
-        assert a["world_size"] == 2 and len(a["state"]) == 10
-        assert a["state"] == b["state"], name  # log_alpha, weights, multipliers bit-identical after every step
-        assert a["masks"] == b["masks"], name
-
-
 def test_neuron_gates_export_purged_with_equal_outputs(fmnist_small, tmp_path):
     from hf_sparse.checkpoint.save_and_load import load_sparse
     from tests.helpers import make_trainer

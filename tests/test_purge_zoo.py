@@ -50,6 +50,16 @@ SLOW = {"timm ghostnet_050", "timm mobilevit_xxs"}  # ~10 s of CPU each: the def
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SAMPLE])
+def half_pruned_purges_exactly(model: nn.Module, x) -> list:
+    """The model's groups, after checking that what a structured run leaves (half of every group's
+    channels zeroed by magnitude) purges to a smaller model with equal outputs."""
+    groups = find_groups(model, x)
+    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))
+    small, info = purge_copy(model, inputs=x, groups=groups)
+    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+    return groups
+
+
 def test_zoo_sample_purges_exactly(name):
     build, inputs = SAMPLE[name]
     row = zoo.check(build(), inputs, steps=2)
@@ -143,11 +153,7 @@ def test_a_concat_of_unknown_width_leaves_the_rest_traceable():
     raised TypeError): that concat stays unmapped and the other groups are found and proven."""
     model = zoo.build_timm("cs3darknet_focus_s").eval()
     x = zoo.timm_inputs(model, 1)
-    groups = find_groups(model, x)
-    assert len(groups) >= 10
-    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
-    small, info = purge_copy(model, inputs=x, groups=groups)
-    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+    assert len(half_pruned_purges_exactly(model, x)) >= 10
 
 
 def test_one_failing_root_does_not_end_discovery():
@@ -155,11 +161,7 @@ def test_one_failing_root_does_not_end_discovery():
     left out and the model's other groups purge exactly."""
     model = zoo.build_hf("hiera", "HieraForImageClassification").eval()
     x = zoo.hf_inputs(model, 1)
-    groups = find_groups(model, x)
-    assert groups
-    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
-    small, info = purge_copy(model, inputs=x, groups=groups)
-    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+    assert half_pruned_purges_exactly(model, x)
 
 
 def test_tensors_cached_by_the_traced_forward_do_not_stop_copies():
@@ -167,11 +169,7 @@ def test_tensors_cached_by_the_traced_forward_do_not_stop_copies():
     every later deepcopy fail. Discovery detaches them, so groups are found and purged."""
     model = zoo.build_hf("levit", "LevitForImageClassification").eval()
     x = zoo.hf_inputs(model, 1)
-    groups = find_groups(model, x)
-    assert groups
-    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))  # what a structured run leaves
-    small, info = purge_copy(model, inputs=x, groups=groups)
-    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+    assert half_pruned_purges_exactly(model, x)
 
 
 class Broken(nn.Module):

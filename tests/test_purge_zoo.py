@@ -38,6 +38,16 @@ def hf_swin() -> nn.Module:
     return SwinForImageClassification(cfg)
 
 
+def half_pruned_purges_exactly(model: nn.Module, x) -> list:
+    """The model's groups, after checking that what a structured run leaves (half of every group's
+    channels zeroed by magnitude) purges to a smaller model with equal outputs."""
+    groups = find_groups(model, x)
+    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))
+    small, info = purge_copy(model, inputs=x, groups=groups)
+    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
+    return groups
+
+
 SAMPLE = {  # name -> (builder, inputs)
     "timm ghostnet_050": (lambda: zoo.build_timm("ghostnet_050"), zoo.timm_inputs),
     "timm regnetx_002": (lambda: zoo.build_timm("regnetx_002"), zoo.timm_inputs),
@@ -50,16 +60,6 @@ SLOW = {"timm ghostnet_050", "timm mobilevit_xxs"}  # ~10 s of CPU each: the def
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SAMPLE])
-def half_pruned_purges_exactly(model: nn.Module, x) -> list:
-    """The model's groups, after checking that what a structured run leaves (half of every group's
-    channels zeroed by magnitude) purges to a smaller model with equal outputs."""
-    groups = find_groups(model, x)
-    mask_channels(model, groups, keep_by_magnitude(model, groups, 0.5))
-    small, info = purge_copy(model, inputs=x, groups=groups)
-    assert info["max_abs_diff"] <= 1e-5 and info["params"]["fraction"] < 1
-    return groups
-
-
 def test_zoo_sample_purges_exactly(name):
     build, inputs = SAMPLE[name]
     row = zoo.check(build(), inputs, steps=2)

@@ -76,7 +76,7 @@ def checkpoint_speed(model: nn.Module, *, budget_s: float = 0.3) -> dict[str, An
     if not converted:
         reasons = "; ".join(f"{e['layer']}: {e['reason']}" for e in runtime.sparse_runtime_report[:4])
         return {"measured": False, "reason": "the runtime keeps every layer dense" + (f" ({reasons})" if reasons else "")}
-    inputs = example_inputs(model)
+    inputs = example_inputs(model, frames=100)  # a second of speech: the card's speed is per 100 frames
     if not isinstance(inputs, dict):  # a positional image tensor: a timm model, whose convolutions stay dense
         return {"measured": False, "reason": f"no example input is known for {type(model).__name__}"}
     was_training = model.training

@@ -115,10 +115,6 @@ def get_format(name: str) -> CheckpointFormat:
             from None
 
 
-def format_names() -> list[str]:
-    return list(CHECKPOINT_FORMATS)
-
-
 def _own_file_format(folder: Path) -> CheckpointFormat | None:
     """The format whose own weight file (not ``model.safetensors``) the folder holds."""
     for fmt in CHECKPOINT_FORMATS.values():
@@ -128,8 +124,9 @@ def _own_file_format(folder: Path) -> CheckpointFormat | None:
 
 
 def stored_format(folder: str | Path) -> CheckpointFormat:
-    """The format that decodes the folder's weight files (the default when they are plain safetensors)."""
-    return _own_file_format(Path(folder)) or CheckpointFormat()
+    """The format that decodes the folder's weight files (``dense`` when they are plain safetensors:
+    ``purged`` and ``onnx`` store theirs so too, and read back the same way)."""
+    return _own_file_format(Path(folder)) or CHECKPOINT_FORMATS["dense"]
 
 
 def weight_files(folder: str | Path) -> list[Path]:

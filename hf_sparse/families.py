@@ -1,6 +1,7 @@
 """What hf_sparse knows about each model family, in one place: which library a model comes from
 (hf_sparse's own models and transformers' ``PreTrainedModel``, timm, or plain torch), how to reach
-the model inside hf_sparse's Trainer wrapper of a timm model, and an input each family accepts.
+the model inside hf_sparse's Trainer wrapper of a timm model, an input each family accepts, and
+which attention modules have heads that can be grouped and removed.
 
 A top-level module (duck-typed, importing no model library): the channel groups, the purge, the
 runtime's speed measurement and the checkpoint all read it, so a new family is taught here once.
@@ -9,6 +10,7 @@ runtime's speed measurement and the checkpoint all read it, so a new family is t
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where a model is looked at: `hf-sparse inspect` and the CLI parser need none
@@ -107,3 +109,86 @@ def _runs(model: nn.Module, x: torch.Tensor) -> bool:
         return False
     finally:
         model.train(was_training)
+
+
+# -- attention blocks ----------------------------------------------------------------------------------------
+
+#: The attention modules whose heads are grouped (``structure.groups``) and purged
+#: (``structure.purge``), by ``"module:Class"``, with their layout: ``fused`` (timm: one ``qkv``
+#: Linear of 3 x heads x head_dim rows and ``proj``) or ``separate`` (transformers: ``q_proj``,
+#: ``k_proj``, ``v_proj`` and ``o_proj``). A class that cannot be imported (another library release)
+#: is skipped. Teach a new attention here; both readers follow.
+ATTENTION_CLASSES: dict[str, str] = {
+    "timm.layers:Attention": "fused",
+    "transformers.models.vit.modeling_vit:ViTAttention": "separate",
+    "transformers.models.swin.modeling_swin:SwinAttention": "separate",
+}
+
+#: Modules inside an attention block that hold a per-head parameter besides the projections, by
+#: ``"module:Class"``: (the parameter's name, the dimension that counts heads). Swin's relative-position
+#: bias table is (positions, heads); its lookups view the heads as ``-1``, so slicing the column is the
+#: whole purge.
+PER_HEAD_HOLDERS: dict[str, tuple[str, int]] = {
+    "transformers.models.swin.modeling_swin:SwinRelativePositionBias": ("relative_position_bias_table", 1),
+}
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention module's head layout, with names relative to the model."""
+
+    qkv: tuple[str, ...]  # the projections computing q, k and v: one fused Linear or three
+    proj: str  # the output projection, reading heads x head_dim columns
+    heads: int
+    head_dim: int
+    per_head: tuple[tuple[str, int], ...] = ()  # other parameters with a head dimension: (name, dim)
+
+
+def _import_classes(table: dict[str, object]) -> list[tuple[type, object]]:
+    """``(class, value)`` of each importable ``"module:Class"`` key of ``table``."""
+    import importlib
+
+    found = []
+    for path, value in table.items():
+        module, _, name = path.partition(":")
+        try:
+            found.append((getattr(importlib.import_module(module), name), value))
+        except (ImportError, AttributeError):  # pragma: no cover - a release without it
+            continue
+    return found
+
+
+def attention_classes() -> list[tuple[type, str]]:
+    """``(class, layout)`` of each importable entry of :data:`ATTENTION_CLASSES`."""
+    return _import_classes(ATTENTION_CLASSES)
+
+
+def per_head_holders() -> list[tuple[type, tuple[str, int]]]:
+    """``(class, (parameter, head dim))`` of each importable entry of :data:`PER_HEAD_HOLDERS`."""
+    return _import_classes(PER_HEAD_HOLDERS)
+
+
+def attention_blocks(model: nn.Module) -> dict[str, AttentionBlock]:
+    """Every attention module of :data:`ATTENTION_CLASSES` in ``model``, by its name."""
+    from torch import nn
+
+    def join(*parts: str) -> str:
+        return ".".join(p for p in parts if p)
+
+    classes, holders = attention_classes(), per_head_holders()
+    found: dict[str, AttentionBlock] = {}
+    for name, m in model.named_modules():
+        layout = next((lay for cls, lay in classes if isinstance(m, cls)), None)
+        if layout == "fused" and isinstance(getattr(m, "qkv", None), nn.Linear):
+            qkv, proj, heads, head_dim = (join(name, "qkv"),), join(name, "proj"), int(m.num_heads), int(m.head_dim)
+        elif layout == "separate" and all(isinstance(getattr(m, a, None), nn.Linear)
+                                          for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            head_dim = int(m.head_dim)
+            qkv = tuple(join(name, a) for a in ("q_proj", "k_proj", "v_proj"))
+            proj, heads = join(name, "o_proj"), m.q_proj.out_features // head_dim
+        else:
+            continue
+        per_head = tuple((join(name, sub, tensor), dim) for sub, inner in m.named_modules()
+                         for cls, (tensor, dim) in holders if isinstance(inner, cls))
+        found[name] = AttentionBlock(qkv, proj, heads, head_dim, per_head)
+    return found

@@ -12,6 +12,16 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap():
+    """Each module starts with the heap frozen (tests.helpers.freeze_heap: a full collection per
+    ``Trainer.train()`` otherwise costs more than a test's whole run)."""
+    from tests.helpers import freeze_heap
+
+    freeze_heap()
+    yield
+
+
 @pytest.fixture()
 def one_thread():
     """Small recurrent kernels run ~10x slower when two intra-op threads fight over a busy CPU."""

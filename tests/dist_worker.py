@@ -28,6 +28,7 @@ from hf_sparse.data import load_data
 from tests.helpers import (
     BACKEND,
     fast_sparsity,
+    freeze_heap,
     make_trainer,
     method_granularities,
     state_digest,
@@ -110,6 +111,7 @@ def run_suite(name: str, data, out: Path):
 def main(out: Path, suites: list[str]) -> None:
     torch.set_num_threads(1)
     data = load_data(DataConfig(name="fashion_mnist", max_train_samples=640, max_eval_samples=64))
+    freeze_heap()  # each Trainer.train() ends in a full gc.collect()
     record = {name: run_suite(name, data, out / name) for name in suites}
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     (out / f"rank{rank}.json").write_text(json.dumps(record))

@@ -36,7 +36,7 @@ from hf_sparse.config.recipe import DataConfig  # noqa: E402
 from hf_sparse.data import load_data  # noqa: E402
 from hf_sparse.training.trainer import SparseTrainer  # noqa: E402
 from tests.fsdp_worker import full_rows, method_state_bytes, whole_masks  # noqa: E402
-from tests.helpers import BACKEND, fast_sparsity, state_digest, tiny_args, tiny_lenet  # noqa: E402
+from tests.helpers import BACKEND, fast_sparsity, freeze_heap, state_digest, tiny_args, tiny_lenet  # noqa: E402
 
 STEPS, RESUME_AT, BATCH = 12, 6, 32  # BATCH: per rank
 CONFIGS = {
@@ -133,6 +133,7 @@ def main(out: Path) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     data = load_data(DataConfig(name="fashion_mnist", max_train_samples=STEPS * BATCH * 2, max_eval_samples=8))
+    freeze_heap()  # each Trainer.train() ends in a full gc.collect()
     record = {}
     if world > 1:  # first, a plain SparseTrainer: Accelerate drops FSDP on CPU, and the user is told
         with warnings.catch_warnings(record=True) as caught:

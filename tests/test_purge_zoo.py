@@ -127,6 +127,19 @@ def test_swin_relative_position_table_is_not_a_value_channel():
     assert info["max_abs_diff"] <= 1e-5
 
 
+def test_swin_heads_are_grouped_with_their_bias_table_column():
+    """Swin's attention is in the family table: one group per head spans its q/k/v rows, its output
+    projection columns and its column of the relative-position bias table, and half the heads purge
+    exactly (the table loses the same columns)."""
+    model = hf_swin().eval()
+    x = zoo.hf_inputs(model, 1)
+    heads = {g.name: g for g in half_pruned_purges_exactly(model, x) if g.name.endswith(".heads")}
+    assert set(heads) == {f"swin.encoder.layers.{i}.blocks.0.attention.heads" for i in (0, 1)}
+    assert [g.channels for g in heads.values()] == [2, 4]
+    table = "swin.encoder.layers.1.blocks.0.attention.relative_position_bias.relative_position_bias_table"
+    assert any(s.tensor == table and s.dim == 1 for s in heads["swin.encoder.layers.1.blocks.0.attention.heads"].slices)
+
+
 def cpu_seconds(fn):
     import time
 

@@ -7,26 +7,8 @@ import torch
 from torch import nn
 
 from hf_sparse.structure.budget import CostModel, count_macs, count_params
+from hf_sparse.structure.groups import ChannelGroup, Slice
 from tests.helpers import run_steps
-
-try:
-    from hf_sparse.structure.groups import ChannelGroup, Slice
-except ImportError:  # the shared groups module not there yet: the same fields
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class Slice:  # type: ignore[no-redef]
-        tensor: str
-        module: str
-        dim: int
-        index: torch.Tensor
-        role: str
-
-    @dataclass
-    class ChannelGroup:  # type: ignore[no-redef]
-        name: str
-        channels: int
-        slices: list
 
 
 def _net() -> nn.Sequential:

@@ -408,10 +408,10 @@ def evaluate_session(path: Path, data, names: list[str], *, max_rows: int = 10_0
 
 def is_structured(report: dict) -> bool:
     """Whether the run removed whole units/channels (then the ONNX graph is built from the purged model)."""
-    from ..grids.channel import CHANNEL_ALIASES
+    from ..grids import GRANULARITIES
 
     kind = str(report.get("granularity") or "unstructured").split()[0]
-    return kind in (*CHANNEL_ALIASES, "group") or bool(report.get("structure"))
+    return any(cls.structured and cls.claims(kind) for cls in GRANULARITIES.values()) or bool(report.get("structure"))
 
 
 def add_onnx(folder: str | Path, *, quantize: str | None = None, recipe_yaml: str | None = None,

@@ -303,8 +303,7 @@ class SparsityConfig(_Section):
         if self.params.get("constraint", "model") != "model":
             raise _KeyedError(("params", "constraint"), "a budget is one constraint on the whole model; "
                                                         "use constraint: model")
-        kind = self.granularity_spec().kind
-        if kind not in ("group", "channel"):
+        if not self.granularity_spec().structured:  # whole output units: channel or group
             raise _KeyedError(("granularity",), f"a budget counts the purged model, so it needs granularity "
                                                 f"group (coupled channel groups), not {self.granularity!r}")
         if self.target_density is not None:

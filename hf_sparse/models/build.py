@@ -12,7 +12,7 @@ from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..text import first_line
-from . import MODEL_REGISTRY
+from .registry import MODEL_REGISTRY
 
 if TYPE_CHECKING:
     from ..data import DataBundle

@@ -21,7 +21,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..data.image_processor import SparseImageProcessor
-from . import register_model
+from .registry import register_model
 
 
 class LeNetConfig(PretrainedConfig):

@@ -35,7 +35,7 @@ from transformers.utils import ModelOutput
 
 from ..data.feature_extraction import SpeechRNNFeatureExtractor
 from ..data.speech_processor import SpeechRNNProcessor
-from . import register_model
+from .registry import register_model
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
     from transformers import initialization as init

@@ -43,25 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-try:
-    from .groups import ChannelGroup, Slice
-except ImportError:  # pragma: no cover - until the shared groups module lands: the same fields
-    from dataclasses import dataclass as _dataclass
-    from typing import Literal as _Literal
-
-    @_dataclass(frozen=True)
-    class Slice:  # type: ignore[no-redef]
-        tensor: str
-        module: str
-        dim: int
-        index: torch.Tensor
-        role: _Literal["out", "in"]
-
-    @_dataclass
-    class ChannelGroup:  # type: ignore[no-redef]
-        name: str
-        channels: int
-        slices: list[Slice]
+from .groups import ChannelGroup, Slice
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -18,8 +18,8 @@ architecture, and both would re-implement DepGraph's index mappings. Autograd tr
 actually ran, whatever Python did. What we add on top, because DepGraph's generic answer is not a
 purge we can prove exact:
 
-* attention heads are found from the attention module (timm ``Attention``, transformers
-  ``ViTAttention``) instead: one group per head over q/k/v rows and the output projection's
+* attention heads are found from the attention module (those :data:`hf_sparse.families.ATTENTION_CLASSES`
+  lists: timm ``Attention``, transformers ``ViTAttention`` and ``SwinAttention``) instead: one group per head over q/k/v rows and the output projection's
   columns (DepGraph couples qkv features with the projection but not per head);
 * a group is dropped when removing its channels would not be exact: a LayerNorm/GroupNorm whose
   statistics run over the channels, a grouped (not depthwise) conv, a module type we cannot slice,
@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..families import example_inputs, unwrap
+from ..families import AttentionBlock, attention_blocks, example_inputs, unwrap
 from ..text import first_line
 
 logger = logging.getLogger(__name__)
@@ -138,30 +138,14 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 # -- attention heads ------------------------------------------------------------------------------------------
 
 
-def _attention_blocks(model: nn.Module) -> dict[str, tuple[list[str], str, int, int]]:
-    """Attention module name -> (q/k/v projection names, output projection name, heads, head_dim)."""
-    found: dict[str, tuple[list[str], str, int, int]] = {}
-    try:
-        from timm.layers import Attention as TimmAttention
-    except ImportError:  # pragma: no cover - timm is a dependency
-        TimmAttention = ()
-    for name, m in model.named_modules():
-        if TimmAttention and isinstance(m, TimmAttention) and isinstance(getattr(m, "qkv", None), nn.Linear):
-            found[name] = ([_join(name, "qkv")], _join(name, "proj"), int(m.num_heads), int(m.head_dim))
-        elif all(isinstance(getattr(m, a, None), nn.Linear) for a in ("q_proj", "k_proj", "v_proj", "o_proj")) \
-                and hasattr(m, "head_dim") and type(m).__name__ == "ViTAttention":
-            heads = m.q_proj.out_features // int(m.head_dim)
-            found[name] = ([_join(name, a) for a in ("q_proj", "k_proj", "v_proj")], _join(name, "o_proj"),
-                           heads, int(m.head_dim))
-    return found
-
-
-def _head_group(model: nn.Module, name: str, qkv: list[str], proj: str, heads: int, head_dim: int) -> ChannelGroup:
+def _head_group(model: nn.Module, name: str, block: AttentionBlock) -> ChannelGroup:
     """One channel per head: its q, k, v rows (weight and bias) and its output-projection columns.
 
     Exact: with a head's q, k and v rows and biases zero its scores are all 0, the softmax is
-    uniform and the values are 0, so the head emits 0 and its projection columns read zeros."""
+    uniform (or follows a per-head bias table, Swin's, whose column goes with the head) and the
+    values are 0, so the head emits 0 and its projection columns read zeros."""
     modules = dict(model.named_modules())
+    qkv, proj, heads, head_dim = block.qkv, block.proj, block.heads, block.head_dim
     per_head = torch.arange(heads)[:, None] * head_dim + torch.arange(head_dim)[None, :]  # (heads, head_dim)
     if len(qkv) == 1:  # fused (3 * heads * head_dim) rows: q block, k block, v block
         width = heads * head_dim
@@ -174,6 +158,8 @@ def _head_group(model: nn.Module, name: str, qkv: list[str], proj: str, heads: i
         if modules[lin].bias is not None:
             slices.append(Slice(_join(lin, "bias"), lin, 0, rows, "out"))
     slices.append(Slice(_join(proj, "weight"), proj, 1, per_head, "in"))
+    for tensor, dim in block.per_head:
+        slices.append(Slice(tensor, tensor.rpartition(".")[0], dim, torch.arange(heads)[:, None], "in"))
     return ChannelGroup(f"{name}.heads", heads, slices)
 
 
@@ -414,7 +400,7 @@ def _depgraph_groups(model: nn.Module, inputs, skip_out: set[str], attention: Ma
     except ImportError as e:  # pragma: no cover - a dependency
         raise ImportError("finding channel groups needs the torch-pruning package (pip install torch-pruning)") from e
     names = {m: n for n, m in model.named_modules()}
-    qkv = {q for qs, _, _, _ in attention.values() for q in qs}
+    qkv = {q for block in attention.values() for q in block.qkv}
     was_training = model.training
     model.eval()
     try:
@@ -531,9 +517,9 @@ def _find_groups(model: nn.Module, inputs, exclude: list[str], keep_stem: bool) 
     stem = stem_module(model) if keep_stem else None
     if stem is not None:
         skip_out.add(stem)
-    attention = {n: a for n, a in _attention_blocks(model).items() if not _matches(n, exclude)}
+    attention = {n: a for n, a in attention_blocks(model).items() if not _matches(n, exclude)}
     groups = _depgraph_groups(model, inputs, skip_out, attention)
-    groups += [_head_group(model, n, *a) for n, a in attention.items()]
+    groups += [_head_group(model, n, a) for n, a in attention.items()]
     seen: dict[str, int] = {}
     for g in groups:  # unique names (a module can root one group only, but be safe)
         seen[g.name] = seen.get(g.name, 0) + 1

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..families import example_inputs
+from ..families import attention_classes, example_inputs, per_head_holders
 
 if TYPE_CHECKING:
     from .groups import ChannelGroup, Slice
@@ -169,22 +169,17 @@ def _register_builtin() -> None:
     register_purge_rule(nn.Embedding, _embedding_read)
     register_purge_rule(nn.GRU, _rnn_read, _rnn_write)
     register_purge_rule(nn.LSTM, _rnn_read, _rnn_write)
-    try:  # timm: attention blocks (container rule) and elementwise parameter holders (no attributes)
-        from timm.layers import Attention, LayerScale
+    try:  # timm: elementwise parameter holders (no attributes)
+        from timm.layers import LayerScale
 
-        register_purge_rule(Attention, _timm_attention_read, owns_tensors=False)
         register_purge_rule(LayerScale, _none)
     except ImportError:  # pragma: no cover - timm is a dependency
         pass
-    try:  # transformers' ViT/Swin attention (q/k/v/o projections)
-        from transformers.models.swin.modeling_swin import SwinAttention, SwinRelativePositionBias
-        from transformers.models.vit.modeling_vit import ViTAttention
-
-        register_purge_rule(ViTAttention, _hf_attention_read, owns_tensors=False)
-        register_purge_rule(SwinAttention, _hf_attention_read, owns_tensors=False)
-        register_purge_rule(SwinRelativePositionBias, _none)  # its table's head column is sliced; views use -1
-    except ImportError:  # pragma: no cover - other transformers versions name them differently
-        pass
+    # attention blocks (container rules: the head count) and their per-head tables (sliced, no attributes)
+    for cls, layout in attention_classes():
+        register_purge_rule(cls, _timm_attention_read if layout == "fused" else _hf_attention_read, owns_tensors=False)
+    for cls, _ in per_head_holders():
+        register_purge_rule(cls, _none)
     try:
         from transformers.models.convnext.modeling_convnext import ConvNextLayer
 

@@ -29,25 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-try:
-    from .groups import ChannelGroup, Slice
-except ImportError:  # pragma: no cover - until the shared groups module lands; same fields
-    from dataclasses import dataclass as _dataclass
-    from typing import Literal as _Literal
-
-    @_dataclass(frozen=True)
-    class Slice:  # type: ignore[no-redef]
-        tensor: str
-        module: str
-        dim: int
-        index: torch.Tensor
-        role: _Literal["out", "in"]
-
-    @_dataclass
-    class ChannelGroup:  # type: ignore[no-redef]
-        name: str
-        channels: int
-        slices: list[Slice]
+from .groups import ChannelGroup, Slice
 
 GATES = {nn.GRU: 3, nn.LSTM: 4}
 

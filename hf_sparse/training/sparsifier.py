@@ -40,7 +40,7 @@ class Sparsifier:
         self.cost_names: list[str] = []
         if config.budget is not None:
             self._apply_budget(model, example_inputs)
-        elif example_inputs is not None and self.method.granularity.kind in ("channel", "group"):
+        elif example_inputs is not None and self.method.granularity.structured:
             try:
                 self._cost_model(model, example_inputs)
             except (ValueError, ImportError):
@@ -71,7 +71,7 @@ class Sparsifier:
         from ..structure.budget import CostModel, groups_from_channel_grids
 
         groups = getattr(self.method, "channel_groups", None)  # granularity group: the coupled groups
-        if not groups and self.method.granularity.kind == "channel":
+        if not groups and self.method.granularity.structured:  # gated output units: one group per layer
             groups = groups_from_channel_grids(model, self.method.grids)
         if not groups:
             raise ValueError(f"sparsity.budget needs gates on coupled channel groups (granularity: group); "

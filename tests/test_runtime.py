@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from hf_sparse.runtime import SparseLinear, SparseRNN, to_sparse_runtime
 from hf_sparse.runtime.convert import MIN_MEASURED_GAIN
@@ -91,6 +91,16 @@ def test_recurrent_matches_dense(cls, layers, bidirectional, batch_first, block,
         _close(dense(packed, hx), runtime(packed, hx))
         single = x[0] if batch_first else x[:, 0]  # unbatched input
         _close(dense(single), runtime(single))
+        # equal lengths (the runtime reads the packed data in place): one utterance, and three whose
+        # packing permutes them
+        one = pack_padded_sequence(single.unsqueeze(0 if batch_first else 1), torch.tensor([9]),
+                                   batch_first=batch_first, enforce_sorted=False)
+        _close(dense(one), runtime(one))
+        xt = x.transpose(0, 1) if batch_first else x  # (T, B, F)
+        order = torch.tensor([2, 0, 1])
+        permuted = PackedSequence(xt.index_select(1, order).reshape(-1, 16), torch.full((9,), 3, dtype=torch.long),
+                                  order, torch.argsort(order))
+        _close(dense(permuted, hx), runtime(permuted, hx))
 
 
 def test_model_conversion_and_fallback_reasons(caplog, one_thread):

@@ -50,7 +50,7 @@ def _int8_weights(sparse_weights) -> None:
 
 
 @pytest.mark.parametrize("block", [1, 4, 8, 16])
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 13, 70])
 def test_int8_kernel_computes_with_the_dequantised_weight(block, batch):
     rng = np.random.default_rng(block * 10 + batch)
     rows, cols = (48 if block > 1 else 37), 64

@@ -13,7 +13,7 @@ from hf_sparse.runtime.formats import to_sparse_weight  # noqa: E402
 
 
 @pytest.mark.parametrize("block", [1, 4, 8, 16])
-@pytest.mark.parametrize("batch", [1, 3, 8, 33])
+@pytest.mark.parametrize("batch", [1, 3, 8, 13, 33, 70])  # BSR groups of 8/4/1, CSR runs of 4/2/1 vectors
 def test_spmm_matches_numpy_in_both_layouts(block, batch):
     rng = np.random.default_rng(block * 100 + batch)
     rows, cols = 48 if block > 1 else 37, 64  # 37 rows: CSR's last group of rows is partial

@@ -18,8 +18,9 @@ import torch
 BLOCK_SIZES = (16, 8, 4)
 #: Time per stored entry of each kernel relative to torch's dense product per entry, measured at
 #: batch 1 on one thread in float32 on a 3072x1024 matrix at density 0.1 (1: CSR; b: BSR b x b).
-#: (Measured before the row-slab kernels, which are faster, so conservative now: a layer near the
-#: break-even stays dense untimed; the calibration times every candidate anyway.)
+#: (Measured before the row-slab and the vector block-row kernels, which are 2-3x faster, so
+#: conservative for BSR now: a layer near the break-even stays dense untimed; the calibration times
+#: every candidate anyway.)
 RELATIVE_COST = {1: 3.0, 4: 1.2, 8: 1.0, 16: 1.0}
 #: A sparse layer must be estimated at least this much faster than dense to be used.
 MIN_GAIN = 1.2
@@ -36,7 +37,7 @@ class SparseWeight:
     """A 2-D weight as ``indptr``/``indices``/``data`` for :func:`hf_sparse.runtime.kernels.spmm`.
 
     int8 weights (``data.dtype == int8``) carry ``scale`` (float32): one per stored block for BSR (a
-    block's value is ``data * scale[p]``), one per row for CSR; :func:`kernels.spmm_int8` runs them.
+    block's value is ``data * scale[p]``), one per row for CSR; :func:`kernels.spmm` and :func:`kernels.rnn_direction` run them.
     """
 
     shape: tuple[int, int]
@@ -71,12 +72,12 @@ class SparseWeight:
         out = np.zeros((rows, cols), np.float32)
         for i in range(rows // b):
             p0, p1 = int(self.indptr[i]), int(self.indptr[i + 1])
-            vals = self.data[p0 * b * b:p1 * b * b].astype(np.float32).reshape(b, p1 - p0, b)  # [r, q, k]
+            vals = self.data[p0 * b * b:p1 * b * b].astype(np.float32).reshape(p1 - p0, b, b)  # [q, k, r]
             if self.scale is not None:
-                vals = vals * (self.scale[i] if b == 1 else self.scale[p0:p1][None, :, None])
+                vals = vals * (self.scale[i] if b == 1 else self.scale[p0:p1][:, None, None])
             for q in range(p1 - p0):
                 c = int(self.indices[p0 + q]) * b
-                out[i * b:(i + 1) * b, c:c + b] = vals[:, q, :]
+                out[i * b:(i + 1) * b, c:c + b] = vals[q].T
         return out
 
 
@@ -127,7 +128,8 @@ def _int8(values: np.ndarray, peak: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def to_sparse_weight(weight: torch.Tensor, block: int, dtype: str = "float32",
                      scale_per: str = "block") -> SparseWeight:
-    """Store a 2-D weight in CSR (``block == 1``) or BSR ``block x block`` (blocks transposed).
+    """Store a 2-D weight in CSR (``block == 1``) or BSR ``block x block`` (each block stored transposed,
+    column by column, so that a block column is one vector of the kernels).
 
     ``dtype="int8"`` stores the values as symmetric int8 with a float32 scale per stored block
     (``scale_per="block"``) or per row of blocks (``"row"``, expanded to one scale per block so one
@@ -163,11 +165,8 @@ def to_sparse_weight(weight: torch.Tensor, block: int, dtype: str = "float32",
                 peak = row_peak[block_row]
             stored, scale = _int8(stored, peak[:, None, None])
             scale = scale.reshape(-1)
-    if b == 1:
-        data = stored.reshape(-1)
-    else:  # row-slab layout: per block row, row r of all its blocks contiguous (see kernels)
-        data = np.concatenate([stored[indptr[i]:indptr[i + 1]].transpose(1, 0, 2).reshape(-1)
-                               for i in range(rows // b)] + [stored[:0].reshape(-1)])
+    # each block transposed (column k's b values contiguous: one vector per block column, see kernels)
+    data = stored.transpose(0, 2, 1).reshape(-1)
     data = np.ascontiguousarray(data, dtype=np.float32 if scale is None else np.int8)
     return SparseWeight((rows, cols), b, indptr, indices, data,
                         None if scale is None else np.ascontiguousarray(scale, dtype=np.float32))

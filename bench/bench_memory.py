@@ -48,6 +48,8 @@ METHODS = {  # method -> (sparsity.params that make it act from step 0 of a shor
     "gradual": ({"start_step": 0, "ramp_step": 1, "end_step": 2, "frequency": 1}, 1.5),
     "dns": ({"start_step": 0, "end_step": 2}, 5.5),
     "l0": ({"control": "constrained"}, 13.0),
+    # l0 drawing the sample again after backward instead of keeping it through the step (keep_sample)
+    "l0_recompute": ({"control": "constrained", "keep_sample": False}, 13.0),
     "autoprune": ({"start_fraction": 0.0, "end_fraction": 0.5, "freeze_fraction": 0.9}, None),
 }
 GRANULARITIES = {"unstructured": {}, "channel": {"granularity": "channel"},
@@ -139,7 +141,7 @@ def run_one(method: str, granularity: str, steps: int) -> dict[str, Any]:
     sp = None
     if method != "dense":
         params, _ = METHODS[method]
-        cfg = SparsityConfig(method=method, target_density=DENSITY, params=params, **GRANULARITIES[granularity])
+        cfg = SparsityConfig(method=method.split("_")[0], target_density=DENSITY, params=params, **GRANULARITIES[granularity])
         sp = Sparsifier(model, cfg, seed=0)
         sp.setup(steps)
         for group in sp.param_groups(1e-3):

@@ -209,3 +209,139 @@ def test_autoprune_restore_only_zeroing_keeps_the_per_step_zeroing_trajectory():
     assert new[2] > 0  # weights did come back
     assert all(torch.equal(a, b) for a, b in zip(old[0], new[0]))
     assert all(torch.equal(a, b) for a, b in zip(old[1], new[1]))
+
+
+# -- AutoPrune's fused passes ----------------------------------------------------------------------
+def _ap_tensors(n=1000):
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(n, generator=g) * 0.01
+    real, grad, param = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    keep = torch.rand(n, generator=g) > 0.5
+    states = [torch.randn(n, generator=g), torch.rand(n, generator=g)]
+    return m, real, grad, param, keep, states
+
+
+@pytest.mark.parametrize("ste, arg", [("identity", 0.0), ("leaky_relu", 0.1), ("softplus", 20.0)])
+def test_autoprune_fused_passes_match_the_generic_rules(ste, arg):
+    """The fused passes (eager) = the generic per-op rules of autoprune.py, bit for bit."""
+    from hf_sparse.methods.autoprune import ste_grad
+
+    m, real, grad, param, keep, states = _ap_tensors()
+    f = keep.float()
+    # after backward
+    g = grad.clone()
+    m_grad = gk.run("ap_grads", False, m, real, g, param, keep.view(torch.uint8), torch.tensor(0.25), ste, arg)
+    cfg = AutoPrune.Config(ste=ste, **({"leaky_slope": arg} if ste == "leaky_relu" else
+                                       {"softplus_beta": arg} if ste == "softplus" else {}))
+    want = ste_grad(m, cfg).mul_((torch.zeros_like(m) + grad * torch.sign(real)).add_(0.25))
+    assert torch.equal(m_grad, want) and torch.equal(g, grad * f) and torch.equal(param, real)
+    # after the step: store where kept, new mask m > 0, restored weights' states zeroed and marked
+    w, p, k, ever = real.clone(), param.clone(), keep.clone(), torch.zeros_like(keep)
+    st = [s.clone() for s in states]
+    n, kept = gk.run("ap_step", False, m, w, p, k.view(torch.uint8), ever.view(torch.uint8), st, False)
+    stored = real.lerp(param, f)
+    new = m > 0
+    back = new & ~keep
+    assert torch.equal(w, stored) and torch.equal(p, stored * new) and torch.equal(k, new)
+    assert torch.equal(ever, back) and int(n) == int(back.sum()) and int(kept) == int(new.sum())
+    for a, s in zip(st, states):
+        assert torch.equal(a, s * (1.0 - back.float()))
+    # frozen: the mask stays, nothing restored
+    w, p, k = real.clone(), param.clone(), keep.clone()
+    n, _ = gk.run("ap_step", False, m, w, p, k.view(torch.uint8), ever.view(torch.uint8), [], True)
+    assert int(n) == 0 and torch.equal(k, keep) and torch.equal(w, stored) and torch.equal(p, stored * f)
+
+
+def _ap_run(mode, steps=40, stop=None, state=None):
+    """A small AutoPrune run (restores, the dual step, the freeze at step 30); optionally resumed."""
+    gk.set_mode(mode)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    m = AutoPrune(resolve_targets(model), AutoPrune.Config(start_fraction=0.0, end_fraction=0.5, freeze_fraction=0.75,
+                                                           mask_lr=0.01, init=0.02),
+                  0.3, seed=0, granularity=Granularity.parse("unstructured"), model=model)
+    m.setup(steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    for group in m.param_groups(0.01):
+        opt.add_param_group(group)
+    start = 0
+    if state is not None:
+        m.load_state_dict(state[0])
+        model.load_state_dict(state[1])
+        opt.load_state_dict(state[2])
+        start = state[3]
+    data = _batches(steps, 16, 16, 4, seed=3)
+    stop = steps if stop is None else stop
+    run_steps(m, opt, lambda s: nn.functional.cross_entropy(model(data[s][0]), data[s][1]), stop - start, start)
+    return model, m, opt, stop
+
+
+@pytest.mark.parametrize("mode", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+def test_autoprune_fused_resume_is_bit_exact(mode):
+    """A run resumed at step 17 (of 40: restores, dual steps, the freeze at 30) = the straight run."""
+    try:
+        model, m, _, _ = _ap_run(mode)
+        model2, m2, opt2, at = _ap_run(mode, stop=17)
+        assert m2.compiled == (mode == "compiled")
+        saved = (m2.state_dict(), model2.state_dict(), opt2.state_dict(), at)
+        model3, m3, _, _ = _ap_run(mode, state=saved)
+    finally:
+        gk.set_mode(None)
+    assert m.restore_events > 0 and m.frozen and m3.frozen
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model3.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(m.real.values, m3.real.values))
+    assert [k.tolist() for k in m.masks] == [k.tolist() for k in m3.masks]
+    assert m.restore_events == m3.restore_events
+
+
+@pytest.mark.slow  # compiles AutoPrune's passes: several seconds in a fresh process
+def test_autoprune_compiled_passes_equal_eager():
+    outs = []
+    for compiled in (False, True):
+        m, real, grad, param, keep, states = _ap_tensors(100_003)
+        k, ever = keep.clone(), torch.zeros_like(keep)
+        m_grad = gk.run("ap_grads", compiled, m, real, grad, param, k.view(torch.uint8), torch.tensor(0.25),
+                        "softplus", 20.0)
+        n, kept = gk.run("ap_step", compiled, m, real, param, k.view(torch.uint8), ever.view(torch.uint8), states,
+                         False)
+        outs.append((m_grad, grad, param, real, k, ever, *states, int(n), int(kept)))
+    eager, compiled = outs
+    torch.testing.assert_close(eager[0], compiled[0], rtol=1e-6, atol=0)  # sigmoid: float32 rounding
+    for a, b in zip(eager[1:], compiled[1:]):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    # batched (more grids than one compiled call takes) = one by one
+    sizes = [7, 300, 1, 64] * 3
+    runs = []
+    for compiled in (False, True):
+        g = torch.Generator().manual_seed(4)
+        entries = []
+        for n in sizes:
+            m = torch.randn(n, generator=g) * 0.01
+            entries.append({"m": m, "real": torch.randn(n, generator=g), "param": torch.randn(n, generator=g),
+                            "keep": (torch.rand(n, generator=g) > 0.5).view(torch.uint8),
+                            "ever": torch.zeros(n, dtype=torch.uint8), "states": [torch.rand(n, generator=g)]})
+        counts = gk.run_many("ap_step", compiled, entries, frozen=False)
+        runs.append((entries, [(int(a), int(b)) for a, b in counts]))
+    assert not gk._broken and runs[0][1] == runs[1][1]
+    for e1, e2 in zip(runs[0][0], runs[1][0]):
+        for key in ("real", "param", "keep", "ever"):
+            assert torch.equal(e1[key], e2[key])
+        assert torch.equal(e1["states"][0], e2["states"][0])
+
+
+def test_run_many_equals_one_call_per_grid():
+    """Batched calls (what the methods use) = one call per grid, eagerly; compiled likewise (slow test)."""
+    g = torch.Generator().manual_seed(2)
+    sizes = [5, 17, 1, 33] * 3  # more grids than one compiled call takes
+    las = [(torch.randn(n, generator=g) * 12).clamp(-11, 11) for n in sizes]
+    reals = [torch.randn(n, generator=g) for n in sizes]
+    want = []
+    for la, real in zip(las, reals):
+        la2, real2, param = la.clone(), real.clone(), torch.randn(len(la), generator=torch.Generator())
+        gk.eval_write(la2, real2, param, INV_BETA, store=False, clamp=True)
+        want.append((la2, param))
+    entries = [{"la": la.clone(), "real": real.clone(), "param": torch.empty_like(real)} for la, real in zip(las, reals)]
+    gk.run_many("eval_write", False, entries, inv_beta=INV_BETA, store=False, clamp=True)
+    for e, (la2, param) in zip(entries, want):
+        assert torch.equal(e["la"], la2) and torch.equal(e["param"], param)
+        assert float(e["la"].abs().max()) <= hc.LOG_ALPHA_RANGE[1]

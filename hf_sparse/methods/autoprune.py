@@ -42,6 +42,13 @@ follows its layer are masked with it, so a pruned channel emits exactly zero.
 Effective weights: between steps the targets hold ``W * h(M)``; the method keeps W
 (:class:`~.reparam.RealWeights`). After backward W is written back so the optimizer updates it;
 after the step W is saved and ``W * h(M)`` written.
+
+Grids of one m per weight (unstructured, N:M) run each hook as one pass per tensor
+(:mod:`.gate_kernels`: ``ap_grads`` after backward; ``ap_step`` after the step, which also takes the
+new mask, marks and counts the restored weights and zeroes their optimizer state), compiled for
+long runs like L0's kernels (:func:`~.gate_kernels.use_compiled`), eager otherwise; both give the
+same values as the per-op rules (M's gradient to float32 rounding when compiled). Their h(M) is the
+bool mask itself, viewed as uint8 (no float copy: 18 bytes per weight of state instead of 22).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..grids import density_of, keep_top, kept_weights, local, sum_over_ranks
+from . import gate_kernels as gk
 from . import register_method
 from .base import MethodConfig, SparsityMethod, optimizer_states
 from .constraints import LagrangianController
@@ -121,8 +129,18 @@ class AutoPrune(SparsityMethod):
         self.M = [nn.Parameter(self._initial_m(g)) for g in self.grids]
         self.real = RealWeights([m.target for m in self.covered])
         self.numel = sum(g.total_numel for g in self.grids)  # the whole grids' weights, on every rank
+        # grid -> its members' positions in ``covered`` (and in ``real.values`` and ``_factors``)
+        ends = [0]
+        for g in self.grids:
+            ends.append(ends[-1] + len(g.members))
+        self._spans = [range(a, b) for a, b in zip(ends, ends[1:])]
+        #: grids of one m per weight over one contiguous tensor: the fused passes of :mod:`.gate_kernels`
+        self._fused = [g.single and len(g.members) == 1 and tuple(g.members[0].param.shape) == tuple(g.shape)
+                       and g.members[0].param.is_contiguous() for g in self.grids]
+        self.compiled = False  # whether the fused passes run compiled (decided in setup)
         self.masks = [m.detach() > 0 for m in self.M]  # h(M) in effect; changes only in after_step
-        self._factors: list[torch.Tensor] = []  # h(M) per covered tensor, float, broadcastable to it
+        # h(M) per covered tensor, broadcastable to it: float, or the bool mask viewed as uint8 for a fused grid
+        self._factors: list[torch.Tensor] = []
         self._refresh_factors()
         self.frozen = False
         self.ever_restored = [torch.zeros_like(m, dtype=torch.bool) for m in self.M]
@@ -164,6 +182,8 @@ class AutoPrune(SparsityMethod):
         self.start = window.start
         self.target_at_time = CubicSchedule(1.0, self.target_density or 1.0, window)
         self.freeze_at = resolve_step(None, c.freeze_fraction, total_steps)
+        fused = sum(g.total_numel for g, f in zip(self.grids, self._fused) if f)  # every rank decides alike
+        self.compiled = fused > 0 and gk.use_compiled(total_steps, fused)
         self._follow_device()
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -176,42 +196,95 @@ class AutoPrune(SparsityMethod):
             self.real.write(self._factors)
             self._written = True
 
+    def _ste_arg(self) -> float:
+        c = self.config
+        return c.leaky_slope if c.ste == "leaky_relu" else c.softplus_beta
+
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
         coef = (self.reg_coef() if step >= self.start else 0.0) / self.numel
-        factors = iter(self._factors)
-        values = iter(self.real.values)
-        for g, m in zip(self.grids, self.M):
+        fused, entries = [], []  # one pass per fused grid: M's gradient, the masked W gradient, the real W back
+        for i, (g, m) in enumerate(zip(self.grids, self.M)):
+            span = self._spans[i]
+            if self._fused[i]:
+                target, w, keep = g.members[0].target, self.real.values[span[0]], self._factors[span[0]]
+                grad, param = target.grad, target.param  # this process's rows
+                if grad is not None and grad.is_contiguous():
+                    fused.append(i)
+                    entries.append({"real": w.view(-1), "grad": grad.view(-1), "param": param.view(-1),
+                                    "keep": keep.view(-1)})
+                    if not self.frozen:
+                        entries[-1]["m"] = m.detach().view(-1)
+                    continue
             corr = torch.zeros_like(m)
-            for member in g.members:
-                grad, f, w = member.target.grad, next(factors), next(values)  # this process's rows
+            for j in span:
+                member, f, w = self.covered[j], self._factors[j], self.real.values[j]
+                grad = member.target.grad  # this process's rows
                 if grad is not None:
                     if not self.frozen and member.scored:
                         corr += member.tiling.reduce(grad.float() * torch.sign(w), "sum")
                     grad.mul_(f)
+                member.target.param.copy_(w)  # the real W, for the optimizer
             if self.frozen:
                 m.grad = None  # frozen masks: the optimizer skips M
             else:
-                reg = coef if g.single else coef * g.sizes
-                m.grad = ste_grad(m, self.config).mul_(corr.add_(reg))
-        self.real.restore()
+                reg_g = coef if g.single else coef * g.sizes
+                m.grad = ste_grad(m, self.config).mul_(corr.add_(reg_g))
+        if self.frozen:
+            gk.run_many("ap_frozen_grads", self.compiled, entries)
+            for i in fused:
+                self.M[i].grad = None  # frozen masks: the optimizer skips M
+        elif fused:
+            reg = torch.tensor(coef, dtype=torch.float32, device=self.M[fused[0]].device)
+            grads = gk.run_many("ap_grads", self.compiled, entries, reg=reg, ste=self.config.ste, arg=self._ste_arg())
+            for i, m_grad in zip(fused, grads):
+                self.M[i].grad = m_grad.view(self.M[i].shape)
         self._written = False
 
     @torch.no_grad()
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         self.last_step = step
         # Take the stepped W where kept; pruned weights had zero gradient, so keep their old values
-        # (undoing any move by momentum or weight decay).
-        self.real.store(self._factors)
-        if not self.frozen:
-            self._set_masks([m.detach() > 0 for m in self.M])
+        # (undoing any move by momentum or weight decay). A fused grid does this, takes its new mask
+        # m > 0 and writes W * h(M) for it in one pass.
+        kept: list[float | None] = [None] * len(self.grids)  # weights kept by the new masks, where counted
+        written: list[torch.Tensor | None] = [None] * len(self.grids)  # the masks the fused grids wrote for
+        fused, entries, copies = [], [], []
+        for i, (g, m) in enumerate(zip(self.grids, self.M)):
+            span = self._spans[i]
+            if self._fused[i]:
+                target, keep = g.members[0].target, self.masks[i]
+                states = [] if self.frozen else [local(st) for st in optimizer_states(optimizer, target.parameter)]
+                flat = [st.contiguous() for st in states]  # (Adam's are; a copy otherwise)
+                copies += [(st, c) for st, c in zip(states, flat) if c is not st]
+                fused.append(i)
+                entries.append({"m": m.detach().view(-1), "real": self.real.values[span[0]].view(-1),
+                                "param": target.param.view(-1), "keep": keep.view(torch.uint8).view(-1),
+                                "ever": self.ever_restored[i].view(torch.uint8).view(-1),
+                                "states": [st.view(-1) for st in flat]})
+                continue
+            for j in span:
+                self.real.values[j].lerp_(self.covered[j].target.param, self._factors[j])  # exact for 0/1
+        if fused:  # keep now holds m > 0 (unless frozen)
+            counts = gk.run_many("ap_step", self.compiled, entries, frozen=self.frozen)
+            for st, c in copies:
+                st.copy_(c)
+            for i, (n, k) in zip(fused, counts):
+                self.restore_events += int(n)
+                kept[i], written[i] = float(k), self.masks[i]
+        if not self.frozen:  # (a fused grid's mask is the one in effect, updated in place)
+            self._set_masks([k if k is not None else m.detach() > 0 for k, m in zip(written, self.M)])
             if self.controller is not None and step >= self.start:
                 self.constraint_target = self.target_at(step)
-                self.controller.step(torch.tensor([self.density() / self.constraint_target - 1.0]))
+                self.controller.step(torch.tensor([self._density(kept) / self.constraint_target - 1.0]))
             if self.total_steps and step + 1 >= self.freeze_at:
                 self.freeze()
         self._reset_moments(step, optimizer)
-        self.real.write(self._factors)
+        for i, span in enumerate(self._spans):
+            if written[i] is not None and written[i] is self.masks[i]:
+                continue  # (a projection at the freeze may have changed the mask since)
+            for j in span:
+                torch.mul(self.real.values[j], self._factors[j], out=self.covered[j].target.param)
         self._written = True
 
     def _reset_moments(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
@@ -231,9 +304,11 @@ class AutoPrune(SparsityMethod):
         restored, self._restored = self._restored, [None] * len(self.grids)
         if optimizer is None:
             return
-        if any(r is not None for r in restored):
-            backs = [r if r is not None else torch.zeros_like(k) for r, k in zip(restored, self.masks)]
-            for member, f in zip(self.covered, self.mask_factors(backs)):
+        for g, back in zip(self.grids, restored):
+            if back is None:
+                continue
+            for member in g.members:
+                f = member.expand(back).to(member.param.dtype)
                 for s in optimizer_states(optimizer, member.target.parameter):
                     local(s).mul_(1.0 - f)  # this process's rows
         if step % V_FLOOR_EVERY == 0:
@@ -258,6 +333,13 @@ class AutoPrune(SparsityMethod):
     def density(self) -> float:
         """Kept fraction of the targeted weights."""
         return density_of(self.grids, self.masks)
+
+    def _density(self, kept: list[float | None]) -> float:
+        """:meth:`density`, with the per-grid kept weights a fused pass counted (None: count them)."""
+        here = [k if k is not None else g.weights_behind(mask) for g, mask, k in zip(self.grids, self.masks, kept)]
+        if any(g.shard is not None for g in self.grids):
+            here = sum_over_ranks(self.grids, here)
+        return sum(here) / self.numel
 
     def target_at(self, step: int) -> float:
         """t(step): cubic from 1 at ``start`` to target_density at ``end`` (Zhu & Gupta's shape)."""
@@ -286,23 +368,35 @@ class AutoPrune(SparsityMethod):
 
     def _set_masks(self, new: list[torch.Tensor]) -> None:
         """Put ``new`` masks in effect, counting the weights that come back (their optimizer state
-        is zeroed after the step)."""
+        is zeroed after the step). A mask that is the one in effect (a fused pass updated it in
+        place and did the counting) is left as it is."""
+        changed = False
         for g, (old, keep) in enumerate(zip(self.masks, new)):
+            if keep is old:
+                continue
+            changed = True
             back = keep & ~old
             n = self._kept(g, back)
             if n:
                 self.restore_events += n
                 self.ever_restored[g] |= back
                 self._restored[g] = back if self._restored[g] is None else self._restored[g] | back
-        self.masks = new
-        self._refresh_factors()
+        if changed:  # (contiguous: the fused passes read a mask as flat uint8; an N:M projection may not be)
+            self.masks = [k.contiguous() for k in new]
+            self._refresh_factors()
 
     def _kept(self, g: int, flags: torch.Tensor) -> int:
         """Number of weights behind the True entries of grid ``g``'s ``flags``."""
         return int(self.grids[g].weights_behind(flags))
 
     def _refresh_factors(self) -> None:
-        self._factors = self.mask_factors(self.masks)
+        factors = []
+        for g, mask, fused in zip(self.grids, self.masks, self._fused):
+            if fused:  # the bool mask viewed as uint8 (see gate_kernels.ap_grads): no float copy
+                factors.append(mask.view(torch.uint8))
+            else:
+                factors.extend(m.expand(mask).to(m.param.dtype) for m in g.members)
+        self._factors = factors
         self._written = False  # whether the targets hold W * h(M) for these factors
 
     def _follow_device(self) -> None:

@@ -12,6 +12,19 @@ import torch
 torch.set_num_threads(1)
 
 
+#: Modules that start processes of their own (two-rank launches, CLI runs killed or interrupted),
+#: longest first. They are collected first and, with ``--no-loadscope-reorder`` (pyproject.toml),
+#: scheduled first: xdist would otherwise start the modules with the most tests first and leave
+#: one worker alone on a minute-long launch at the end while the other idles.
+LONGEST_FIRST = ("test_fsdp_trainer.py", "test_reliability_runs.py", "test_fsdp.py", "test_compare.py",
+                 "test_reliability_hub.py", "test_startup.py", "test_distributed.py", "test_pipelines.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _frozen_heap():
     """Each module starts with the heap frozen (tests.helpers.freeze_heap: a full collection per

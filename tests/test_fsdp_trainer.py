@@ -22,10 +22,14 @@ pytestmark = pytest.mark.dist  # every test reads the two-process launch
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_trainer")
     worker = str(REPO / "tests" / "fsdp_trainer_worker.py")
-    launch = accelerate_launch(worker, str(out))
-    for cmd in (launch, [sys.executable, worker, str(out)]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # the one-process reference runs beside the two-rank launch (its own output files; logs to files,
+    # so that neither waits on a full pipe)
+    procs = {}
+    for label, cmd in (("ref", [sys.executable, worker, str(out)]), ("launch", accelerate_launch(worker, str(out)))):
+        with open(out / f"{label}.log", "w") as log:
+            procs[label] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=launch_env(), cwd=REPO)
+    for label, proc in procs.items():
+        assert proc.wait(timeout=900) == 0, (out / f"{label}.log").read_text()[-3000:]
     return out, [json.loads((out / f"{t}.json").read_text()) for t in ("ref", "rank0", "rank1")]
 
 

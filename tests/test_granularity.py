@@ -274,6 +274,21 @@ def test_bad_granularity_settings_are_located(overrides, key, message):
     assert key in str(err.value)
 
 
+def test_blocks_too_coarse_to_keep_one_are_a_validation_error(tmp_path):
+    """The block granularity's density_problem: 64x64 blocks cut fc2 (100x300) into 10, and density
+    0.01 of them keeps none; the run is refused before its directory exists, naming the layer."""
+    from hf_sparse.config.recipe import RecipeError, load_recipe
+    from hf_sparse.training.run import prepare_run
+
+    recipe = load_recipe("recipes/fmnist_lenet300_gmp.yaml", [
+        "sparsity.granularity=block", "sparsity.block_shape=[64,64]", "sparsity.target_density=0.01",
+        "sparsity.params.scope=layer", "data.max_train_samples=64", "data.max_eval_samples=64"])
+    with pytest.raises(RecipeError, match=r"64x64 blocks cut fc2.weight \(100x300\) into 10 block\(s\), and a "
+                                          r"density of 0.01 keeps none of them") as err:
+        prepare_run(recipe, tmp_path / "run")
+    assert "sparsity.block_shape" in str(err.value) and not (tmp_path / "run").exists()
+
+
 def test_nm_that_does_not_divide_a_layer_is_a_validation_error(tmp_path):
     from hf_sparse.config.recipe import RecipeError, load_recipe
     from hf_sparse.training.run import prepare_run

@@ -319,8 +319,8 @@ class SparsityConfig(_Section):
         if spec.kind not in cls.granularities:
             raise _KeyedError(("granularity",), f"method {self.method!r} has no {spec.kind!r} granularity; "
                                                 f"allowed: {', '.join(cls.granularities)}")
-        if spec.kind == "channel" and self.targets.include_head:  # groups never hold the head's outputs
-            raise _KeyedError(("targets", "include_head"), "channel granularity would remove whole output units "
+        if spec.gates_every_output and self.targets.include_head:  # (coupled groups never hold the head's)
+            raise _KeyedError(("targets", "include_head"), f"{spec.kind} granularity would remove whole output units "
                                                            "of the head (classes); keep the head dense")
         if spec.fixed_density is not None:
             if self.target_density is not None and abs(self.target_density - spec.fixed_density) > 1e-9:

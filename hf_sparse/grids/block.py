@@ -34,6 +34,16 @@ class Block(Granularity):
     def tiling(self, shape: torch.Size) -> Blocks:
         return Blocks(shape, self.block)
 
+    def density_problem(self, target, density):
+        r, c = self.block
+        rows, cols = target.shape[0], math.prod(target.shape[1:])
+        blocks = math.ceil(rows / r) * math.ceil(cols / c)
+        if round(density * blocks) == 0:
+            return ("block_shape", f"{r}x{c} blocks cut {target.name} ({rows}x{cols}) into {blocks} block(s), and a "
+                                   f"density of {density!r} keeps none of them: the layer would be all zeros; "
+                                   "use smaller blocks")
+        return None
+
     def mask_problem(self, weight, units=None):
         return "a block mixes kept and pruned weights" if mixes(weight, self.tiling(weight.shape)) else None
 

@@ -31,6 +31,7 @@ class Channel(Granularity):
     aliases = CHANNEL_ALIASES[1:]
     help = "channel (neuron, unit)"
     structured = True
+    gates_every_output = True
 
     def build(self, targets, model=None, batchnorm=True):
         """One grid per layer (per layer and direction for recurrent modules), with each unit's

@@ -62,6 +62,9 @@ class Granularity(metaclass=_ByKind):
     help: ClassVar[str] = ""
     #: whether groups are whole output units (the model can be purged to a smaller one)
     structured: ClassVar[bool] = False
+    #: whether it gates the output units of every targeted layer, the head's too if targeted (its
+    #: classes: a recipe must keep the head dense then)
+    gates_every_output: ClassVar[bool] = False
     #: whether ``scope: global`` may rank its groups together with other grids' groups
     pooled: ClassVar[bool] = True
     #: every group is one entry and no group constrains another (fused per-entry kernels apply)
@@ -120,6 +123,11 @@ class Granularity(metaclass=_ByKind):
 
     def target_problem(self, target: Target) -> str | None:
         """Why this kind cannot apply to ``target`` (a message naming it), or None."""
+        return None
+
+    def density_problem(self, target: Target, density: float) -> tuple[str, str] | None:
+        """``(recipe key, message)`` when ``density`` of this kind's groups cannot leave ``target`` any
+        weight (its groups too coarse to keep a single one), else None."""
         return None
 
     def mask_problem(self, weight: torch.Tensor, units: int | None = None) -> str | None:

@@ -144,16 +144,11 @@ def _check_method_can_act(recipe: Recipe, model: nn.Module, args: TrainingArgume
                                                             "model would stay dense")
     spec = sparsity.granularity_spec()
     density = sparsity.target_density
-    if spec.kind == "block" and density is not None and density < 1:
-        r, c = spec.block
+    if density is not None and density < 1:
         for t in resolve_targets(model, TargetSpec(**sparsity.targets.model_dump())):
-            rows, cols = t.shape[0], math.prod(t.shape[1:])
-            blocks = math.ceil(rows / r) * math.ceil(cols / c)
-            if round(density * blocks) == 0:
-                raise recipe.error(("sparsity", "block_shape"),
-                                   f"{r}x{c} blocks cut {t.name} ({rows}x{cols}) into {blocks} block(s), and a "
-                                   f"density of {density!r} keeps none of them: the layer would be all zeros; "
-                                   "use smaller blocks")
+            problem = spec.density_problem(t, density)
+            if problem is not None:
+                raise recipe.error(("sparsity", problem[0]), problem[1])
 
 
 def _check_trainer_only_values(recipe: Recipe, args: TrainingArguments) -> None:

@@ -111,6 +111,11 @@ def _runs(model: nn.Module, x: torch.Tensor) -> bool:
         model.train(was_training)
 
 
+def join_name(*parts: str) -> str:
+    """A dotted module or parameter name from its parts, the empty ones (the model's root) left out."""
+    return ".".join(p for p in parts if p)
+
+
 # -- attention blocks ----------------------------------------------------------------------------------------
 
 #: The attention modules whose heads are grouped (``structure.groups``) and purged
@@ -172,23 +177,21 @@ def attention_blocks(model: nn.Module) -> dict[str, AttentionBlock]:
     """Every attention module of :data:`ATTENTION_CLASSES` in ``model``, by its name."""
     from torch import nn
 
-    def join(*parts: str) -> str:
-        return ".".join(p for p in parts if p)
-
     classes, holders = attention_classes(), per_head_holders()
     found: dict[str, AttentionBlock] = {}
     for name, m in model.named_modules():
         layout = next((lay for cls, lay in classes if isinstance(m, cls)), None)
         if layout == "fused" and isinstance(getattr(m, "qkv", None), nn.Linear):
-            qkv, proj, heads, head_dim = (join(name, "qkv"),), join(name, "proj"), int(m.num_heads), int(m.head_dim)
+            qkv, proj = (join_name(name, "qkv"),), join_name(name, "proj")
+            heads, head_dim = int(m.num_heads), int(m.head_dim)
         elif layout == "separate" and all(isinstance(getattr(m, a, None), nn.Linear)
                                           for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
             head_dim = int(m.head_dim)
-            qkv = tuple(join(name, a) for a in ("q_proj", "k_proj", "v_proj"))
-            proj, heads = join(name, "o_proj"), m.q_proj.out_features // head_dim
+            qkv = tuple(join_name(name, a) for a in ("q_proj", "k_proj", "v_proj"))
+            proj, heads = join_name(name, "o_proj"), m.q_proj.out_features // head_dim
         else:
             continue
-        per_head = tuple((join(name, sub, tensor), dim) for sub, inner in m.named_modules()
+        per_head = tuple((join_name(name, sub, tensor), dim) for sub, inner in m.named_modules()
                          for cls, (tensor, dim) in holders if isinstance(inner, cls))
         found[name] = AttentionBlock(qkv, proj, heads, head_dim, per_head)
     return found

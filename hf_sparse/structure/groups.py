@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..families import AttentionBlock, attention_blocks, example_inputs, unwrap
+from ..families import AttentionBlock, attention_blocks, example_inputs, join_name, unwrap
 from ..text import first_line
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,6 @@ class ChannelGroup:
         state = model.state_dict()
         return sum(int(s.index.shape[1]) * state[s.tensor].numel() // state[s.tensor].shape[s.dim]
                    for s in self.slices if s.tensor in state)
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def head_module(model: nn.Module) -> str | None:
@@ -154,10 +150,10 @@ def _head_group(model: nn.Module, name: str, block: AttentionBlock) -> ChannelGr
         rows = per_head
     slices = []
     for lin in qkv:
-        slices.append(Slice(_join(lin, "weight"), lin, 0, rows, "out"))
+        slices.append(Slice(join_name(lin, "weight"), lin, 0, rows, "out"))
         if modules[lin].bias is not None:
-            slices.append(Slice(_join(lin, "bias"), lin, 0, rows, "out"))
-    slices.append(Slice(_join(proj, "weight"), proj, 1, per_head, "in"))
+            slices.append(Slice(join_name(lin, "bias"), lin, 0, rows, "out"))
+    slices.append(Slice(join_name(proj, "weight"), proj, 1, per_head, "in"))
     for tensor, dim in block.per_head:
         slices.append(Slice(tensor, tensor.rpartition(".")[0], dim, torch.arange(heads)[:, None], "in"))
     return ChannelGroup(f"{name}.heads", heads, slices)
@@ -206,7 +202,7 @@ def _per_channel(idxs: list[int], roots: list[int] | None, channels: int) -> tor
 def _module_slices(name: str, m: nn.Module, is_out: bool, index: torch.Tensor) -> list[Slice]:
     def own(attr: str, dim: int, role: str) -> list[Slice]:
         t = getattr(m, attr, None)
-        return [Slice(_join(name, attr), name, dim, index, role)] if isinstance(t, torch.Tensor) else []
+        return [Slice(join_name(name, attr), name, dim, index, role)] if isinstance(t, torch.Tensor) else []
 
     if isinstance(m, _CONV):
         if m.groups == 1:

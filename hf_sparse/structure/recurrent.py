@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from ..families import join_name
 from .groups import ChannelGroup, Slice
 
 GATES = {nn.GRU: 3, nn.LSTM: 4}
@@ -43,10 +44,6 @@ def _gates(rnn: nn.Module) -> int:
 
 def _suffixes(rnn: nn.RNNBase) -> list[str]:
     return ["", "_reverse"] if rnn.bidirectional else [""]
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
 
 
 def speech_heads(model: nn.Module) -> dict[str, str]:
@@ -99,16 +96,16 @@ def _module_groups(name: str, rnn: nn.RNNBase, head: str | None) -> list[Channel
         if last and head is None:
             continue  # the last layer's output is the model's output: its width stays
         for d, sfx in enumerate(dirs):
-            out = [Slice(_join(name, f"{kind}_l{k}{sfx}"), name, 0, rows, "out")
+            out = [Slice(join_name(name, f"{kind}_l{k}{sfx}"), name, 0, rows, "out")
                    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
                    if getattr(rnn, f"{kind}_l{k}{sfx}", None) is not None]
-            reads = [Slice(_join(name, f"weight_hh_l{k}{sfx}"), name, 1, units[:, None], "in")]
+            reads = [Slice(join_name(name, f"weight_hh_l{k}{sfx}"), name, 1, units[:, None], "in")]
             columns = (d * hidden + units)[:, None]
             if last:
                 reads.append(Slice(f"{head}.weight", head, 1, columns, "in"))
             else:
-                reads += [Slice(_join(name, f"weight_ih_l{k + 1}{s}"), name, 1, columns, "in") for s in dirs]
-            groups.append(ChannelGroup(f"{_join(name, f'l{k}')}{sfx}", hidden, out + reads))
+                reads += [Slice(join_name(name, f"weight_ih_l{k + 1}{s}"), name, 1, columns, "in") for s in dirs]
+            groups.append(ChannelGroup(f"{join_name(name, f'l{k}')}{sfx}", hidden, out + reads))
     return groups
 
 

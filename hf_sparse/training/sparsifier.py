@@ -71,7 +71,7 @@ class Sparsifier:
         from ..structure.budget import CostModel, groups_from_channel_grids
 
         groups = getattr(self.method, "channel_groups", None)  # granularity group: the coupled groups
-        if not groups and self.method.granularity.structured:  # gated output units: one group per layer
+        if not groups and self.method.granularity.gates_every_output:  # channel: each layer's output units
             groups = groups_from_channel_grids(model, self.method.grids)
         if not groups:
             raise ValueError(f"sparsity.budget needs gates on coupled channel groups (granularity: group); "

@@ -213,4 +213,6 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     run(0, 1, out, names)
     os.environ["MASTER_PORT"] = os.environ.get("MASTER_PORT") or str(29400 + os.getpid() % 500)
-    mp.spawn(run, args=(2, out, names), nprocs=2)
+    # forked, not spawned: the ranks start from this process's imports (two fresh interpreters
+    # importing torch and hf_sparse cost more CPU than the training); no process group exists yet
+    mp.start_processes(run, args=(2, out, names), nprocs=2, start_method="fork")

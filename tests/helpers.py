@@ -6,9 +6,13 @@ import gc
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,84 @@ def launch_env() -> dict[str, str]:
     if not ON_CUDA:
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+class ForkedCLI:
+    """``hf-sparse ARGS`` in a child forked from the test process: a process of its own, killed,
+    interrupted or limited like any other, without the ~5 s a fresh interpreter spends importing
+    torch and transformers (most of what a short CLI run costs). Tests of what a *fresh* interpreter
+    does (the entry point, imports at startup, settings read at import) start ``python -m
+    hf_sparse`` instead.
+
+    The child runs :func:`hf_sparse.cli.main` in ``cwd`` with ``before`` called first (resource
+    limits, signal dispositions) and its stdout/stderr in files; it leaves with ``os._exit`` so
+    nothing of the test process (fixtures, atexit handlers) runs twice. Popen's methods that the
+    tests use: ``pid``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``returncode``.
+    """
+
+    def __init__(self, args: Sequence[str], cwd: Path = REPO, before: Callable[[], None] | None = None):
+        from hf_sparse.cli import main
+
+        self._dir = Path(tempfile.mkdtemp(prefix="forked-cli-"))
+        self._out, self._err = self._dir / "stdout", self._dir / "stderr"
+        self.returncode: int | None = None
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        self.pid = os.fork()
+        if self.pid:
+            return
+        code = 1
+        try:  # the child: never returns into the test
+            for fd, path in ((1, self._out), (2, self._err)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the child's whole life)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.chdir(cwd)
+            if before is not None:
+                before()
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except KeyboardInterrupt:
+            code = 130
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code if isinstance(code, int) else 1)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forked hf-sparse {self.pid}", timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the child, then its stdout and stderr (and the files are removed)."""
+        self.wait(timeout)
+        out, err = self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+        for path in (self._out, self._err):
+            path.unlink(missing_ok=True)
+        self._dir.rmdir()
+        return out, err
 
 
 def tiny_lenet(seed: int = 0, hidden=(32, 16)) -> LeNetForImageClassification:

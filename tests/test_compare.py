@@ -5,11 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from PIL import Image
 from hf_sparse.cli import main
 from hf_sparse.compare.grid import family_prefix, method_label, plan_grid, run_is_complete
 from hf_sparse.config.recipe import RecipeError
+from tests.helpers import ForkedCLI
 
 _SPARSITY = {
     "dense": "  method: none\n",
@@ -93,13 +91,12 @@ def _children_of_out(out: Path) -> list[int]:
 def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
     paths = tiny_family(tmp_path / "recipes")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hf_sparse", "compare", *map(str, paths.values()), "--density", "0.5",
-           "--seeds", "0", "--methods", "gmp,dns", "--out", str(out), "--jobs"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = ["compare", *map(str, paths.values()), "--density", "0.5", "--seeds", "0", "--methods", "gmp,dns",
+           "--out", str(out), "--jobs"]
     runs = [out / "dense" / "s0", out / "gmp" / "d0.5" / "s0", out / "dns" / "d0.5" / "s0"]
 
     # one job at a time: interrupted while the second run trains
-    first = subprocess.Popen([*cmd, "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = ForkedCLI([*cmd, "1"])
     deadline = time.monotonic() + 240
     while not any(run_is_complete(r) for r in runs) and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.2)
@@ -117,9 +114,10 @@ def test_interrupt_then_rerun_finishes_without_redoing(tmp_path):
     peer.mkdir(parents=True)
     (peer / "results.json").write_text((next(iter(done)) / "results.json").read_text())
 
-    second = subprocess.run([*cmd, "2"], env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"{len(runs) - len(done)} trained, {len(done)} already complete, 0 failed" in second.stdout
+    second = ForkedCLI([*cmd, "2"])
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0, stderr[-3000:]
+    assert f"{len(runs) - len(done)} trained, {len(done)} already complete, 0 failed" in stdout
     assert all(run_is_complete(r) for r in runs)
     assert {r: (r / "results.json").stat().st_mtime_ns for r in done} == done  # not redone
 

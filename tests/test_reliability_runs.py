@@ -4,12 +4,12 @@ checkpoint cannot be resumed from, and every bad input or surrounding fault ends
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pickle
 import random
 import resource
-import shlex
 import shutil
 import signal
 import socket
@@ -24,7 +24,7 @@ from transformers import Trainer
 from hf_sparse.cli import main
 from hf_sparse.cli.rundir import LOCK_FILE
 from hf_sparse.training.trainer import CHECKPOINT_COMPLETE, rotate_complete_checkpoints
-from tests.helpers import REPO, launch_env
+from tests.helpers import REPO, ForkedCLI, launch_env
 from tests.test_resume_kill import RECIPE, TINY, assert_same_run
 
 SHORT = ["training.max_steps=20", "training.save_steps=10"]
@@ -154,47 +154,45 @@ def _kill_sweep(tmp_path: Path, moments: int, seed: int) -> list[str]:
     continues, or says there is no complete checkpoint (then the run starts over with --overwrite).
     The end must equal an uninterrupted run in a process of its own (same threads, same kernels)."""
     rng = random.Random(seed)
-    sets = ["--set", *TINY, *SHORT, "training.save_total_limit=1"]
-    base = [sys.executable, "-m", "hf_sparse", "train", RECIPE, "--output-dir", str(tmp_path / "run"), *sets]
     run, whole = tmp_path / "run", tmp_path / "whole"
-
-    def start(*extra: str) -> subprocess.Popen:
-        return subprocess.Popen([*base, *extra], env=launch_env(), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+    base = ["train", RECIPE, "--output-dir", str(run), "--set", *TINY, *SHORT, "training.save_total_limit=1"]
 
     # how long a run takes from its lock to its end
-    proc, t0 = start(), None
+    proc, t0 = ForkedCLI(base), None
     while proc.poll() is None:
         if t0 is None and (run / LOCK_FILE).exists():
             t0 = time.monotonic()
         time.sleep(0.002)
-    assert proc.returncode == 0 and t0 is not None, proc.stderr.read()[-2000:]
+    assert proc.returncode == 0 and t0 is not None, proc.communicate()[1][-2000:]
     span = time.monotonic() - t0
+    proc.communicate()
     run.rename(whole)
 
     outcomes, extra = [], ()
     for _ in range(moments):
-        proc = start(*extra)
+        proc = ForkedCLI([*base, *extra])
         while not (run / LOCK_FILE).exists() and proc.poll() is None:
             time.sleep(0.002)
         if proc.poll() is None:
             time.sleep(rng.uniform(0, span))
         if proc.poll() is not None:  # it finished first (or found the run finished): start over next time
-            assert proc.returncode == 0, proc.stderr.read()[-2000:]
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            proc.communicate()
             outcomes.append("finished")
             extra = ("--overwrite",)
             continue
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.communicate()
         complete = [p for p in run.glob("checkpoint-*") if (p / CHECKPOINT_COMPLETE).exists()]
         outcomes.append(f"killed with {len(complete)} complete checkpoint(s)")
         if not complete:
-            said = subprocess.run([*base, "--resume"], env=launch_env(), cwd=REPO, capture_output=True, text=True)
-            assert said.returncode == 2 and "no complete checkpoint to resume from" in said.stderr, said.stderr
+            said = ForkedCLI([*base, "--resume"])
+            _, err = said.communicate(timeout=600)
+            assert said.returncode == 2 and "no complete checkpoint to resume from" in err, err
             extra = ("--overwrite",)
         else:
             extra = ("--resume",)
-    proc = start(*extra)
+    proc = ForkedCLI([*base, *extra])
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert_same_run(run, whole)
@@ -282,22 +280,38 @@ def test_an_output_dir_that_cannot_be_is_one_line(tmp_path, capsys, where):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def _mount_read_only_tmpfs(folder: Path) -> None:
+    """In the calling (single-threaded, forked) process: a user and mount namespace of its own, as
+    ``unshare -rm`` makes, with a read-only tmpfs over ``folder``; nothing outside the process sees it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x00020000) != 0:  # CLONE_NEWUSER | CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+    Path("/proc/self/setgroups").write_text("deny")
+    Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+    Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    for args in ((b"none", b"/", None, 0x4000 | 0x40000, None),  # MS_REC | MS_PRIVATE: no propagation out
+                 (b"tmpfs", str(folder).encode(), b"tmpfs", 1, None)):  # MS_RDONLY
+        if libc.mount(*args) != 0:
+            raise OSError(ctypes.get_errno(), "mount")
+
+
 @pytest.mark.dist
 def test_a_read_only_filesystem_is_one_line(tmp_path):
-    """A read-only tmpfs mounted in a mount namespace of the test's own (``unshare``): root ignores
-    file permissions, not a read-only mount."""
+    """A read-only tmpfs mounted in a mount namespace of the run's own: root ignores file
+    permissions, not a read-only mount."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
         pytest.skip("unshare -rm (user and mount namespaces) is not available here")
     ro = tmp_path / "ro"
     ro.mkdir()
-    cmd = " ".join(shlex.quote(c) for c in [sys.executable, "-m", "hf_sparse", "train", RECIPE, "--output-dir",
-                                             str(ro / "run"), "--set", *TINY, "training.max_steps=2"])
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o ro tmpfs {shlex.quote(str(ro))} && {cmd}"],
-                          env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr and last.startswith("hf-sparse: error: --output-dir: cannot use"), last
+    proc = ForkedCLI(["train", RECIPE, "--output-dir", str(ro / "run"), "--set", *TINY, "training.max_steps=2"],
+                     before=lambda: _mount_read_only_tmpfs(ro))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("hf-sparse: error: --output-dir: cannot use"), last
     assert "Read-only file system" in last
+    (ro / "still-writable").write_text("x")  # the mount was the run's alone
 
 
 @pytest.mark.dist
@@ -308,12 +322,11 @@ def test_a_full_disk_while_checkpointing_is_one_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))
 
     out = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-m", "hf_sparse", "train", RECIPE, "--output-dir", str(out), "--set",
-                           *TINY, *SHORT], env=launch_env(), cwd=REPO, capture_output=True, text=True,
-                          preexec_fn=limit, timeout=600)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr and last.startswith("hf-sparse: error: writing into"), proc.stderr[-3000:]
+    proc = ForkedCLI(["train", RECIPE, "--output-dir", str(out), "--set", *TINY, *SHORT], before=limit)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("hf-sparse: error: writing into"), err[-3000:]
     assert "free space, then continue with --resume" in last
     assert not any((p / CHECKPOINT_COMPLETE).exists() for p in out.glob("checkpoint-*"))
 

@@ -2,7 +2,7 @@
 uninterrupted one, or says that nothing is left to do.
 
 The fast tests build the states a kill leaves behind (a checkpoint folder cut short, a run killed
-during its final save) from a real run; the slow test really kills a subprocess at three moments,
+during its final save) from a real run; the slow test really kills a run's process (tests.helpers.ForkedCLI) at three moments,
 found by watching the run directory: during a training step, while a checkpoint is being written,
 and while the final ``model/`` is being written.
 """
@@ -13,8 +13,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file
 
 from hf_sparse.cli import main
 from hf_sparse.training.trainer import CHECKPOINT_COMPLETE
+from tests.helpers import ForkedCLI
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "quickstart.yaml")
@@ -125,29 +124,28 @@ def test_resume_after_a_kill_during_the_final_save(finished_run, tmp_path):
 # -- slow: real kill -9 of a subprocess at three moments ---------------------------------------------
 
 
-def _start(out: Path, resume: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "hf_sparse", "train", RECIPE, "--output-dir", str(out), "--set", *TINY,
-           "training.max_steps=90", "training.save_steps=30", *(["--resume"] if resume else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(out: Path, resume: bool) -> ForkedCLI:
+    return ForkedCLI(["train", RECIPE, "--output-dir", str(out), "--set", *TINY, "training.max_steps=90",
+                      "training.save_steps=30", *(["--resume"] if resume else [])])
 
 
-def _kill_when(proc: subprocess.Popen, moment, timeout: float = 300) -> None:
+def _kill_when(proc: ForkedCLI, moment, timeout: float = 300) -> None:
     """Poll the filesystem; SIGKILL the process the moment ``moment()`` is true."""
     deadline = time.monotonic() + timeout
     while not moment():
-        assert proc.poll() is None, f"the run ended before the moment came: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"the run ended before the moment came: {proc.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, "the moment never came"
         time.sleep(0.0005)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
 
 
 @pytest.mark.slow
 def test_kill_9_at_three_moments_then_resume(tmp_path):
     whole = tmp_path / "whole"
     proc = _start(whole, resume=False)
-    assert proc.wait() == 0, proc.stderr.read()[-3000:]
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
 
     run = tmp_path / "killed"
     # 1. during a step: checkpoint-30 is complete, training goes on

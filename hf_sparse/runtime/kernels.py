@@ -125,23 +125,30 @@ _SUM = {"reassoc", "contract", "nsz"}
 
 
 @njit(cache=True, fastmath=_SUM)
+def _csr_vector(indptr, indices, data, scale, xv, y, batch_major):
+    """CSR times one contiguous input vector ``xv``: one reassociable sum per row over unsigned
+    indices, which LLVM vectorises with gathers (3072x1024 at density 0.1: 218 -> 146 us; the four
+    hand-written partial sums it replaces stayed scalar)."""
+    for i in range(indptr.shape[0] - 1):
+        acc = np.float32(0.0)
+        for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
+            acc += np.float32(data[p]) * xv[np.uint64(indices[p])]
+        if scale is not None:  # int8 CSR: one scale per row, applied once to its sum
+            acc *= scale[i]
+        _store(y, i, 0, acc, batch_major)
+
+
+@njit(cache=True, fastmath=_SUM)
 def _csr(indptr, indices, data, scale, x, y, batch_major):
+    # (element loops, not slice assignments, throughout: numba's broadcasting setitem took seconds
+    # to compile, most of a cold GRU's compile time)
     nrows = indptr.shape[0] - 1
     batch = x.shape[1]
-    if batch == 1:
-        # one reassociable sum per row over unsigned indices, from a contiguous copy of the input:
-        # LLVM vectorises it with gathers (3072x1024 at density 0.1: 218 -> 146 us; the four
-        # hand-written partial sums it replaces stayed scalar)
+    if batch == 1:  # from a contiguous copy of the input
         xv = np.empty(x.shape[0], np.float32)
         for k in range(x.shape[0]):
             xv[k] = x[k, 0]
-        for i in range(nrows):
-            acc = np.float32(0.0)
-            for p in range(np.uint64(indptr[i]), np.uint64(indptr[i + 1])):
-                acc += np.float32(data[p]) * xv[np.uint64(indices[p])]
-            if scale is not None:  # int8 CSR: one scale per row, applied once to its sum
-                acc *= scale[i]
-            _store(y, i, 0, acc, batch_major)
+        _csr_vector(indptr, indices, data, scale, xv, y, batch_major)
         return
     # batched: the input copied feature-major into whole 16-lane vectors (zero padded), one row's
     # sums per call of the compiled row kernel, 16 rows computed before they are stored so that a
@@ -149,7 +156,9 @@ def _csr(indptr, indices, data, scale, x, y, batch_major):
     cols = x.shape[0]
     lanes = (batch + 15) // 16 * 16
     xt = np.zeros((cols, lanes), np.float32)
-    xt[:, :batch] = x
+    for k in range(cols):
+        for n in range(batch):
+            xt[k, n] = x[k, n]
     group = 16
     acc = np.empty((group, lanes), np.float32)
     for i0 in range(0, nrows, group):
@@ -431,11 +440,12 @@ def _lstm_gates(gi, gh, b_ih, b_hh, h, cs, out):
 def _recurrent_product(b, indptr, indices, data, scale, h, xt, gh):
     """gh[B, G] = h[B, H] W^T, utterance-major in and out so that each utterance's rows are contiguous
     for the gates (no per-step column copies). BSR reads ``h`` as it is; CSR reads it feature-major,
-    which at batch 1 is the same memory (a reshape) and otherwise a transposing copy into ``xt``."""
+    which at batch 1 is the same memory (the one state vector) and otherwise a transposing copy into
+    ``xt``."""
     batch, hidden = h.shape
     if b == 1:
-        if batch == 1:
-            _csr(indptr, indices, data, scale, h.reshape((hidden, 1)), gh, True)
+        if batch == 1:  # the one utterance's state is the contiguous vector the batch-1 loop reads
+            _csr_vector(indptr, indices, data, scale, h[0], gh, True)
             return
         for n in range(batch):
             for k in range(hidden):
@@ -471,9 +481,11 @@ def rnn_direction(lstm, gi, lengths, reverse, h0, c0, b, indptr, indices, data, 
                 _lstm_gates(gi[t, n], gh[n], b_ih, b_hh, h[n], cs[n], out[t, n])
             else:
                 _gru_gates(gi[t, n], gh[n], b_ih, b_hh, h[n], out[t, n])
-    h_n[:, :] = h
-    if lstm:
-        c_n[:, :] = cs
+    for n in range(batch):
+        for j in range(h.shape[1]):
+            h_n[n, j] = h[n, j]
+            if lstm:
+                c_n[n, j] = cs[n, j]
 
 
 #: Block sizes with kernels (1: CSR); each compiles on first use and numba caches it on disk.

@@ -96,6 +96,74 @@ def example_inputs(model: nn.Module, frames: int = 50) -> torch.Tensor | dict[st
     return torch.randn(1, chans, int(h), int(w), generator=gen)
 
 
+#: ``config.model_type`` of hf_sparse's own speech models (features in, per-utterance lengths).
+SPEECH_MODEL_TYPE = "hf_sparse_speech_rnn"
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """What an exported graph (ONNX) of the model takes and gives: the model's own keyword names,
+    whether it is called with keywords, and which axes vary (batch always)."""
+
+    inputs: list[str]
+    outputs: list[str]
+    keywords: bool
+    dynamic_axes: dict[str, dict[int, str]]
+
+
+def _is_speech(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == SPEECH_MODEL_TYPE
+
+
+def graph_signature(model: nn.Module) -> GraphSignature:
+    """Speech models: features and ``attention_mask`` over a dynamic number of frames, so padded
+    batches give each utterance its own result; CTC heads also return ``output_lengths``. Vision
+    models: ``pixel_values``, of any height and width for a timm CNN (a checkpoint trained at 28x28
+    still names its pretrained 224)."""
+    if _is_speech(model):
+        ctc = hasattr(model, "lm_head")
+        inputs, outputs = ["input_features", "attention_mask"], ["logits", "output_lengths"] if ctc else ["logits"]
+        axes = {name: {0: "batch"} for name in inputs + outputs}
+        axes["input_features"][1] = axes["attention_mask"][1] = "frames"
+        if ctc:
+            axes["logits"][1] = "output_frames"
+        return GraphSignature(inputs, outputs, True, axes)
+    axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and not cfg.get("fixed_input_size", True):
+        axes["pixel_values"].update({2: "height", 3: "width"})
+    return GraphSignature(["pixel_values"], ["logits"], False, axes)
+
+
+def image_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) the model was trained on, from its config or timm's pretrained_cfg."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        c, h, w = cfg["input_size"]
+        first = next((m for m in model.modules() if hasattr(m, "in_channels")), None)
+        return (int(first.in_channels) if first is not None else int(c)), int(h), int(w)
+    config = getattr(model, "config", None)
+    size = getattr(config, "image_size", None)
+    if size is None:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__} (no config.image_size)")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(config, "num_channels", 1) or 1), int(h), int(w)
+
+
+def example_batch(model: nn.Module, batch: int = 4, frames: int = 60, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random batch of :func:`graph_signature`'s inputs, to export a graph and check it against the
+    model: images at the size the model was trained on; speech padded (the lengths differ)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    if _is_speech(model):
+        feats = torch.randn(batch, frames, model.config.num_mel_bins, generator=g)
+        lengths = torch.linspace(frames, max(frames // 3, 1), batch).round().long()
+        mask = (torch.arange(frames)[None, :] < lengths[:, None]).long()
+        return {"input_features": feats, "attention_mask": mask}
+    return {"pixel_values": torch.randn(batch, *image_shape(model), generator=g)}
+
+
 def _runs(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``model`` (in eval mode, without autograd) takes ``x``."""
     import torch

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..families import example_batch, graph_signature
 from .files import SPARSITY_FILE
 from .save_and_load import CheckpointError, read_sparsity
 
@@ -41,79 +42,34 @@ ONNX_INT8_FILE = "model.int8.onnx"
 OPSET = 17
 #: Largest absolute difference between ONNX Runtime's and PyTorch's outputs (float32) the export accepts.
 ATOL = 1e-4
-SPEECH_MODEL_TYPE = "hf_sparse_speech_rnn"
 #: What dynamic int8 quantises: Linear layers and LSTMs. Not Conv: ONNX Runtime's dynamic ConvInteger ran
 #: slower than the float32 convolution (the FSDD GRU model's int8 file took 14.1 ms vs 1.9 ms float32).
 #: ONNX Runtime has no int8 GRU: GRU weights stay float32.
 DYNAMIC_OPS = ("MatMul", "Gemm", "LSTM")
 
 
-# -- the graph's inputs and outputs ------------------------------------------------------------------------
-
-
-def _is_speech(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == SPEECH_MODEL_TYPE
-
-
-def _is_ctc(model: nn.Module) -> bool:
-    return _is_speech(model) and hasattr(model, "lm_head")
+# -- the graph's inputs and outputs (which names, which axes vary: hf_sparse.families.graph_signature) ----
 
 
 def io_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(input names, output names) of the exported graph: the model's own keyword names."""
-    if _is_speech(model):
-        return ["input_features", "attention_mask"], ["logits", "output_lengths"] if _is_ctc(model) else ["logits"]
-    return ["pixel_values"], ["logits"]
-
-
-def _dynamic_axes(model: nn.Module) -> dict[str, dict[int, str]]:
-    inputs, outputs = io_names(model)
-    axes = {name: {0: "batch"} for name in inputs + outputs}
-    if _is_speech(model):
-        axes["input_features"][1] = axes["attention_mask"][1] = "frames"
-        if _is_ctc(model):
-            axes["logits"][1] = "output_frames"
-    elif _any_image_size(model):
-        axes["pixel_values"].update({2: "height", 3: "width"})
-    return axes
-
-
-def _any_image_size(model: nn.Module) -> bool:
-    """timm CNNs take any image size (a checkpoint trained at 28×28 still names its pretrained 224)."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    return isinstance(cfg, dict) and not cfg.get("fixed_input_size", True)
-
-
-def image_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) the model was trained on, from its config or timm's pretrained_cfg."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        c, h, w = cfg["input_size"]
-        first = next((m for m in model.modules() if hasattr(m, "in_channels")), None)
-        return (int(first.in_channels) if first is not None else int(c)), int(h), int(w)
-    config = getattr(model, "config", None)
-    size = getattr(config, "image_size", None)
-    if size is None:
-        raise CheckpointError(f"cannot tell the input size of {type(model).__name__} (no config.image_size)")
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(getattr(config, "num_channels", 1) or 1), int(h), int(w)
+    sig = graph_signature(model)
+    return sig.inputs, sig.outputs
 
 
 def example_inputs(model: nn.Module, batch: int = 4, frames: int = 60, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random input batch for the export and its check; speech batches are padded (lengths differ)."""
-
-    g = torch.Generator().manual_seed(seed)
-    if _is_speech(model):
-        feats = torch.randn(batch, frames, model.config.num_mel_bins, generator=g)
-        lengths = torch.linspace(frames, max(frames // 3, 1), batch).round().long()
-        mask = (torch.arange(frames)[None, :] < lengths[:, None]).long()
-        return {"input_features": feats, "attention_mask": mask}
-    return {"pixel_values": torch.randn(batch, *image_shape(model), generator=g)}
+    """:func:`hf_sparse.families.example_batch` (speech padded; images at the trained size), a model
+    whose input size cannot be told being a :class:`CheckpointError`."""
+    try:
+        return example_batch(model, batch, frames, seed)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _graph_module(model: nn.Module) -> nn.Module:
     """A module taking the graph's inputs positionally and returning its outputs as a tuple."""
-    inputs, outputs = io_names(model)
+    sig = graph_signature(model)
+    inputs, outputs = sig.inputs, sig.outputs
 
     class _Graph(nn.Module):
         def __init__(self, inner: nn.Module):
@@ -121,8 +77,7 @@ def _graph_module(model: nn.Module) -> nn.Module:
             self.inner = inner
 
         def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            out = self.inner(**dict(zip(inputs, args))) if len(inputs) > 1 or _is_speech(self.inner) \
-                else self.inner(args[0])
+            out = self.inner(**dict(zip(inputs, args))) if sig.keywords else self.inner(args[0])
             if not isinstance(out, (dict, tuple)) and hasattr(out, "shape"):
                 return (out,)
             return tuple(out[k] for k in outputs)
@@ -187,7 +142,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, atol:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         try:  # in eval mode: the exporter restores the mode of the module it gets, here and in all submodules
             torch.onnx.export(_graph_module(model).eval(), tuple(inputs.values()), buffer, input_names=names_in,
-                              output_names=names_out, dynamic_axes=_dynamic_axes(model), opset_version=opset,
+                              output_names=names_out, dynamic_axes=graph_signature(model).dynamic_axes, opset_version=opset,
                               dynamo=False, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
             raise CheckpointError(f"torch.onnx.export failed for {type(model).__name__}: "
@@ -202,7 +157,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, atol:
     import onnxruntime
 
     return {"file": Path(path).name, "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": opset,
-            "inputs": names_in, "outputs": names_out, "dynamic_axes": {k: dict(v) for k, v in _dynamic_axes(model).items()},
+            "inputs": names_in, "outputs": names_out, "dynamic_axes": {k: dict(v) for k, v in graph_signature(model).dynamic_axes.items()},
             "check": {"max_abs_diff": diff, "atol": atol,
                       "batch_shape": {k: list(v.shape) for k, v in inputs.items()}},
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}

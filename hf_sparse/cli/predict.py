@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..families import SPEECH_MODEL_TYPE
+
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -62,7 +64,7 @@ class _Predictor:
         sparsity = read_sparsity(folder)
         self.config = getattr(self.model, "config", None)
         model_type = getattr(self.config, "model_type", None)
-        self.speech = model_type == "hf_sparse_speech_rnn"
+        self.speech = model_type == SPEECH_MODEL_TYPE
         self.ctc = self.speech and (hasattr(self.model, "lm_head")
                                     or "output_lengths" in (getattr(self.model, "output_names", None) or []))
         labels = getattr(self.config, "id2label", None) or {}

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from ..data.feature_extraction import SpeechRNNFeatureExtractor
 from ..data.speech_processor import SpeechRNNProcessor
+from ..families import SPEECH_MODEL_TYPE
 from .registry import register_model
 
 try:  # transformers >= 5: init functions that skip weights already loaded from a checkpoint
@@ -55,7 +56,7 @@ class SpeechRNNConfig(PretrainedConfig):
     ``vocab_size`` counts the blank, which is ``pad_token_id`` (0).
     """
 
-    model_type = "hf_sparse_speech_rnn"
+    model_type = SPEECH_MODEL_TYPE
 
     def __init__(self, num_mel_bins: int = 40, cell: str = "gru", hidden_size: int = 128, num_layers: int = 2,
                  bidirectional: bool = True, conv_channels: list[int] | None = None, conv_kernel_size: int = 5,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SPEECH_MODEL_TYPE = "hf_sparse_speech_rnn"
+from ..families import SPEECH_MODEL_TYPE
 
 
 class StreamingError(ValueError):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..families import attention_classes, example_inputs, per_head_holders
+from ..families import SPEECH_MODEL_TYPE, attention_classes, example_inputs, per_head_holders
 
 if TYPE_CHECKING:
     from .groups import ChannelGroup, Slice
@@ -443,7 +443,7 @@ def uniform_config(model: nn.Module) -> dict[str, Any] | None:
         if len(heads) != 1 or len(hidden) != 1 or len(head_dims) != 1:
             return None
         changes = {"num_attention_heads": heads.pop(), "intermediate_size": hidden.pop(), "head_dim": head_dims.pop()}
-    elif mtype == "hf_sparse_speech_rnn":
+    elif mtype == SPEECH_MODEL_TYPE:
         sizes = {m.hidden_size for m in model.modules() if isinstance(m, (nn.GRU, nn.LSTM))}
         if len(sizes) != 1:
             return None

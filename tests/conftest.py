@@ -16,8 +16,8 @@ torch.set_num_threads(1)
 #: longest first. They are collected first and, with ``--no-loadscope-reorder`` (pyproject.toml),
 #: scheduled first: xdist would otherwise start the modules with the most tests first and leave
 #: one worker alone on a minute-long launch at the end while the other idles.
-LONGEST_FIRST = ("test_fsdp_trainer.py", "test_reliability_runs.py", "test_fsdp.py", "test_compare.py",
-                 "test_reliability_hub.py", "test_startup.py", "test_distributed.py", "test_pipelines.py")
+LONGEST_FIRST = ("test_fsdp_trainer.py", "test_fsdp.py", "test_compare.py", "test_reliability_hub.py",
+                 "test_distributed.py", "test_startup.py", "test_reliability_runs.py", "test_pipelines.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -165,8 +165,6 @@ def sum_across(grids: Sequence[GroupGrid], values: Sequence[torch.Tensor]) -> li
 
 def sum_floats(grids: Sequence[GroupGrid], values: Sequence[float]) -> list[float]:
     """Per grid, a float summed over the shards (float64); unsharded grids pass through."""
-    if all(g.shard is None for g in grids):  # no tensors, no reduction: called every step
-        return [float(v) for v in values]
     # on the parameters' device: an nccl group reduces CUDA tensors only
     device = next((g.sizes.device for g in grids if g.shard is not None), None)
     tensors = sum_across(grids, [torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])

@@ -337,7 +337,9 @@ class AutoPrune(SparsityMethod):
     def _density(self, kept: list[float | None]) -> float:
         """:meth:`density`, with the per-grid kept weights a fused pass counted (None: count them)."""
         here = [k if k is not None else g.weights_behind(mask) for g, mask, k in zip(self.grids, self.masks, kept)]
-        return sum(sum_over_ranks(self.grids, here)) / self.numel
+        if any(g.shard is not None for g in self.grids):
+            here = sum_over_ranks(self.grids, here)
+        return sum(here) / self.numel
 
     def target_at(self, step: int) -> float:
         """t(step): cubic from 1 at ``start`` to target_density at ``end`` (Zhu & Gupta's shape)."""

@@ -58,6 +58,7 @@ class ForkedCLI:
         self._dir = Path(tempfile.mkdtemp(prefix="forked-cli-"))
         self._out, self._err = self._dir / "stdout", self._dir / "stderr"
         self.returncode: int | None = None
+        self._said: tuple[str, str] | None = None  # (stdout, stderr), once read
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         self.pid = os.fork()
@@ -108,13 +109,14 @@ class ForkedCLI:
             os.kill(self.pid, sig)
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Wait for the child, then its stdout and stderr (and the files are removed)."""
+        """Wait for the child, then its stdout and stderr (read once; the files are then removed)."""
         self.wait(timeout)
-        out, err = self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
-        for path in (self._out, self._err):
-            path.unlink(missing_ok=True)
-        self._dir.rmdir()
-        return out, err
+        if self._said is None:
+            self._said = self._out.read_text(errors="replace"), self._err.read_text(errors="replace")
+            for path in (self._out, self._err):
+                path.unlink(missing_ok=True)
+            self._dir.rmdir()
+        return self._said
 
 
 def tiny_lenet(seed: int = 0, hidden=(32, 16)) -> LeNetForImageClassification:

@@ -163,9 +163,9 @@ def _kill_sweep(tmp_path: Path, moments: int, seed: int) -> list[str]:
         if t0 is None and (run / LOCK_FILE).exists():
             t0 = time.monotonic()
         time.sleep(0.002)
-    assert proc.returncode == 0 and t0 is not None, proc.communicate()[1][-2000:]
+    _, err = proc.communicate()
+    assert proc.returncode == 0 and t0 is not None, err[-2000:]
     span = time.monotonic() - t0
-    proc.communicate()
     run.rename(whole)
 
     outcomes, extra = [], ()
@@ -176,8 +176,8 @@ def _kill_sweep(tmp_path: Path, moments: int, seed: int) -> list[str]:
         if proc.poll() is None:
             time.sleep(rng.uniform(0, span))
         if proc.poll() is not None:  # it finished first (or found the run finished): start over next time
-            assert proc.returncode == 0, proc.communicate()[1][-2000:]
-            proc.communicate()
+            _, err = proc.communicate()
+            assert proc.returncode == 0, err[-2000:]
             outcomes.append("finished")
             extra = ("--overwrite",)
             continue

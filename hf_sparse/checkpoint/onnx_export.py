@@ -136,13 +136,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, atol:
     model = model.eval().float()
     inputs = inputs if inputs is not None else example_inputs(model)
     want = torch_outputs(model, inputs)
-    names_in, names_out = io_names(model)
+    sig = graph_signature(model)
+    names_in, names_out = sig.inputs, sig.outputs
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         try:  # in eval mode: the exporter restores the mode of the module it gets, here and in all submodules
             torch.onnx.export(_graph_module(model).eval(), tuple(inputs.values()), buffer, input_names=names_in,
-                              output_names=names_out, dynamic_axes=graph_signature(model).dynamic_axes, opset_version=opset,
+                              output_names=names_out, dynamic_axes=sig.dynamic_axes, opset_version=opset,
                               dynamo=False, do_constant_folding=True)
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
             raise CheckpointError(f"torch.onnx.export failed for {type(model).__name__}: "
@@ -157,7 +158,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, atol:
     import onnxruntime
 
     return {"file": Path(path).name, "exporter": "torch.onnx.export (TorchScript, dynamo=False)", "opset": opset,
-            "inputs": names_in, "outputs": names_out, "dynamic_axes": {k: dict(v) for k, v in graph_signature(model).dynamic_axes.items()},
+            "inputs": names_in, "outputs": names_out, "dynamic_axes": {k: dict(v) for k, v in sig.dynamic_axes.items()},
             "check": {"max_abs_diff": diff, "atol": atol,
                       "batch_shape": {k: list(v.shape) for k, v in inputs.items()}},
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
